@@ -1,0 +1,5 @@
+import sys
+
+from qreset.cli import main
+
+sys.exit(main())

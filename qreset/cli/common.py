@@ -1,0 +1,50 @@
+"""Options and helpers shared by the subcommands (host selection, JSON output, errors)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from qreset.pci.host import PciHost
+
+
+def add_host_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--sysfs-root DIR`` / ``--sim FILE`` (mutually exclusive; default: real /sys)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--sysfs-root", metavar="DIR", type=Path, default=None,
+        help="read the PCI host from this sysfs tree (default: /sys)",
+    )
+    group.add_argument(
+        "--sim", metavar="FILE", type=Path, default=None,
+        help="use a simulated PCI host described by this TOML topology (see configs/sim/)",
+    )
+
+
+def add_json_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def open_host(args: argparse.Namespace, time_scale: float = 1.0) -> PciHost:
+    """The host the options name. Raises QResetError (ConfigError/HostError) on bad input."""
+    if getattr(args, "sim", None) is not None:
+        from qreset.pci.sim import SimHost
+
+        return SimHost.from_toml(args.sim, time_scale=time_scale)
+    from qreset.pci.sysfs import SysfsHost
+
+    return SysfsHost(args.sysfs_root or Path("/sys"))
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False, default=str)
+    sys.stdout.write("\n")
+
+
+def fail(message: str, code: int = 2) -> int:
+    """One line on stderr, prefixed like every qreset error; returns ``code``."""
+    print(f"qreset: {message}", file=sys.stderr)
+    return code

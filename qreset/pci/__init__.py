@@ -1,0 +1,1 @@
+"""Host PCI access: addresses, config-space decoding, sysfs and the simulated host."""

@@ -1,0 +1,254 @@
+"""
+Decoding PCI configuration space.
+
+Pure code, no I/O: :func:`parse_config` takes whatever bytes a read returned
+(64 bytes unprivileged, 256 for conventional functions, 4096 for PCIe ones as
+root, or garbage) and returns a :class:`ConfigSpace`. It never raises: a
+function that is absent or still answering Configuration Request Retry Status
+decodes as not ``present``, and broken capability chains (a pointer into the
+header, a loop, a read past the end) end the walk with a note in ``problems``.
+That matters because the daemon rescans devices right after a reset, exactly
+when they are most likely to return nonsense.
+
+The walk rules follow ``__pci_find_next_cap_ttl`` (at most 48 standard
+capabilities, pointers below 0x40 end the list, low two bits ignored) and
+``pci_find_next_ext_capability`` (at most (4096-256)/8 headers, a zero or
+all-ones header ends the list, a ``next`` below 0x100 ends it) in
+``drivers/pci/pci.c``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qreset.pci import regs
+
+# __pci_find_next_cap_ttl: PCI_FIND_CAP_TTL = 48
+_CAP_TTL = 48
+# pci_find_next_ext_capability: ttl = (PCI_CFG_SPACE_EXP_SIZE - PCI_CFG_SPACE_SIZE) / 8
+_EXT_CAP_TTL = (regs.CFG_SPACE_EXP_SIZE - regs.CFG_SPACE_SIZE) // 8
+
+
+def u8(data: bytes, off: int) -> int:
+    """Byte at ``off``, or 0xff past the end (what a master abort reads as)."""
+    return data[off] if 0 <= off < len(data) else 0xFF
+
+
+def u16(data: bytes, off: int) -> int:
+    """Little-endian word at ``off``, 0xffff when not fully inside ``data``."""
+    if off >= 0 and off + 2 <= len(data):
+        return data[off] | (data[off + 1] << 8)
+    return 0xFFFF
+
+
+def u32(data: bytes, off: int) -> int:
+    """Little-endian dword at ``off``, 0xffffffff when not fully inside ``data``."""
+    if off >= 0 and off + 4 <= len(data):
+        return int.from_bytes(data[off:off + 4], "little")
+    return 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class Capability:
+    """A standard capability: its ID and where its header sits."""
+
+    id: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExtCapability:
+    """A PCIe extended capability: ID, header offset and capability version."""
+
+    id: int
+    offset: int
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSpace:
+    """Decoded configuration space. ``raw`` is the input, unchanged."""
+
+    raw: bytes
+    vendor_id: int
+    device_id: int
+    command: int
+    status: int
+    revision: int
+    class_code: int
+    cache_line_size: int
+    latency_timer: int
+    header_type: int
+    multifunction: bool
+    bars: tuple[int, ...]
+    subsystem_vendor: int | None
+    subsystem_id: int | None
+    interrupt_line: int
+    interrupt_pin: int
+    primary_bus: int | None
+    secondary_bus: int | None
+    subordinate_bus: int | None
+    bridge_control: int | None
+    capabilities: tuple[Capability, ...]
+    ext_capabilities: tuple[ExtCapability, ...]
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def present(self) -> bool:
+        """False for all-ones / all-zero reads and CRS (Vendor ID 0x0001)."""
+        return self.vendor_id not in (0xFFFF, 0x0000, regs.CRS_VENDOR_ID)
+
+    @property
+    def is_bridge(self) -> bool:
+        return self.header_type == regs.HEADER_TYPE_BRIDGE
+
+    def find_cap(self, cap_id: int) -> Capability | None:
+        for cap in self.capabilities:
+            if cap.id == cap_id:
+                return cap
+        return None
+
+    def find_ext_cap(self, cap_id: int) -> ExtCapability | None:
+        for cap in self.ext_capabilities:
+            if cap.id == cap_id:
+                return cap
+        return None
+
+    # -- PCIe capability fields the reset logic needs --------------------
+
+    @property
+    def pcie_type(self) -> int | None:
+        """Device/Port Type from PCIe Capabilities (``PCI_EXP_FLAGS_TYPE``), or None."""
+        cap = self.find_cap(regs.CAP_ID_EXP)
+        if cap is None:
+            return None
+        return (u16(self.raw, cap.offset + regs.EXP_FLAGS) & regs.EXP_FLAGS_TYPE) >> 4
+
+    @property
+    def has_flr(self) -> bool:
+        """DevCap FLR bit (``pcie_has_flr()`` in drivers/pci/pci.c)."""
+        cap = self.find_cap(regs.CAP_ID_EXP)
+        return cap is not None and bool(
+            u32(self.raw, cap.offset + regs.EXP_DEVCAP) & regs.EXP_DEVCAP_FLR
+        ) and u32(self.raw, cap.offset + regs.EXP_DEVCAP) != 0xFFFFFFFF
+
+    @property
+    def has_af_flr(self) -> bool:
+        """AF capability with TP and FLR (``pci_af_flr()`` probe)."""
+        cap = self.find_cap(regs.CAP_ID_AF)
+        if cap is None:
+            return False
+        af = u8(self.raw, cap.offset + regs.AF_CAP)
+        return af != 0xFF and bool(af & regs.AF_CAP_TP) and bool(af & regs.AF_CAP_FLR)
+
+    @property
+    def has_pm_reset(self) -> bool:
+        """PM capability without No_Soft_Reset (``pci_pm_reset()`` probe)."""
+        cap = self.find_cap(regs.CAP_ID_PM)
+        if cap is None:
+            return False
+        ctrl = u16(self.raw, cap.offset + regs.PM_CTRL)
+        return ctrl != 0xFFFF and not ctrl & regs.PM_CTRL_NO_SOFT_RESET
+
+
+def _walk_caps(data: bytes, problems: list[str]) -> tuple[Capability, ...]:
+    if not u16(data, regs.STATUS) & regs.STATUS_CAP_LIST or u16(data, regs.STATUS) == 0xFFFF:
+        return ()
+    if len(data) <= regs.CAPABILITY_LIST:
+        return ()
+    caps: list[Capability] = []
+    seen: set[int] = set()
+    pos = u8(data, regs.CAPABILITY_LIST)
+    for _ in range(_CAP_TTL):
+        if pos < 0x40:
+            break
+        pos &= ~3
+        if pos + 2 > len(data):
+            if len(data) >= regs.CFG_SPACE_SIZE:
+                problems.append(f"capability pointer {pos:#x} is past the end")
+            break
+        if pos in seen:
+            problems.append(f"capability list loops back to {pos:#x}")
+            break
+        seen.add(pos)
+        cap_id = data[pos]
+        if cap_id == 0xFF:
+            break
+        caps.append(Capability(cap_id, pos))
+        pos = data[pos + 1]
+    else:
+        problems.append(f"capability list longer than {_CAP_TTL} entries")
+    return tuple(caps)
+
+
+def _walk_ext_caps(data: bytes, problems: list[str]) -> tuple[ExtCapability, ...]:
+    if len(data) < regs.EXT_CAP_START + 4:
+        return ()
+    caps: list[ExtCapability] = []
+    seen: set[int] = set()
+    pos = regs.EXT_CAP_START
+    for _ in range(_EXT_CAP_TTL):
+        header = u32(data, pos)
+        # A zero or all-ones header means no (more) extended capabilities.
+        if header in (0, 0xFFFFFFFF):
+            break
+        if pos in seen:
+            problems.append(f"extended capability list loops back to {pos:#x}")
+            break
+        seen.add(pos)
+        caps.append(ExtCapability(header & 0xFFFF, pos, (header >> 16) & 0xF))
+        nxt = (header >> 20) & 0xFFC
+        if nxt == 0:
+            break
+        if nxt < regs.EXT_CAP_START:
+            problems.append(f"extended capability at {pos:#x} points into the header ({nxt:#x})")
+            break
+        if nxt + 4 > len(data):
+            problems.append(f"extended capability pointer {nxt:#x} is past the end")
+            break
+        pos = nxt
+    else:
+        problems.append(f"extended capability list longer than {_EXT_CAP_TTL} entries")
+    return tuple(caps)
+
+
+def parse_config(data: bytes) -> ConfigSpace:
+    """Decode ``data``; never raises (see the module docstring)."""
+    data = bytes(data)
+    problems: list[str] = []
+    if len(data) < regs.CFG_SPACE_UNPRIV_SIZE:
+        problems.append(f"only {len(data)} bytes of config space")
+    vendor = u16(data, regs.VENDOR_ID)
+    hdr = u8(data, regs.HEADER_TYPE)
+    htype = hdr & regs.HEADER_TYPE_MASK
+    is_bridge = htype == regs.HEADER_TYPE_BRIDGE
+    nbars = 2 if is_bridge else (0 if htype == regs.HEADER_TYPE_CARDBUS else 6)
+    bars = tuple(u32(data, regs.BASE_ADDRESS_0 + 4 * i) for i in range(nbars))
+    absent = vendor in (0xFFFF, 0x0000, regs.CRS_VENDOR_ID)
+    caps = () if absent else _walk_caps(data, problems)
+    ext = () if absent else _walk_ext_caps(data, problems)
+    return ConfigSpace(
+        raw=data,
+        vendor_id=vendor,
+        device_id=u16(data, regs.DEVICE_ID),
+        command=u16(data, regs.COMMAND),
+        status=u16(data, regs.STATUS),
+        revision=u8(data, regs.REVISION_ID),
+        class_code=u32(data, regs.CLASS_REVISION) >> 8,
+        cache_line_size=u8(data, regs.CACHE_LINE_SIZE),
+        latency_timer=u8(data, regs.LATENCY_TIMER),
+        header_type=htype,
+        multifunction=bool(hdr & regs.HEADER_TYPE_MFD) and hdr != 0xFF,
+        bars=bars,
+        subsystem_vendor=None if is_bridge else u16(data, regs.SUBSYSTEM_VENDOR_ID),
+        subsystem_id=None if is_bridge else u16(data, regs.SUBSYSTEM_ID),
+        interrupt_line=u8(data, regs.INTERRUPT_LINE),
+        interrupt_pin=u8(data, regs.INTERRUPT_PIN),
+        primary_bus=u8(data, regs.PRIMARY_BUS) if is_bridge else None,
+        secondary_bus=u8(data, regs.SECONDARY_BUS) if is_bridge else None,
+        subordinate_bus=u8(data, regs.SUBORDINATE_BUS) if is_bridge else None,
+        bridge_control=u16(data, regs.BRIDGE_CONTROL) if is_bridge else None,
+        capabilities=caps,
+        ext_capabilities=ext,
+        problems=tuple(problems),
+    )

@@ -1,0 +1,154 @@
+"""
+The one interface between qreset and the host's PCI functions.
+
+Everything above this module (topology, planner, executor, daemon) talks to a
+:class:`PciHost` and never to files: that is what lets one engine run against
+the real kernel (:class:`qreset.pci.sysfs.SysfsHost`, rooted at an injectable
+directory, default ``/sys``) and against the simulated host
+(:class:`qreset.pci.sim.SimHost`, used by the demo and the tests).
+
+The interface is deliberately small and shaped like sysfs, because sysfs is
+what the kernel offers: per-function attributes, a binary ``config`` file, the
+``reset``/``reset_method`` pair, ``reset_subordinate`` on bridges, ``remove``
+and ``rescan``. Methods that block in the kernel (a ``reset`` write sleeps for
+the whole reset) run off the event loop in the implementation, never in the
+caller.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from dataclasses import dataclass
+
+from qreset.pci.address import PciAddress
+
+# IORESOURCE_* flags as printed in sysfs ``resource`` (include/linux/ioport.h)
+IORESOURCE_IO = 0x00000100
+IORESOURCE_MEM = 0x00000200
+IORESOURCE_PREFETCH = 0x00002000
+IORESOURCE_MEM_64 = 0x00100000
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One line of sysfs ``resource``: ``start end flags`` (all zero when unused)."""
+
+    start: int
+    end: int
+    flags: int
+
+    @property
+    def size(self) -> int:
+        return 0 if self.end == 0 and self.start == 0 else self.end - self.start + 1
+
+
+@dataclass(frozen=True, slots=True)
+class SlotInfo:
+    """A ``/sys/bus/pci/slots/NAME`` entry.
+
+    ``address`` is ``DDDD:BB:DD`` (no function); ``hotplug`` is true when the
+    slot is driven by a hotplug controller (it has a ``power`` attribute,
+    created by ``pci_hp_register``), which is what can do a slot reset
+    (``pci_reset_hotplug_slot`` in drivers/pci/pci.c needs ``ops->reset_slot``).
+    """
+
+    name: str
+    address: str
+    hotplug: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionInfo:
+    """What sysfs says about one function (everything except ``config``).
+
+    ``reset_methods`` is the content of ``reset_method`` split on spaces, or an
+    empty tuple when the file is absent: the kernel hides it (and ``reset``)
+    when no method works (``pci_dev_reset_method_attr_is_visible``).
+    ``parent`` is the upstream bridge, read from the device's canonical path
+    under ``/sys/devices`` (None on a root bus).
+    """
+
+    address: PciAddress
+    vendor: int
+    device: int
+    class_code: int
+    revision: int
+    subsystem_vendor: int
+    subsystem_device: int
+    driver: str | None
+    driver_override: str | None
+    iommu_group: int | None
+    reset_methods: tuple[str, ...]
+    has_reset: bool
+    has_reset_subordinate: bool
+    resources: tuple[Resource, ...]
+    physfn: PciAddress | None
+    virtfns: tuple[PciAddress, ...]
+    parent: PciAddress | None
+
+
+class PciHost(abc.ABC):
+    """Async access to a host's PCI functions (real sysfs or simulated)."""
+
+    #: Human-readable origin, e.g. ``sysfs:/sys`` or ``sim:configs/sim/gpu.toml``.
+    name: str = "host"
+
+    @abc.abstractmethod
+    async def functions(self) -> list[PciAddress]:
+        """Every function the host has, sorted (``ls /sys/bus/pci/devices``)."""
+
+    @abc.abstractmethod
+    async def info(self, addr: PciAddress) -> FunctionInfo:
+        """Attributes of one function. Raises NoSuchFunction/HostError."""
+
+    @abc.abstractmethod
+    async def read_config(self, addr: PciAddress, size: int = 4096) -> bytes:
+        """Read up to ``size`` bytes of config space (fewer if that is all that is readable)."""
+
+    @abc.abstractmethod
+    async def write_config(self, addr: PciAddress, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` of config space (1, 2 or 4 aligned bytes per access)."""
+
+    @abc.abstractmethod
+    async def slots(self) -> list[SlotInfo]:
+        """The entries of ``/sys/bus/pci/slots``."""
+
+    @abc.abstractmethod
+    async def has_iommu_groups(self) -> bool:
+        """Whether ``/sys/kernel/iommu_groups`` exists and is non-empty."""
+
+    @abc.abstractmethod
+    async def reset_function(self, addr: PciAddress, method: str | None = None) -> None:
+        """``echo 1 > reset`` (``pci_reset_function``: the kernel saves and restores state).
+
+        With ``method``, first narrow ``reset_method`` to that one method and put
+        the previous list back afterwards. Raises ResetFailed on EIO/ENOTTY.
+        """
+
+    @abc.abstractmethod
+    async def reset_subordinate(self, bridge: PciAddress) -> None:
+        """``echo 1 > reset_subordinate`` on a bridge (Linux 6.13+): reset its secondary bus."""
+
+    @abc.abstractmethod
+    async def remove(self, addr: PciAddress) -> None:
+        """``echo 1 > remove``: detach drivers and delete the function."""
+
+    @abc.abstractmethod
+    async def rescan(self, bridge: PciAddress | None = None) -> None:
+        """``echo 1 > rescan`` on a bridge, or ``/sys/bus/pci/rescan`` when None."""
+
+    @abc.abstractmethod
+    async def bind(self, addr: PciAddress, driver: str | None) -> None:
+        """Set ``driver_override`` (None clears it) and ask ``drivers_probe`` to bind."""
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` of host time: real on sysfs, scaled on the simulated host.
+
+        Every spec-mandated delay in the executor goes through here, so the
+        simulated host can run the same code path at a tunable speed.
+        """
+        await asyncio.sleep(seconds)
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, default no-op
+        """Release threads or files the implementation holds."""
