@@ -60,8 +60,9 @@ class Takeover(enum.StrEnum):
 @dataclass(frozen=True, slots=True)
 class Policy:
     takeover: Takeover = Takeover.ALL
-    #: Functions bound to a host driver that a reset may hit anyway.
-    allow_host_driver: frozenset[PciAddress] = frozenset()
+    #: Functions owned by another VM or bound to a host driver that a reset may
+    #: hit anyway: explicit operator consent, per function. Empty by default.
+    allow: frozenset[PciAddress] = frozenset()
     #: Methods the executor may use for SLOT/BUS domains, in preference order.
     bus_methods: tuple[Method, ...] = (
         Method.KERNEL_BUS, Method.RESET_SUBORDINATE, Method.VFIO_HOT_RESET, Method.USER_SBR,
