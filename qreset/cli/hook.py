@@ -1,0 +1,116 @@
+"""
+``qreset hook``: the libvirt hook (installed as ``/etc/libvirt/hooks/qemu.d/qreset``).
+
+libvirt runs hooks synchronously with argv ``guest op subop extra`` and the
+domain XML on stdin (https://libvirt.org/hooks.html). Hooks in ``qemu.d`` are
+chained, so this one prints nothing on stdout; it never calls back into
+libvirt (that deadlocks libvirtd); it starts fast (argparse, ElementTree and a
+synchronous QMP client only — no asyncio event loop, no pydantic).
+
+- ``prepare``/``start``: if the guest has PCI hostdevs, ask the daemon
+  (``check-devices``) whether any of them lies in a reset domain with a
+  function of another running VM; exit 1 with the reason on stderr if so
+  (libvirt aborts the start). Daemon unreachable: warn, exit 0.
+- ``started``: ``add-vm`` with the hostdevs and qreset's own QMP monitor
+  (see :data:`qreset.libvirt.COMMANDLINE_SNIPPET`), in stop-on-reset mode:
+  libvirt treats a SHUTDOWN event as a poweroff, so park mode is unsafe here.
+- ``stopped``: ``remove-vm`` with ``release: true``: the daemon resets every
+  function the guest had (whole domains), rescans, re-probes changed ones —
+  while they are still bound to vfio-pci, before libvirt re-attaches managed
+  devices to their host drivers.
+- ``release``: ``remove-vm`` again (idempotent) in case ``stopped`` failed.
+- Any other operation (migrate, restore, reconnect, attach, ...): nothing.
+
+Only ``prepare``/``start`` may exit non-zero: failing any other operation
+would not undo anything and libvirt only logs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+DEFAULT_SOCKET = "/run/qreset/control.sock"
+#: Operations whose non-zero exit aborts the guest start.
+_GATING = ("prepare", "start")
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.description = __doc__.split("\n\n")[1] if __doc__ else None
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "install:  ln -s $(command -v qreset-libvirt-hook) /etc/libvirt/hooks/qemu.d/qreset\n"
+        "          (or copy scripts/libvirt-hook there), then restart libvirtd.\n"
+        "example:  qreset hook vm1 started begin - < /etc/libvirt/qemu/vm1.xml"
+    )
+    parser.add_argument("guest", help="libvirt domain name")
+    parser.add_argument("op", help="prepare, start, started, stopped, release, ...")
+    parser.add_argument("subop", nargs="?", default="-")
+    parser.add_argument("extra", nargs="?", default="-")
+    parser.add_argument(
+        "--socket", default=os.environ.get("QRESET_SOCKET", DEFAULT_SOCKET),
+        help="the daemon's control socket (default: $QRESET_SOCKET or %(default)s)",
+    )
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds to wait for the daemon (release can take a while)")
+
+
+def _err(message: str) -> None:
+    print(f"qreset hook: {message}", file=sys.stderr)
+
+
+def _call(sock: str, timeout: float, command: str, **arguments: Any) -> Any:
+    """One synchronous QMP command on the control socket; raises OSError/QMP errors."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    qmp = QEMUMonitorProtocol(sock)
+    try:
+        qmp.settimeout(timeout)
+        qmp.connect(negotiate=True)
+        return qmp.cmd(command, **arguments)
+    finally:
+        qmp.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    op: str = args.op
+    if op not in ("prepare", "start", "started", "stopped", "release"):
+        return 0
+    from qreset.errors import QResetError
+    from qreset.libvirt import default_qmp_path, parse_domain_xml
+
+    try:
+        xml = sys.stdin.read() if not sys.stdin.isatty() else ""
+        dom = parse_domain_xml(xml, where=f"{args.guest} domain XML") if xml.strip() else None
+    except QResetError as exc:
+        _err(str(exc))
+        return 1 if op in _GATING else 0
+    devices = [str(a) for a in dom.hostdevs] if dom else []
+    try:
+        if op in _GATING:
+            if not devices:
+                return 0
+            verdict = _call(args.socket, args.timeout, "check-devices", name=args.guest, devices=devices)
+            if isinstance(verdict, dict) and not verdict.get("safe", True):
+                for reason in verdict.get("reasons", []):
+                    _err(f"unsafe to start {args.guest}: {reason}")
+                return 1
+        elif op == "started":
+            if not devices:
+                return 0
+            qmp = (dom.qmp if dom else None) or default_qmp_path(args.guest)
+            _call(args.socket, args.timeout, "add-vm", name=args.guest, qmp=qmp,
+                  devices=devices, mode="stop-on-reset")
+        else:  # stopped / release
+            _call(args.socket, args.timeout, "remove-vm", name=args.guest, release=op == "stopped")
+    except (OSError, TimeoutError) as exc:
+        # No daemon: nothing can be coordinated, but the guest may still run.
+        _err(f"{op}: daemon not reachable at {args.socket}: {exc}")
+    except Exception as exc:  # QMP error replies: report, never block libvirt outside prepare/start
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if op == "release" and "unknown VM" in msg:
+            return 0
+        _err(f"{op}: {msg}")
+    return 0
