@@ -10,19 +10,27 @@ rules in ``drivers/pci/pci.c`` (``pci_reset_function``,
 and, for what a VFIO hot reset hits, ``vfio_pci_for_each_slot_or_bus`` in
 ``drivers/vfio/pci/vfio_pci_core.c``.
 
-SKELETON: the API below is fixed (other stages are written against it);
-the bodies are being filled in.
+Conservative by design: where the tree is ambiguous (a bridge whose bus
+numbers disagree with the parent links sysfs reports), the affected sets are
+the union of both views, because over-estimating a reset domain only makes the
+planner refuse, while under-estimating it resets a device nobody planned for.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from qreset.errors import HostError, NoSuchFunction
+from qreset.pci import regs
 from qreset.pci.address import PciAddress
-from qreset.pci.config import ConfigSpace
+from qreset.pci.config import ConfigSpace, parse_config, u16
 from qreset.pci.host import FunctionInfo, PciHost, SlotInfo
+
+logger = logging.getLogger(__name__)
 
 
 class ResetKind(enum.StrEnum):
@@ -65,6 +73,11 @@ class FunctionNode:
         return self.info.address
 
 
+#: PCIe port types that lead to a link below them (``pcie_downstream_port()`` in
+#: drivers/pci/pci.h); ACS on these decides IOMMU group isolation.
+_ACS_PORT_TYPES = (regs.EXP_TYPE_ROOT_PORT, regs.EXP_TYPE_DOWNSTREAM)
+
+
 class Topology:
     """The host's PCI tree. Construct with :meth:`load` (I/O) or directly (tests)."""
 
@@ -75,48 +88,309 @@ class Topology:
         iommu: bool,
         host_name: str = "host",
     ) -> None:
-        self.functions = dict(functions)
+        self.functions = dict(sorted(functions.items()))
         self.slots = list(slots)
         self.iommu = iommu
         self.host_name = host_name
+        # Parent links: sysfs's canonical path first; when it says "root bus"
+        # but a bridge in the tree claims this bus as its secondary, trust the
+        # bridge (a hand-built or partial tree may omit parent).
+        self._parent: dict[PciAddress, PciAddress | None] = {}
+        for addr, node in self.functions.items():
+            parent = node.info.parent
+            if parent is None:
+                parent = self._bridge_with_secondary(addr.domain, addr.bus)
+            self._parent[addr] = parent
+        self._children: dict[PciAddress, list[PciAddress]] = {}
+        for addr, parent in self._parent.items():
+            if parent is not None:
+                self._children.setdefault(parent, []).append(addr)
+
+    # -- construction ------------------------------------------------------
 
     @classmethod
     async def load(cls, host: PciHost) -> Topology:
-        """Read every function's attributes and config space from ``host``."""
-        raise NotImplementedError
+        """Read every function's attributes and config space from ``host``.
+
+        All functions are read concurrently (one named task each). A function
+        that disappears between the listing and the read (hot removal) is
+        left out with a warning; an unreadable config space decodes as absent
+        (``parse_config(b"")``) so the rest of the tree still loads.
+        """
+        addrs = await host.functions()
+
+        async def read_one(addr: PciAddress) -> FunctionNode | None:
+            try:
+                info = await host.info(addr)
+            except NoSuchFunction as exc:
+                logger.warning("%s vanished while loading the topology: %s", addr, exc)
+                return None
+            try:
+                raw = await host.read_config(addr)
+            except NoSuchFunction as exc:
+                logger.warning("%s vanished while loading the topology: %s", addr, exc)
+                return None
+            except HostError as exc:
+                logger.warning("cannot read config space of %s: %s", addr, exc)
+                raw = b""
+            return FunctionNode(info, parse_config(raw))
+
+        async with asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(read_one(a), name=f"topology[{host.name}].read[{a}]") for a in addrs
+            ]
+            slots_task = tg.create_task(host.slots(), name=f"topology[{host.name}].slots")
+            iommu_task = tg.create_task(host.has_iommu_groups(), name=f"topology[{host.name}].iommu")
+        nodes = {n.address: n for t in tasks if (n := t.result()) is not None}
+        return cls(nodes, slots_task.result(), iommu_task.result(), host.name)
+
+    # -- basic lookups -----------------------------------------------------
 
     def node(self, addr: PciAddress) -> FunctionNode:
         """The node for ``addr``; raises NoSuchFunction naming it."""
-        raise NotImplementedError
+        try:
+            return self.functions[addr]
+        except KeyError:
+            raise NoSuchFunction(str(addr), f"no such PCI function on {self.host_name}") from None
+
+    def __contains__(self, addr: object) -> bool:
+        return addr in self.functions
 
     def parent(self, addr: PciAddress) -> PciAddress | None:
         """The bridge above ``addr`` (None on a root bus)."""
-        raise NotImplementedError
+        self.node(addr)
+        return self._parent[addr]
+
+    def children(self, bridge: PciAddress) -> tuple[PciAddress, ...]:
+        """Functions directly on ``bridge``'s secondary bus, sorted."""
+        return tuple(sorted(self._children.get(bridge, ())))
+
+    def roots(self) -> tuple[PciAddress, ...]:
+        """Functions on a root bus (no bridge above them), sorted."""
+        return tuple(a for a, p in self._parent.items() if p is None)
+
+    def ancestors(self, addr: PciAddress) -> tuple[PciAddress, ...]:
+        """Bridges from ``addr``'s parent up to the root bus (nearest first)."""
+        out: list[PciAddress] = []
+        cur = self.parent(addr)
+        while cur is not None and cur not in out:
+            out.append(cur)
+            cur = self._parent.get(cur)
+        return tuple(out)
+
+    def is_bridge(self, addr: PciAddress) -> bool:
+        """Whether ``addr`` is a PCI-to-PCI bridge (type 1 header or has functions below it)."""
+        return self.node(addr).config.is_bridge or addr in self._children
 
     def bus_of(self, addr: PciAddress) -> frozenset[PciAddress]:
         """Every function on the same bus as ``addr`` (including it)."""
-        raise NotImplementedError
+        self.node(addr)
+        return frozenset(a for a in self.functions if a.domain == addr.domain and a.bus == addr.bus)
+
+    def same_device(self, addr: PciAddress) -> frozenset[PciAddress]:
+        """Every function of ``addr``'s device (same bus and device number), including it."""
+        self.node(addr)
+        return frozenset(a for a in self.functions if a.slot == addr.slot)
 
     def below(self, bridge: PciAddress) -> frozenset[PciAddress]:
-        """Every function below ``bridge``: its secondary bus and all subordinate buses."""
-        raise NotImplementedError
+        """Every function below ``bridge``: its secondary bus and all subordinate buses.
+
+        The union of the bridge's bus-number window ``[secondary, subordinate]``
+        (what a secondary bus reset electrically reaches) and every function
+        reachable through the parent links; never the bridge itself.
+        """
+        self.node(bridge)
+        stack = list(self._children.get(bridge, ()))
+        window = self._bus_window(bridge)
+        if window is not None:
+            lo, hi = window
+            stack.extend(a for a in self.functions if a.domain == bridge.domain and lo <= a.bus <= hi)
+        found: set[PciAddress] = set()
+        while stack:
+            cur = stack.pop()
+            if cur in found or cur == bridge:
+                continue
+            found.add(cur)
+            stack.extend(self._children.get(cur, ()))
+        found.discard(bridge)
+        return frozenset(found)
+
+    def _bus_window(self, bridge: PciAddress) -> tuple[int, int] | None:
+        cfg = self.functions[bridge].config
+        sec, sub = cfg.secondary_bus, cfg.subordinate_bus
+        # An unconfigured bridge reads secondary 0; all-ones means it is gone.
+        if not cfg.present or sec is None or sub is None or sec in (0, 0xFF) or sub < sec:
+            return None
+        return sec, sub
+
+    def _bridge_with_secondary(self, domain: int, bus: int) -> PciAddress | None:
+        for addr, node in self.functions.items():
+            cfg = node.config
+            if (addr.domain == domain and cfg.is_bridge and cfg.present
+                    and cfg.secondary_bus == bus and bus != 0):
+                return addr
+        return None
+
+    # -- reset methods and scopes -----------------------------------------
 
     def function_methods(self, addr: PciAddress) -> tuple[str, ...]:
         """The function-level reset methods of ``addr`` (reset_method ∩ FUNCTION_METHODS), in order."""
-        raise NotImplementedError
+        return tuple(m for m in self.node(addr).info.reset_methods if m in FUNCTION_METHODS)
+
+    def config_methods(self, addr: PciAddress) -> tuple[str, ...]:
+        """Function-level methods config space advertises, probed like the kernel.
+
+        For hosts whose kernel has no ``reset_method`` (before 5.15): ``flr``
+        (``pcie_has_flr``), ``af_flr`` (``pci_af_flr`` probe) and ``pm``
+        (``pci_pm_reset`` probe: PM cap without No_Soft_Reset), in the kernel's
+        order (``pci_reset_fn_methods`` in drivers/pci/pci.c). Device-specific
+        and ACPI methods are invisible from config space.
+        """
+        cfg = self.node(addr).config
+        out: list[str] = []
+        if cfg.present and cfg.has_flr:
+            out.append("flr")
+        if cfg.present and cfg.has_af_flr:
+            out.append("af_flr")
+        if cfg.present and cfg.has_pm_reset:
+            out.append("pm")
+        return tuple(out)
+
+    def slot_of(self, addr: PciAddress) -> SlotInfo | None:
+        """The ``/sys/bus/pci/slots`` entry whose address is ``addr``'s bus and device."""
+        self.node(addr)
+        for slot in self.slots:
+            if slot.address.lower() == addr.slot:
+                return slot
+        return None
 
     def slot_scope(self, addr: PciAddress) -> ResetScope | None:
-        """The slot reset that would hit ``addr``, if its slot can be reset."""
-        raise NotImplementedError
+        """The slot reset that would hit ``addr``, if its slot can be reset.
+
+        ``pci_probe_reset_slot`` succeeds only through a hotplug controller's
+        ``reset_slot`` op (pciehp), whose slot sits on a port's secondary bus:
+        so the slot must be a hotplug slot and ``addr`` must have a parent
+        bridge (root-bus ACPI hotplug slots have no ``reset_slot``). It hits
+        every function in the slot and everything below them
+        (``pci_slot_resettable``/``pci_slot_save_and_disable_locked``).
+        """
+        slot = self.slot_of(addr)
+        parent = self._parent[addr]
+        if slot is None or not slot.hotplug or parent is None:
+            return None
+        affected: set[PciAddress] = set()
+        for fn in self.same_device(addr):
+            affected.add(fn)
+            if self.is_bridge(fn):
+                affected |= self.below(fn)
+        return ResetScope(ResetKind.SLOT, parent, frozenset(affected), slot.name)
 
     def bus_scope(self, addr: PciAddress) -> ResetScope | None:
-        """The secondary bus reset of ``addr``'s parent bridge (None on a root bus)."""
-        raise NotImplementedError
+        """The secondary bus reset of ``addr``'s parent bridge (None on a root bus).
+
+        ``pci_bus_reset`` needs ``bus->self``: a root bus has no bridge to
+        assert Secondary Bus Reset on.
+        """
+        parent = self.parent(addr)
+        if parent is None:
+            return None
+        return ResetScope(ResetKind.BUS, parent, self.below(parent))
 
     def hot_reset_scope(self, addr: PciAddress) -> ResetScope | None:
-        """What VFIO_DEVICE_PCI_HOT_RESET on ``addr`` would hit: slot if possible, else bus."""
-        raise NotImplementedError
+        """What VFIO_DEVICE_PCI_HOT_RESET on ``addr`` would hit: slot if possible, else bus.
+
+        ``vfio_pci_dev_set_hot_reset``/``vfio_pci_for_each_slot_or_bus``: the
+        slot variant when ``pci_probe_reset_slot(pdev->slot)`` succeeds, else
+        the whole bus walk from ``pdev->bus`` (every subordinate bus).
+        """
+        return self.slot_scope(addr) or self.bus_scope(addr)
+
+    def kernel_bus_scope(self, addr: PciAddress) -> ResetScope | None:
+        """What the kernel's own ``bus`` reset_method would hit, or None if it cannot.
+
+        ``pci_reset_bus_function``: first ``pci_dev_reset_slot_function`` (not
+        multifunction, not a bridge, in a hotplug slot), else
+        ``pci_parent_bus_reset`` (not on a root bus, not a bridge, and the
+        only function on its bus).
+        """
+        node = self.node(addr)
+        if self.is_bridge(addr):
+            return None
+        slot = self.slot_scope(addr)
+        if slot is not None and not node.config.multifunction:
+            return slot
+        parent = self._parent[addr]
+        if parent is None or self.bus_of(addr) != {addr}:
+            return None
+        return ResetScope(ResetKind.BUS, parent, self.below(parent))
+
+    # -- IOMMU groups and ACS ---------------------------------------------
+
+    def group_of(self, addr: PciAddress) -> int | None:
+        return self.node(addr).info.iommu_group
 
     def group_members(self, group: int) -> frozenset[PciAddress]:
         """Every function in IOMMU group ``group``."""
-        raise NotImplementedError
+        return frozenset(a for a, n in self.functions.items() if n.info.iommu_group == group)
+
+    def groups(self) -> dict[int, frozenset[PciAddress]]:
+        """Every IOMMU group and its members, sorted by group number."""
+        ids = sorted({n.info.iommu_group for n in self.functions.values() if n.info.iommu_group is not None})
+        return {g: self.group_members(g) for g in ids}
+
+    def is_pcie(self, addr: PciAddress) -> bool:
+        return self.node(addr).config.find_cap(regs.CAP_ID_EXP) is not None
+
+    def config_complete(self, addr: PciAddress) -> bool:
+        """Whether enough config space was read to see the capability list.
+
+        Unprivileged sysfs reads stop at 64 bytes, before any capability.
+        """
+        cfg = self.node(addr).config
+        return cfg.present and len(cfg.raw) >= regs.CFG_SPACE_SIZE
+
+    def conventional_bus(self, bridge: PciAddress) -> bool:
+        """Whether ``bridge``'s secondary bus is conventional PCI (or PCI-X).
+
+        True for a PCIe-to-PCI bridge (``PCI_EXP_TYPE_PCI_BRIDGE``) and for a
+        bridge with no PCIe capability at all (a PCI-to-PCI bridge);
+        ``pci_bridge_wait_for_secondary_bus`` waits 1000 ms + delay after a
+        reset of a non-PCIe bus (PCI Local Bus 3.0 Trhfa). False when config
+        space was too short to tell.
+        """
+        cfg = self.node(bridge).config
+        if not cfg.is_bridge or not self.config_complete(bridge):
+            return False
+        ptype = cfg.pcie_type
+        return ptype is None or ptype == regs.EXP_TYPE_PCI_BRIDGE
+
+    def acs_isolated(self, port: PciAddress) -> bool | None:
+        """ACS isolation of a root or downstream port; None for other functions.
+
+        ``pci_acs_flags_enabled`` in drivers/pci/pci.c: the required flags are
+        SV|RR|CR|UF (``regs.ACS_ISOLATION``) restricted to those the ACS
+        Capability register advertises ("features missing from the capability
+        field can be assumed as hard-wired enabled"); each must be set in the
+        ACS Control register. No ACS capability means not isolated.
+        """
+        cfg = self.node(port).config
+        if cfg.pcie_type not in _ACS_PORT_TYPES:
+            return None
+        cap = cfg.find_ext_cap(regs.EXT_CAP_ID_ACS)
+        if cap is None:
+            return False
+        acs_cap = u16(cfg.raw, cap.offset + regs.ACS_CAP)
+        ctrl = u16(cfg.raw, cap.offset + regs.ACS_CTRL)
+        if acs_cap == 0xFFFF or ctrl == 0xFFFF:
+            return False
+        required = regs.ACS_ISOLATION & (acs_cap | regs.ACS_EC)
+        return (ctrl & required) == required
+
+    def non_acs_ports(self, addrs: Iterable[PciAddress]) -> tuple[PciAddress, ...]:
+        """Root/downstream ports above any of ``addrs`` without ACS isolation, sorted."""
+        found: set[PciAddress] = set()
+        for a in addrs:
+            for anc in self.ancestors(a):
+                if self.acs_isolated(anc) is False:
+                    found.add(anc)
+        return tuple(sorted(found))

@@ -1,0 +1,234 @@
+"""Reset domains from the tree, against the kernel's rules (drivers/pci/pci.c,
+drivers/vfio/pci/vfio_pci_core.c), on a hand-made host and on every simulated one."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from qreset.errors import NoSuchFunction
+from qreset.pci.address import PciAddress
+from qreset.pci.config import parse_config
+from qreset.pci.host import FunctionInfo, PciHost, SlotInfo
+from qreset.topology import ResetKind, ResetScope, Topology
+from tests.pcibuild import A, config, node, sample
+
+
+def S(*bdfs: str) -> frozenset[PciAddress]:
+    return frozenset(A(b) for b in bdfs)
+
+
+def test_parent_and_root_bus() -> None:
+    t = sample()
+    assert t.parent(A("03:00.0")) == A("02:00.0")
+    assert t.parent(A("01:00.0")) == A("00:01.0")
+    assert t.parent(A("00:02.0")) is None
+    assert set(t.roots()) == S("00:00.0", "00:01.0", "00:02.0", "00:1e.0")
+    assert t.ancestors(A("04:00.1")) == (A("02:01.0"), A("01:00.0"), A("00:01.0"))
+
+
+def test_parent_falls_back_to_bridge_secondary_bus() -> None:
+    # sysfs normally gives the parent; a tree without it still finds the bridge
+    # whose secondary bus this is.
+    t = sample()
+    nodes = dict(t.functions)
+    n = nodes[A("06:01.0")]
+    nodes[n.address] = node("06:01.0", n.config.raw, driver="vfio-pci", group=6)
+    t2 = Topology(nodes, t.slots, True)
+    assert t2.parent(A("06:01.0")) == A("00:1e.0")
+    assert A("06:01.0") in t2.below(A("00:1e.0"))
+
+
+def test_bus_of_and_below() -> None:
+    t = sample()
+    assert t.bus_of(A("04:00.1")) == S("04:00.0", "04:00.1")
+    assert t.bus_of(A("00:02.0")) == S("00:00.0", "00:01.0", "00:02.0", "00:1e.0")
+    assert t.below(A("00:01.0")) == S(
+        "01:00.0", "02:00.0", "02:01.0", "02:02.0", "03:00.0", "04:00.0", "04:00.1", "05:00.0")
+    assert t.below(A("01:00.0")) == S(
+        "02:00.0", "02:01.0", "02:02.0", "03:00.0", "04:00.0", "04:00.1", "05:00.0")
+    assert t.below(A("02:01.0")) == S("04:00.0", "04:00.1")
+    assert t.below(A("03:00.0")) == frozenset()  # an endpoint has nothing below it
+    assert A("00:1e.0") not in t.below(A("00:1e.0"))
+
+
+def test_below_uses_bus_window_even_without_parent_links() -> None:
+    # A secondary bus reset reaches every bus in [secondary, subordinate]
+    # electrically, whatever sysfs's links say: a function on bus 5 with a
+    # wrong parent is still below the root port whose window covers it.
+    t = sample()
+    nodes = dict(t.functions)
+    n = nodes[A("05:00.0")]
+    nodes[n.address] = node("05:00.0", n.config.raw, parent="00:1e.0")
+    t2 = Topology(nodes, t.slots, True)
+    assert A("05:00.0") in t2.below(A("00:01.0"))
+    assert A("05:00.0") in t2.below(A("00:1e.0"))  # union: conservative
+
+
+def test_bus_scope_is_parent_secondary_bus() -> None:
+    t = sample()
+    assert t.bus_scope(A("04:00.1")) == ResetScope(ResetKind.BUS, A("02:01.0"), S("04:00.0", "04:00.1"))
+    assert t.bus_scope(A("06:01.0")) == ResetScope(ResetKind.BUS, A("00:1e.0"), S("06:01.0", "06:02.0"))
+    # A bridge's own bus reset is its parent's and hits its siblings and everything below.
+    scope = t.bus_scope(A("02:00.0"))
+    assert scope is not None
+    assert scope.target == A("01:00.0")
+    assert scope.affected == t.below(A("01:00.0"))
+    # pci_bus_reset needs bus->self: never on a root bus.
+    assert t.bus_scope(A("00:02.0")) is None
+    assert t.bus_scope(A("00:01.0")) is None
+
+
+def test_slot_scope_needs_hotplug_slot() -> None:
+    t = sample()
+    assert t.slot_scope(A("03:00.0")) == ResetScope(ResetKind.SLOT, A("02:00.0"), S("03:00.0"), "4")
+    assert t.slot_scope(A("05:00.0")) is None  # slot "9" has no hotplug controller
+    assert t.slot_scope(A("04:00.0")) is None  # no slot at all
+
+
+def test_hot_reset_prefers_slot_then_bus() -> None:
+    t = sample()
+    hr = t.hot_reset_scope(A("03:00.0"))
+    assert hr is not None
+    assert hr.kind is ResetKind.SLOT
+    assert hr.affected == S("03:00.0")
+    hr = t.hot_reset_scope(A("04:00.1"))
+    assert hr is not None
+    assert hr.kind is ResetKind.BUS
+    assert hr.affected == S("04:00.0", "04:00.1")
+    assert t.hot_reset_scope(A("00:02.0")) is None
+
+
+def test_kernel_bus_method_only_when_alone_or_slot() -> None:
+    t = sample()
+    # pci_parent_bus_reset: alone on its bus
+    assert t.kernel_bus_scope(A("05:00.0")) == ResetScope(ResetKind.BUS, A("02:02.0"), S("05:00.0"))
+    # pci_dev_reset_slot_function: single-function device in a hotplug slot
+    k = t.kernel_bus_scope(A("03:00.0"))
+    assert k is not None
+    assert k.kind is ResetKind.SLOT
+    # shares its bus / multifunction / root bus / bridge: no kernel bus method
+    assert t.kernel_bus_scope(A("04:00.0")) is None
+    assert t.kernel_bus_scope(A("06:01.0")) is None
+    assert t.kernel_bus_scope(A("00:02.0")) is None
+    assert t.kernel_bus_scope(A("02:01.0")) is None
+
+
+def test_function_methods_filters_kernel_list() -> None:
+    t = sample()
+    assert t.function_methods(A("03:00.0")) == ("flr",)
+    assert t.function_methods(A("05:00.0")) == ()
+    assert t.function_methods(A("04:00.1")) == ("pm",)
+    assert t.config_methods(A("03:00.0")) == ("flr",)
+    assert t.config_methods(A("04:00.1")) == ("pm",)
+    assert t.config_methods(A("04:00.0")) == ()
+
+
+def test_groups_acs_and_conventional() -> None:
+    t = sample()
+    assert t.group_members(4) == S("02:01.0", "04:00.0", "04:00.1")
+    assert t.group_members(99) == frozenset()
+    assert t.acs_isolated(A("02:00.0")) is True
+    assert t.acs_isolated(A("02:01.0")) is False
+    assert t.acs_isolated(A("01:00.0")) is None  # upstream port: not an ACS decision point
+    assert t.acs_isolated(A("03:00.0")) is None
+    assert t.non_acs_ports([A("04:00.0")]) == (A("02:01.0"),)
+    assert t.non_acs_ports([A("03:00.0")]) == ()
+    assert t.conventional_bus(A("00:1e.0")) is True
+    assert t.conventional_bus(A("00:01.0")) is False
+    assert t.conventional_bus(A("03:00.0")) is False
+
+
+def test_acs_partial_capability_counts_as_hardwired() -> None:
+    # pci_acs_flags_enabled: flags missing from the ACS Capability register
+    # are hard-wired enabled, so a port that only advertises SV and enables it is isolated.
+    from qreset.pci import regs
+
+    raw = config(bridge=True, secondary=1, subordinate=1, pcie_type=regs.EXP_TYPE_ROOT_PORT,
+                 acs=(regs.ACS_SV, regs.ACS_SV))
+    t = Topology({A("00:01.0"): node("00:01.0", raw)}, [], True)
+    assert t.acs_isolated(A("00:01.0")) is True
+    raw = config(bridge=True, secondary=1, subordinate=1, pcie_type=regs.EXP_TYPE_ROOT_PORT,
+                 acs=(regs.ACS_SV | regs.ACS_RR, regs.ACS_SV))
+    t = Topology({A("00:01.0"): node("00:01.0", raw)}, [], True)
+    assert t.acs_isolated(A("00:01.0")) is False
+
+
+def test_unknown_function_names_it() -> None:
+    t = sample()
+    with pytest.raises(NoSuchFunction, match=r"0000:09:00\.0"):
+        t.node(A("09:00.0"))
+    with pytest.raises(NoSuchFunction):
+        t.bus_scope(A("09:00.0"))
+
+
+class _TreeHost(PciHost):
+    """Serves a Topology's own nodes through the PciHost interface, with a
+    delay per read, to check that load() reads concurrently."""
+
+    def __init__(self, topo: Topology, delay: float) -> None:
+        self.topo = topo
+        self.delay = delay
+        self.name = "tree"
+        self.inflight = 0
+        self.peak = 0
+
+    async def _tick(self) -> None:
+        self.inflight += 1
+        self.peak = max(self.peak, self.inflight)
+        await asyncio.sleep(self.delay)
+        self.inflight -= 1
+
+    async def functions(self) -> list[PciAddress]:
+        return sorted(self.topo.functions)
+
+    async def info(self, addr: PciAddress) -> FunctionInfo:
+        await self._tick()
+        return self.topo.node(addr).info
+
+    async def read_config(self, addr: PciAddress, size: int = 4096) -> bytes:
+        await self._tick()
+        return self.topo.node(addr).config.raw[:size]
+
+    async def slots(self) -> list[SlotInfo]:
+        return list(self.topo.slots)
+
+    async def has_iommu_groups(self) -> bool:
+        return self.topo.iommu
+
+    async def write_config(self, addr: PciAddress, offset: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def reset_function(self, addr: PciAddress, method: str | None = None) -> None:
+        raise NotImplementedError
+
+    async def reset_subordinate(self, bridge: PciAddress) -> None:
+        raise NotImplementedError
+
+    async def remove(self, addr: PciAddress) -> None:
+        raise NotImplementedError
+
+    async def rescan(self, bridge: PciAddress | None = None) -> None:
+        raise NotImplementedError
+
+    async def bind(self, addr: PciAddress, driver: str | None) -> None:
+        raise NotImplementedError
+
+
+async def test_load_reads_concurrently_and_matches() -> None:
+    src = sample()
+    host = _TreeHost(src, delay=0.02)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    t = await Topology.load(host)
+    elapsed = loop.time() - t0
+    assert set(t.functions) == set(src.functions)
+    assert host.peak >= len(src.functions)  # every function in flight at once
+    assert elapsed < 0.02 * len(src.functions)  # far below a sequential read
+    for a in src.functions:
+        assert t.node(a).config == parse_config(src.node(a).config.raw)
+        assert t.bus_scope(a) == src.bus_scope(a)
+        assert t.hot_reset_scope(a) == src.hot_reset_scope(a)
+    assert t.host_name == "tree"
+    assert t.iommu
