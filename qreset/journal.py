@@ -1,0 +1,139 @@
+"""
+The daemon's journal: an append-only file of JSON lines, one per cycle phase.
+
+Why a journal and not only a log: a daemon that is killed while a guest is
+parked leaves that guest stopped, and only the daemon knows it parked it. The
+journal is what a new daemon reads at start to find those guests and finish
+their cycles (see :meth:`Journal.unfinished`). So every phase that changes
+what a restart must do is written *and fsynced* before the daemon moves on:
+``cycle-start`` (a guest is about to be parked/stopped), ``parked``,
+``engine-done``, and one terminal record: ``resumed``, ``stopped`` (left
+stopped on purpose), ``failed`` (ended, VM resumed or gone) or ``poweroff``.
+
+Each line is a JSON object with at least ``t`` (UNIX time), ``vm``,
+``cycle`` (a string id unique across daemon runs) and ``phase``. The terminal
+record of a cycle carries its whole summary (plan, per-phase durations,
+outcome), which is what ``qreset history`` shows.
+
+A torn last line (the daemon died mid-write) is skipped with a warning, never
+a crash: the cycle it belonged to then looks unfinished, which is the safe
+reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import aiofiles.os
+
+from qreset.errors import QResetError
+
+logger = logging.getLogger(__name__)
+
+#: Phases after which a cycle needs nothing more from anyone.
+TERMINAL_PHASES = frozenset({"resumed", "stopped", "failed", "poweroff"})
+
+
+class JournalError(QResetError):
+    """The journal cannot be opened or written (names the path)."""
+
+
+class Journal:
+    """Append-only JSON-lines journal at ``path``; call :meth:`open` first."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: Any = None  # aiofiles' async text file; typed loosely by the stubs
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        try:
+            await aiofiles.os.makedirs(self.path.parent, exist_ok=True)
+            self._file = await aiofiles.open(self.path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise JournalError(f"{self.path}: cannot open journal: {exc.strerror or exc}") from None
+
+    async def close(self) -> None:
+        if self._file is not None:
+            await self._file.close()
+            self._file = None
+
+    async def append(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Write one record (adds ``t``), flush and fsync it; returns the record written."""
+        rec = {"t": round(time.time(), 6), **record}
+        line = json.dumps(rec, separators=(",", ":"), default=str) + "\n"
+        async with self._lock:
+            if self._file is None:
+                raise JournalError(f"{self.path}: journal is not open")
+            try:
+                await self._file.write(line)
+                await self._file.flush()
+                # fsync blocks on the disk: off the event loop like any other blocking call.
+                await asyncio.to_thread(os.fsync, self._file.fileno())
+            except OSError as exc:
+                raise JournalError(f"{self.path}: cannot write journal: {exc.strerror or exc}") from None
+        return rec
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every well-formed record, in order (synchronous: used once at start-up)."""
+        return list(read_records(self.path))
+
+    def unfinished(self) -> dict[str, list[dict[str, Any]]]:
+        """Per VM, the records of its last cycle if it has no terminal record."""
+        return unfinished_cycles(self.read())
+
+
+def read_records(path: Path) -> Iterable[dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise JournalError(f"{path}: cannot read journal: {exc.strerror or exc}") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            logger.warning("%s:%d: skipping malformed journal line (%s)", path, lineno, exc.msg)
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("vm"), str) \
+                or not isinstance(rec.get("cycle"), str):
+            logger.warning("%s:%d: skipping journal line without vm/cycle", path, lineno)
+            continue
+        yield rec
+
+
+def unfinished_cycles(records: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Group records by cycle; return, per VM, the latest cycle lacking a terminal phase."""
+    cycles: dict[str, list[dict[str, Any]]] = {}
+    order: list[str] = []
+    for rec in records:
+        cid = rec["cycle"]
+        if cid not in cycles:
+            cycles[cid] = []
+            order.append(cid)
+        cycles[cid].append(rec)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for cid in order:
+        recs = cycles[cid]
+        vm = recs[0]["vm"]
+        if any(r.get("phase") in TERMINAL_PHASES for r in recs):
+            out.pop(vm, None)  # a later finished cycle supersedes an older open one
+        else:
+            out[vm] = recs
+    return out
+
+
+def finished_cycles(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The terminal record of every cycle, oldest first (what ``history`` shows)."""
+    return [r for r in records if r.get("phase") in TERMINAL_PHASES]
