@@ -27,6 +27,10 @@ from qreset.pci import regs
 _CAP_TTL = 48
 # pci_find_next_ext_capability: ttl = (PCI_CFG_SPACE_EXP_SIZE - PCI_CFG_SPACE_SIZE) / 8
 _EXT_CAP_TTL = (regs.CFG_SPACE_EXP_SIZE - regs.CFG_SPACE_SIZE) // 8
+# CardBus header (pci_regs.h): capability pointer, subsystem IDs.
+_CB_CAPABILITY_LIST = 0x14
+_CB_SUBSYSTEM_VENDOR_ID = 0x40
+_CB_SUBSYSTEM_ID = 0x42
 
 
 def u8(data: bytes, off: int) -> int:
@@ -151,14 +155,28 @@ class ConfigSpace:
         return ctrl != 0xFFFF and not ctrl & regs.PM_CTRL_NO_SOFT_RESET
 
 
-def _walk_caps(data: bytes, problems: list[str]) -> tuple[Capability, ...]:
+def _cap_start(htype: int) -> int | None:
+    """Where the first capability pointer lives (``__pci_bus_find_cap_start``).
+
+    0x34 for type 0 and type 1 headers, 0x14 for CardBus bridges, and no
+    capability list at all for any other header type.
+    """
+    if htype in (regs.HEADER_TYPE_NORMAL, regs.HEADER_TYPE_BRIDGE):
+        return regs.CAPABILITY_LIST
+    if htype == regs.HEADER_TYPE_CARDBUS:
+        return _CB_CAPABILITY_LIST
+    return None
+
+
+def _walk_caps(data: bytes, htype: int, problems: list[str]) -> tuple[Capability, ...]:
     if not u16(data, regs.STATUS) & regs.STATUS_CAP_LIST or u16(data, regs.STATUS) == 0xFFFF:
         return ()
-    if len(data) <= regs.CAPABILITY_LIST:
+    start = _cap_start(htype)
+    if start is None or len(data) <= start:
         return ()
     caps: list[Capability] = []
     seen: set[int] = set()
-    pos = u8(data, regs.CAPABILITY_LIST)
+    pos = u8(data, start)
     for _ in range(_CAP_TTL):
         if pos < 0x40:
             break
@@ -166,6 +184,12 @@ def _walk_caps(data: bytes, problems: list[str]) -> tuple[Capability, ...]:
         if pos + 2 > len(data):
             if len(data) >= regs.CFG_SPACE_SIZE:
                 problems.append(f"capability pointer {pos:#x} is past the end")
+            else:
+                # An unprivileged read stops at 64 bytes: the list is there but
+                # unread, which is not the same as "no capabilities".
+                problems.append(
+                    f"capability at {pos:#x} not read (only {len(data)} bytes of config space)"
+                )
             break
         if pos in seen:
             problems.append(f"capability list loops back to {pos:#x}")
@@ -222,10 +246,12 @@ def parse_config(data: bytes) -> ConfigSpace:
     hdr = u8(data, regs.HEADER_TYPE)
     htype = hdr & regs.HEADER_TYPE_MASK
     is_bridge = htype == regs.HEADER_TYPE_BRIDGE
-    nbars = 2 if is_bridge else (0 if htype == regs.HEADER_TYPE_CARDBUS else 6)
+    is_cardbus = htype == regs.HEADER_TYPE_CARDBUS
+    # pci_setup_device: 6 BARs (type 0), 2 (type 1), 1 (CardBus: socket registers).
+    nbars = 2 if is_bridge else (1 if is_cardbus else 6)
     bars = tuple(u32(data, regs.BASE_ADDRESS_0 + 4 * i) for i in range(nbars))
     absent = vendor in (0xFFFF, 0x0000, regs.CRS_VENDOR_ID)
-    caps = () if absent else _walk_caps(data, problems)
+    caps = () if absent else _walk_caps(data, htype, problems)
     ext = () if absent else _walk_ext_caps(data, problems)
     return ConfigSpace(
         raw=data,
@@ -240,8 +266,10 @@ def parse_config(data: bytes) -> ConfigSpace:
         header_type=htype,
         multifunction=bool(hdr & regs.HEADER_TYPE_MFD) and hdr != 0xFF,
         bars=bars,
-        subsystem_vendor=None if is_bridge else u16(data, regs.SUBSYSTEM_VENDOR_ID),
-        subsystem_id=None if is_bridge else u16(data, regs.SUBSYSTEM_ID),
+        subsystem_vendor=None if is_bridge else u16(
+            data, _CB_SUBSYSTEM_VENDOR_ID if is_cardbus else regs.SUBSYSTEM_VENDOR_ID
+        ),
+        subsystem_id=None if is_bridge else u16(data, _CB_SUBSYSTEM_ID if is_cardbus else regs.SUBSYSTEM_ID),
         interrupt_line=u8(data, regs.INTERRUPT_LINE),
         interrupt_pin=u8(data, regs.INTERRUPT_PIN),
         primary_bus=u8(data, regs.PRIMARY_BUS) if is_bridge else None,
