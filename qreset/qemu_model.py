@@ -1,0 +1,156 @@
+"""
+What QEMU's own system reset does to each assigned (vfio-pci) function.
+
+Pure code, no I/O. The planner needs this to know which functions QEMU
+leaves un-reset (``takeover = gaps``) and the CLI prints it so an operator
+can see *why* qreset is needed for a device. The model follows QEMU
+``hw/vfio/pci.c``:
+
+* ``vfio_populate_device``: ``reset_works`` is ``VFIO_DEVICE_FLAGS_RESET``,
+  which the kernel sets when ``pci_try_reset_function`` succeeded at open
+  (``vfio_pci_core_enable``): i.e. the function has *any* kernel reset
+  method, ``bus`` included (sysfs ``reset_method`` non-empty).
+* ``vfio_check_pcie_flr`` / ``vfio_check_af_flr`` set ``has_flr`` from the
+  PCIe DevCap FLR bit or the AF capability (TP and FLR);
+  ``vfio_check_pm_reset`` sets ``has_pm_reset`` when the PM capability does
+  not report No_Soft_Reset.
+* The system-reset handler marks ``needs_reset = !reset_works ||
+  (!has_flr && has_pm_reset)`` and, for those, runs the multi-device hot
+  reset (``vfio_pci_hot_reset_multi``): refused ("Cannot reset device X,
+  depends on group N which is not owned") unless every group the
+  slot/bus reset would hit is open in *this* QEMU; the kernel then also
+  requires every affected device to be bound to vfio-pci.
+* ``vfio_pci_reset``: ``VFIO_DEVICE_RESET`` when ``reset_works && (has_flr
+  || !has_pm_reset)``; else the single-device hot reset; else, "if nothing
+  else works and the device supports PM reset", ``VFIO_DEVICE_RESET`` again
+  (which the kernel serves with its first method, PM for such a device);
+  else "no available reset mechanism".
+
+The QMP ``RESET`` event arrives after all of that (see
+/work/shared/reference/qmp-reset-flow.md), so these are predictions, not
+observations.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from qreset.pci.address import PciAddress
+from qreset.topology import FunctionNode, Topology
+
+#: The driver a function must be bound to for QEMU (and VFIO hot reset) to use it.
+VFIO_DRIVER = "vfio-pci"
+
+
+class QemuAction(enum.StrEnum):
+    """What QEMU's own system reset does to one vfio-pci device (hw/vfio/pci.c)."""
+
+    FUNCTION_RESET = "function-reset"  # VFIO_DEVICE_RESET: reset_works && (has_flr || !has_pm_reset)
+    HOT_RESET = "hot-reset"            # vfio_pci_hot_reset: every affected group is this VM's
+    PM_RESET = "pm-reset"              # hot reset refused, falls back to PM reset
+    NONE = "none"                      # refused ("depends on group N which is not owned") or no method
+
+
+@dataclass(frozen=True, slots=True)
+class QemuPrediction:
+    function: PciAddress
+    action: QemuAction
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class VfioResetFlags:
+    """The three booleans QEMU derives at realize (see the module docstring)."""
+
+    reset_works: bool
+    has_flr: bool
+    has_pm_reset: bool
+
+    @classmethod
+    def of(cls, node: FunctionNode) -> VfioResetFlags:
+        cfg = node.config
+        return cls(
+            reset_works=bool(node.info.reset_methods),
+            has_flr=cfg.has_flr or cfg.has_af_flr,
+            has_pm_reset=cfg.has_pm_reset,
+        )
+
+    @property
+    def function_reset_first(self) -> bool:
+        """``vfio_pci_reset`` tries ``VFIO_DEVICE_RESET`` before any hot reset."""
+        return self.reset_works and (self.has_flr or not self.has_pm_reset)
+
+
+def hot_reset_refusal(topo: Topology, addr: PciAddress, owned: Iterable[PciAddress]) -> str | None:
+    """Why QEMU's hot reset of ``addr`` would fail, or None when it would work.
+
+    ``owned`` are the functions assigned to the QEMU in question; the groups
+    it has open are theirs.
+    """
+    scope = topo.hot_reset_scope(addr)
+    if scope is None:
+        return f"no slot or bus reset can reach {addr} (root bus)"
+    groups = {
+        topo.functions[a].info.iommu_group for a in owned if a in topo.functions
+    } - {None}
+    for other in sorted(scope.affected):
+        node = topo.functions.get(other)
+        if node is None:
+            continue
+        group = node.info.iommu_group
+        if group is None or group not in groups:
+            # vfio_pci_hot_reset: QEMU checks group ownership itself first.
+            return f"Cannot reset device {addr}, depends on group {group} which is not owned"
+    for other in sorted(scope.affected):
+        node = topo.functions.get(other)
+        if node is not None and node.info.driver != VFIO_DRIVER:
+            # vfio_pci_dev_set_resettable: every device reset must be vfio-pci's.
+            return (
+                f"hot reset of {addr} would hit {other} bound to "
+                f"{node.info.driver or 'no driver'}; the kernel refuses (not vfio-pci)"
+            )
+    return None
+
+
+def predict(topo: Topology, owned: Iterable[PciAddress]) -> tuple[QemuPrediction, ...]:
+    """One prediction per function of ``owned`` present in ``topo``, sorted."""
+    owned_list = sorted(set(owned))
+    out: list[QemuPrediction] = []
+    for addr in owned_list:
+        node = topo.functions.get(addr)
+        if node is None:
+            out.append(QemuPrediction(addr, QemuAction.NONE, f"{addr} is not on the host"))
+            continue
+        out.append(predict_one(topo, node, owned_list))
+    return tuple(out)
+
+
+def predict_one(topo: Topology, node: FunctionNode, owned: Iterable[PciAddress]) -> QemuPrediction:
+    addr = node.address
+    flags = VfioResetFlags.of(node)
+    methods = node.info.reset_methods
+    if flags.function_reset_first:
+        first = methods[0] if methods else "?"
+        why = "has FLR" if flags.has_flr else "no PM reset to avoid"
+        return QemuPrediction(
+            addr, QemuAction.FUNCTION_RESET,
+            f"VFIO_DEVICE_RESET ({why}; kernel's first method: {first})",
+        )
+    refusal = hot_reset_refusal(topo, addr, owned)
+    if refusal is None:
+        scope = topo.hot_reset_scope(addr)
+        assert scope is not None  # hot_reset_refusal returned None only with a scope
+        why = "no kernel reset method" if not flags.reset_works else "no FLR, PM reset preferred last"
+        return QemuPrediction(
+            addr, QemuAction.HOT_RESET,
+            f"{scope.kind.value} reset of {scope.target} via VFIO_DEVICE_PCI_HOT_RESET ({why})",
+        )
+    if flags.reset_works and flags.has_pm_reset:
+        return QemuPrediction(addr, QemuAction.PM_RESET, f"{refusal}; falls back to PM reset")
+    if not flags.reset_works and topo.hot_reset_scope(addr) is None:
+        return QemuPrediction(
+            addr, QemuAction.NONE, f"Cannot reset device {addr}, no available reset mechanism",
+        )
+    return QemuPrediction(addr, QemuAction.NONE, refusal)
