@@ -1,0 +1,354 @@
+"""
+Doctor: explain, per function, how it can be reset and what stands in the way.
+
+Pure code over a :class:`~qreset.topology.Topology` (no I/O): for each function
+it lists every way to reset it (its function-level methods; the kernel's
+``bus`` method when it is alone below its bridge or in a hotplug slot; a
+VFIO hot reset; the bridge's ``reset_subordinate``; a userspace secondary bus
+reset), what each of those would also hit (with drivers and IOMMU groups),
+and the problems that make assignment or reset hard, each with a remedy in one
+sentence. ``qreset doctor`` prints this; the planner makes its own decisions
+(it also knows which VM owns what) but the vocabulary is the same.
+
+The rules are the kernel's (drivers/pci/pci.c, drivers/vfio/pci/vfio_pci_core.c,
+drivers/iommu/iommu.c); see :mod:`qreset.topology` for the scopes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from qreset.pci.address import PciAddress
+from qreset.topology import ResetKind, ResetScope, Topology
+
+#: The driver a function must be bound to for VFIO to reset or assign it.
+VFIO_DRIVER = "vfio-pci"
+#: Drivers that bind bridges/ports; they do not block a reset of what is below.
+PORT_DRIVERS = frozenset({"pcieport", "shpchp"})
+#: PCI base class 0x06: bridges (host, ISA, PCI-to-PCI...), never assigned.
+_CLASS_BRIDGE = 0x06
+
+
+class Severity(enum.StrEnum):
+    BLOCKER = "blocker"  # the function cannot be reset safely as things stand
+    WARNING = "warning"  # it can, with a cost or a risk worth knowing
+    INFO = "info"        # context
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One finding. ``code`` is stable for scripts; ``message``/``remedy`` are one sentence each."""
+
+    code: str
+    severity: Severity
+    message: str
+    remedy: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "severity": self.severity.value,
+                "message": self.message, "remedy": self.remedy}
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """A function a reset would hit besides the one being reset."""
+
+    address: PciAddress
+    driver: str | None
+    iommu_group: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bdf": str(self.address), "driver": self.driver, "iommu_group": self.iommu_group}
+
+
+@dataclass(frozen=True, slots=True)
+class ResetOption:
+    """One way to reset a function.
+
+    ``method`` is a kernel reset_method name for function-level methods and
+    for ``bus`` (the kernel's own), else ``vfio_hot_reset``,
+    ``reset_subordinate`` or ``user_sbr`` (names of :class:`qreset.plan.Method`).
+    ``blocked_by`` lists the hit functions bound to a host driver: resetting
+    them under that driver corrupts its state.
+    """
+
+    kind: ResetKind
+    method: str
+    target: PciAddress
+    hits: tuple[Hit, ...]
+    blocked_by: tuple[Hit, ...]
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind.value, "method": self.method, "target": str(self.target),
+            "hits": [h.to_json() for h in self.hits],
+            "blocked_by": [h.to_json() for h in self.blocked_by], "note": self.note,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionReport:
+    address: PciAddress
+    vendor: int
+    device: int
+    class_code: int
+    driver: str | None
+    iommu_group: int | None
+    parent: PciAddress | None
+    reset_methods: tuple[str, ...]
+    function_methods: tuple[str, ...]
+    config_methods: tuple[str, ...]
+    is_bridge: bool
+    options: tuple[ResetOption, ...]
+    problems: tuple[Problem, ...]
+
+    @property
+    def summary(self) -> str:
+        """The cheapest way to reset it, in a few words."""
+        if self.function_methods:
+            return f"function reset ({self.function_methods[0]})"
+        for opt in self.options:
+            if opt.kind is not ResetKind.FUNCTION and not opt.blocked_by:
+                others = len(opt.hits)
+                also = f", also hits {others} other function{'s' * (others != 1)}" if others else ""
+                return f"{opt.kind.value} reset of {opt.target} via {opt.method}{also}"
+        if self.options:
+            return "only resets that hit host-driver functions"
+        return "no reset method"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bdf": str(self.address), "vendor": self.vendor, "device": self.device,
+            "class": self.class_code, "driver": self.driver, "iommu_group": self.iommu_group,
+            "parent": str(self.parent) if self.parent else None,
+            "reset_methods": list(self.reset_methods),
+            "function_methods": list(self.function_methods),
+            "config_methods": list(self.config_methods),
+            "is_bridge": self.is_bridge, "summary": self.summary,
+            "options": [o.to_json() for o in self.options],
+            "problems": [p.to_json() for p in self.problems],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    host: str
+    iommu: bool
+    reset_method_exposed: bool
+    notes: tuple[Problem, ...]
+    functions: tuple[FunctionReport, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "host": self.host, "iommu": self.iommu,
+            "reset_method_exposed": self.reset_method_exposed,
+            "notes": [n.to_json() for n in self.notes],
+            "functions": [f.to_json() for f in self.functions],
+        }
+
+
+def _hits(topo: Topology, addrs: Iterable[PciAddress], exclude: PciAddress) -> tuple[Hit, ...]:
+    out = []
+    for a in sorted(addrs):
+        if a == exclude:
+            continue
+        info = topo.node(a).info
+        out.append(Hit(a, info.driver, info.iommu_group))
+    return tuple(out)
+
+
+def _host_driver(hit: Hit) -> bool:
+    return hit.driver is not None and hit.driver != VFIO_DRIVER and hit.driver not in PORT_DRIVERS
+
+
+def _names(addrs: Iterable[PciAddress]) -> str:
+    return ", ".join(str(a) for a in sorted(addrs))
+
+
+def _is_bridge_class(topo: Topology, addr: PciAddress) -> bool:
+    return (topo.node(addr).info.class_code >> 16) == _CLASS_BRIDGE or topo.is_bridge(addr)
+
+
+def _options(topo: Topology, addr: PciAddress) -> list[ResetOption]:
+    opts: list[ResetOption] = []
+    methods = topo.function_methods(addr)
+    if not methods and not _reset_method_exposed(topo):
+        methods = topo.config_methods(addr)
+    for m in methods:
+        opts.append(ResetOption(ResetKind.FUNCTION, m, addr, (), (), f"echo 1 > reset (reset_method={m})"))
+
+    def scoped(scope: ResetScope, method: str, note: str) -> ResetOption:
+        hits = _hits(topo, scope.affected, addr)
+        return ResetOption(scope.kind, method, scope.target, hits,
+                           tuple(h for h in hits if _host_driver(h)), note)
+
+    kbus = topo.kernel_bus_scope(addr)
+    if kbus is not None and ("bus" in topo.node(addr).info.reset_methods or not _reset_method_exposed(topo)):
+        how = f"hotplug slot {kbus.slot}" if kbus.kind is ResetKind.SLOT else f"alone below {kbus.target}"
+        opts.append(scoped(kbus, "bus", f"kernel reset_method=bus ({how}): the kernel saves and restores"))
+    hot = topo.hot_reset_scope(addr)
+    if hot is not None:
+        opts.append(scoped(hot, "vfio_hot_reset",
+                           "VFIO_DEVICE_PCI_HOT_RESET: every hit function must be bound to vfio-pci"))
+    bus = topo.bus_scope(addr)
+    if bus is not None:
+        if topo.node(bus.target).info.has_reset_subordinate:
+            opts.append(scoped(bus, "reset_subordinate",
+                               f"echo 1 > {bus.target}/reset_subordinate (Linux 6.13+): "
+                               "the kernel saves and restores"))
+        opts.append(scoped(bus, "user_sbr",
+                           f"Secondary Bus Reset bit of {bus.target}'s Bridge Control; "
+                           "qreset restores state"))
+    return opts
+
+
+def _reset_method_exposed(topo: Topology) -> bool:
+    return any(n.info.reset_methods for n in topo.functions.values())
+
+
+def _problems(topo: Topology, addr: PciAddress, opts: list[ResetOption]) -> list[Problem]:
+    node = topo.node(addr)
+    info, cfg = node.info, node.config
+    probs: list[Problem] = []
+    fmethods = [o for o in opts if o.kind is ResetKind.FUNCTION]
+    parent = topo.parent(addr)
+    bus = topo.bus_scope(addr)
+
+    if not cfg.present:
+        probs.append(Problem(
+            "not-present", Severity.BLOCKER,
+            f"config space reads as absent (Vendor ID {cfg.vendor_id:#06x})",
+            "the function is gone or not ready: rescan (echo 1 > /sys/bus/pci/rescan) or power-cycle it",
+        ))
+    elif not topo.config_complete(addr):
+        probs.append(Problem(
+            "config-short", Severity.WARNING,
+            f"only {len(cfg.raw)} bytes of config space readable: capabilities (FLR, PM, ACS) are unknown",
+            "run as root (sysfs gives unprivileged readers only the first 64 bytes)",
+        ))
+    for p in cfg.problems:
+        probs.append(Problem("config-broken", Severity.WARNING, f"config space: {p}",
+                             "the device's capability list is malformed; expect resets to misbehave"))
+
+    if not fmethods:
+        host_users = [h for h in (bus.affected if bus else ()) if h != addr
+                      and _host_driver(Hit(h, topo.node(h).info.driver, None))]
+        if host_users:
+            by_driver = ", ".join(f"{h} ({topo.node(h).info.driver})" for h in sorted(host_users))
+            probs.append(Problem(
+                "no-flr-shared-bus", Severity.BLOCKER,
+                f"no FLR and shares its bus with functions bound to host drivers: {by_driver}",
+                "bind those functions to vfio-pci and assign them with this one, "
+                "or allow them explicitly in the policy if a reset under their driver is acceptable",
+            ))
+        elif bus is not None and len(bus.affected) > 1:
+            probs.append(Problem(
+                "no-flr-bus-reset", Severity.WARNING,
+                f"no function-level reset: only a bus reset of {bus.target}, which also hits "
+                f"{_names(bus.affected - {addr})}",
+                "assign every function below that bridge to the same VM so one bus reset covers them all",
+            ))
+        if parent is None:
+            probs.append(Problem(
+                "root-bus", Severity.BLOCKER if not opts else Severity.WARNING,
+                "on the root bus: no bus reset possible (a root bus has no bridge to reset it)",
+                "only a function-level reset can reset it; move the card to a slot behind a root port",
+            ))
+        if not opts:
+            probs.append(Problem(
+                "no-reset", Severity.BLOCKER, "no reset method at all",
+                "nothing on the host can reset it: use a device-specific reset module "
+                "(e.g. vendor-reset) or power-cycle the host between guests",
+            ))
+    elif fmethods[0].method == "pm" and len(fmethods) == 1:
+        probs.append(Problem(
+            "pm-only", Severity.INFO,
+            "its only function-level reset is PM (D3hot to D0), which many devices implement as a no-op",
+            "if the device keeps state across resets, prefer a bus reset of its bridge",
+        ))
+
+    if parent is not None and topo.conventional_bus(parent):
+        probs.append(Problem(
+            "conventional-bus", Severity.WARNING,
+            f"behind a conventional (PCIe-to-PCI) bridge {parent}: a bus reset hits every device on "
+            f"that bus ({_names(topo.below(parent))}), and conventional buses need 1 s after reset",
+            "assign every device on that bus to the same VM, or move the card to a PCIe slot",
+        ))
+
+    group = info.iommu_group
+    if group is not None:
+        shared = {a for a in topo.group_members(group) - {addr} if not _is_bridge_class(topo, a)}
+        if shared:
+            why = _group_reason(topo, addr, shared)
+            probs.append(Problem(
+                "iommu-group-shared", Severity.WARNING,
+                f"IOMMU group {group} shared with {_names(shared)}{why}",
+                "assign the whole group to one VM (every member bound to vfio-pci), "
+                "or move the card to a slot whose port has ACS",
+            ))
+
+    if info.driver and _host_driver(Hit(addr, info.driver, None)) and not _is_bridge_class(topo, addr):
+        probs.append(Problem(
+            "host-driver", Severity.INFO, f"bound to host driver {info.driver}",
+            f"bind it to vfio-pci (driverctl set-override {addr} vfio-pci) before assigning it",
+        ))
+    return probs
+
+
+def _group_reason(topo: Topology, addr: PciAddress, shared: set[PciAddress]) -> str:
+    ports = topo.non_acs_ports([addr, *shared])
+    if ports:
+        return f" (no ACS on bridge {_names(ports)})"
+    parent = topo.parent(addr)
+    if parent is not None and topo.conventional_bus(parent):
+        return f" (behind conventional bridge {parent}: requester IDs alias to the bridge)"
+    if shared <= topo.same_device(addr):
+        return " (functions of one multifunction device without ACS)"
+    return ""
+
+
+def diagnose_function(topo: Topology, addr: PciAddress) -> FunctionReport:
+    """The report for one function (raises NoSuchFunction for an unknown one)."""
+    node = topo.node(addr)
+    opts = _options(topo, addr)
+    bridge = _is_bridge_class(topo, addr)
+    probs = [] if bridge else _problems(topo, addr, opts)
+    return FunctionReport(
+        address=addr, vendor=node.info.vendor, device=node.info.device,
+        class_code=node.info.class_code, driver=node.info.driver,
+        iommu_group=node.info.iommu_group, parent=topo.parent(addr),
+        reset_methods=node.info.reset_methods, function_methods=topo.function_methods(addr),
+        config_methods=topo.config_methods(addr), is_bridge=bridge,
+        options=tuple(opts), problems=tuple(probs),
+    )
+
+
+def host_notes(topo: Topology) -> tuple[Problem, ...]:
+    notes: list[Problem] = []
+    if not topo.iommu:
+        notes.append(Problem(
+            "no-iommu", Severity.BLOCKER,
+            "no IOMMU groups: this host cannot assign devices (/sys/kernel/iommu_groups is missing or empty)",
+            "enable VT-d/AMD-Vi in the firmware and boot with intel_iommu=on (or amd_iommu=on)",
+        ))
+    if not _reset_method_exposed(topo):
+        notes.append(Problem(
+            "no-reset-method-attr", Severity.WARNING,
+            "kernel does not expose reset_method (older than 5.15 or no methods): "
+            "function-level methods shown are read from config space",
+            "on Linux 5.15+ an absent reset_method means the kernel found no working reset method",
+        ))
+    return tuple(notes)
+
+
+def diagnose(topo: Topology, addrs: Iterable[PciAddress] | None = None) -> Report:
+    """The full report for ``addrs`` (every function when None), in address order."""
+    wanted = sorted(topo.functions) if addrs is None else sorted(set(addrs))
+    return Report(
+        host=topo.host_name, iommu=topo.iommu, reset_method_exposed=_reset_method_exposed(topo),
+        notes=host_notes(topo), functions=tuple(diagnose_function(topo, a) for a in wanted),
+    )
