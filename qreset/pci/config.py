@@ -179,6 +179,10 @@ def _walk_caps(data: bytes, htype: int, problems: list[str]) -> tuple[Capability
     pos = u8(data, start)
     for _ in range(_CAP_TTL):
         if pos < 0x40:
+            # The kernel ends the list here too; zero is the normal end, any
+            # other value below 0x40 is a pointer into the header.
+            if pos:
+                problems.append(f"capability pointer {pos:#x} points into the header")
             break
         pos &= ~3
         if pos + 2 > len(data):
@@ -201,7 +205,9 @@ def _walk_caps(data: bytes, htype: int, problems: list[str]) -> tuple[Capability
         caps.append(Capability(cap_id, pos))
         pos = data[pos + 1]
     else:
-        problems.append(f"capability list longer than {_CAP_TTL} entries")
+        # The TTL ran out; only a problem if the last entry points on.
+        if pos >= 0x40:
+            problems.append(f"capability list longer than {_CAP_TTL} entries")
     return tuple(caps)
 
 
