@@ -198,6 +198,7 @@ class _CommandError(Exception):
     """A request-level failure: becomes ``{"error": {"class": ..., "desc": ...}}``."""
 
     def __init__(self, desc: str, error_class: str = "GenericError") -> None:
+        desc = _one_line(desc)
         super().__init__(desc)
         self.desc = desc
         self.error_class = error_class
@@ -225,7 +226,7 @@ def validate_arguments(command: str, arguments: Mapping[str, object]) -> dict[st
     known = {a.name: a for a in spec.args}
     for key in arguments:
         if key not in known:
-            raise _CommandError(f"Parameter '{key}' is unexpected")
+            raise _CommandError(f"Parameter '{_printable(key)}' is unexpected")
     out: dict[str, Any] = {}
     for arg in spec.args:
         if arg.name not in arguments:
@@ -410,6 +411,9 @@ class _Client:
         self.reader_task: asyncio.Task[None] | None = None
         #: True while the reader task is in its read loop (and may be cancelled to stop it).
         self.reading = False
+        #: The end marker is queued (finish) / queued messages are to be discarded (drop).
+        self.ended = False
+        self.dropped = False
 
     @property
     def closing(self) -> bool:
@@ -436,13 +440,15 @@ class _Client:
 
     def finish(self) -> None:
         """Flush what is queued, then close (orderly end after a final error)."""
-        if self.state is not _State.CLOSING:
-            self.state = _State.CLOSING
+        self.state = _State.CLOSING
+        if not self.ended:
+            self.ended = True
             self.queue.put_nowait(None)
 
     def drop(self) -> None:
         """Close now, discarding what is queued (a slow or abusive client)."""
-        self.state = _State.CLOSING
+        self.dropped = True
+        self.finish()
         transport = self.writer.transport
         if not transport.is_closing():
             transport.abort()
@@ -681,7 +687,7 @@ class ControlServer:
         try:
             while True:
                 data = await client.queue.get()
-                if data is None:
+                if data is None or client.dropped:
                     break
                 writer.write(data)
                 await writer.drain()
@@ -756,7 +762,7 @@ class ControlServer:
                 if not isinstance(value, dict):
                     raise _CommandError("QMP input member 'arguments' must be an object")
             elif key != "id":
-                raise _CommandError(f"QMP input member '{key}' is unexpected")
+                raise _CommandError(f"QMP input member '{_printable(key)}' is unexpected")
         if "execute" not in request:
             raise _CommandError("QMP input lacks member 'execute'")
         return request["execute"], request.get("arguments", {})
@@ -767,7 +773,7 @@ class ControlServer:
             raise _CommandError("Expecting capabilities negotiation with 'qmp_capabilities'",
                                 "CommandNotFound")
         if command not in COMMANDS:
-            raise _CommandError(f"The command {command} has not been found", "CommandNotFound")
+            raise _CommandError(f"The command {_printable(command)} has not been found", "CommandNotFound")
         args = validate_arguments(command, arguments)
         if command == "qmp_capabilities":
             if client.state is _State.NEGOTIATED:
@@ -776,7 +782,9 @@ class ControlServer:
                                     "CommandNotFound")
             if args["enable"]:
                 # We offer no capability (no "oob"), so any is unknown.
-                raise _CommandError(f"Parameter 'enable' does not accept value '{args['enable'][0]}'")
+                raise _CommandError(
+                    f"Parameter 'enable' does not accept value '{_printable(args['enable'][0])}'"
+                )
             client.state = _State.NEGOTIATED
             return {}
         if command == "query-commands":
@@ -806,6 +814,12 @@ class ControlServer:
             client.log.debug("%s failed", command, exc_info=True)
             client.log.error("%s failed: %s: %s", command, type(exc).__name__, _one_line(str(exc)))
             raise _CommandError(_one_line(f"internal error: {type(exc).__name__}: {exc}")) from None
+
+
+def _printable(name: str, limit: int = 64) -> str:
+    """A client-supplied name made safe for a one-line message: escaped, shortened."""
+    shown = name if name.isprintable() else name.encode("unicode_escape").decode("ascii")
+    return shown if len(shown) <= limit else shown[:limit] + "..."
 
 
 def _one_line(text: str) -> str:
