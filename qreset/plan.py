@@ -444,7 +444,8 @@ class _Planner:
                     return m, "every covered function is vfio-pci and idle or this VM's"
                 rejected.append(f"vfio_hot_reset: {why}")
             elif m is Method.USER_SBR:
-                return m, "secondary bus reset from userspace; the executor restores state"
+                why = "secondary bus reset from userspace; the executor restores state"
+                return m, why + (f" (not {'; not '.join(rejected)})" if rejected else "")
         return None, "; ".join(rejected) or "policy bus_methods names no slot/bus method"
 
     def _vfio_hot_reset_refusal(self, covers: tuple[PciAddress, ...]) -> str | None:

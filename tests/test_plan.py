@@ -1,0 +1,461 @@
+"""Planner tests: hand-made topologies (real config bytes, real parse_config)
+and every simulated topology in configs/sim/, plus a hypothesis property test
+over random ownership assignments."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qreset.pci import regs
+from qreset.pci.address import PciAddress
+from qreset.plan import (
+    Method,
+    Owner,
+    OwnerKind,
+    Plan,
+    Policy,
+    QemuAction,
+    Takeover,
+    make_plan,
+    owners_of,
+)
+from qreset.topology import FunctionNode, ResetKind, Topology
+from tests.conftest import SIM_DIR
+from tests.pcibuild import config, node
+
+A = PciAddress.parse
+RP = regs.EXP_TYPE_ROOT_PORT
+BRIDGE = 0x060400
+
+
+def rp(bdf: str, sec: int, sub: int | None = None, group: int = 0, **kw: object) -> FunctionNode:
+    return node(bdf, config(bridge=True, secondary=sec, subordinate=sub or sec, pcie_type=RP,
+                            class_code=BRIDGE), driver="pcieport", group=group, **kw)  # type: ignore[arg-type]  # test helper forwards keyword options
+
+
+def host() -> Topology:
+    """::
+
+      00:01.0 RP -> 01: 01:00.0 GPU (no FLR, PM) + 01:00.1 audio (nothing), vfio-pci, groups 11/12
+      00:02.0 RP -> 02: 02:00.0 NIC with FLR, vfio-pci, group 13
+      00:1c.0 RP -> 03: 03:00.0 GPU (nothing), vfio-pci + 03:00.1 audio snd_hda_intel, group 14/15
+      00:1d.0 RP (reset_subordinate) -> 04: 04:00.0 GPU FLR + 04:00.1 audio (nothing), group 16/17
+      00:1e.0 RP -> 05: 05:00.0 SR-IOV PF (FLR) with VFs 05:00.1, 05:00.2 (FLR), groups 18/19/20
+      00:1f.0 RP -> 06: 06:00.0 device with no FLR, no PM, alone (kernel 'bus'), group 21
+      00:03.0 endpoint on the root bus, no method, vfio-pci, group 22
+    """
+    vf = config(flr=True)
+    nodes = [
+        rp("00:01.0", 1), rp("00:02.0", 2), rp("00:1c.0", 3),
+        rp("00:1d.0", 4, reset_subordinate=True), rp("00:1e.0", 5), rp("00:1f.0", 6),
+        node("01:00.0", config(vendor=0x1002, class_code=0x030000, multifunction=True, pm=True),
+             parent="00:01.0", driver="vfio-pci", group=11, methods=("pm",)),
+        node("01:00.1", config(vendor=0x1002, class_code=0x040300, multifunction=True),
+             parent="00:01.0", driver="vfio-pci", group=12),
+        node("02:00.0", config(flr=True), parent="00:02.0", driver="vfio-pci", group=13,
+             methods=("flr", "bus")),
+        node("03:00.0", config(vendor=0x10DE, class_code=0x030000, multifunction=True),
+             parent="00:1c.0", driver="vfio-pci", group=14),
+        node("03:00.1", config(vendor=0x10DE, class_code=0x040300, multifunction=True),
+             parent="00:1c.0", driver="snd_hda_intel", group=15),
+        node("04:00.0", config(vendor=0x10DE, class_code=0x030000, multifunction=True, flr=True),
+             parent="00:1d.0", driver="vfio-pci", group=16, methods=("flr",)),
+        node("04:00.1", config(vendor=0x10DE, class_code=0x040300, multifunction=True),
+             parent="00:1d.0", driver="vfio-pci", group=17),
+        node("05:00.0", config(flr=True, multifunction=True), parent="00:1e.0", driver="ixgbe",
+             group=18, methods=("flr",)),
+        node("05:00.1", vf, parent="00:1e.0", driver="vfio-pci", group=19, methods=("flr",)),
+        node("05:00.2", vf, parent="00:1e.0", driver="vfio-pci", group=20, methods=("flr",)),
+        node("06:00.0", config(), parent="00:1f.0", driver="vfio-pci", group=21, methods=("bus",)),
+        node("00:03.0", config(), driver="vfio-pci", group=22),
+    ]
+    by = {n.address: n for n in nodes}
+    pf = by[A("05:00.0")]
+    by[pf.address] = dataclasses.replace(
+        pf, info=dataclasses.replace(pf.info, virtfns=(A("05:00.1"), A("05:00.2"))))
+    for v in ("05:00.1", "05:00.2"):
+        n = by[A(v)]
+        by[n.address] = dataclasses.replace(n, info=dataclasses.replace(n.info, physfn=A("05:00.0")))
+    return Topology(by, [], True, "test-host")
+
+
+def plan_for(
+    topo: Topology, mine: Iterable[str], others: Mapping[str, Iterable[str]] | None = None,
+    policy: Policy | None = None,
+) -> Plan:
+    vms = {"vm1": [A(a) for a in mine]} | {k: [A(a) for a in v] for k, v in (others or {}).items()}
+    return make_plan("vm1", vms["vm1"], topo, owners_of(topo, vms, "vm1"), policy or Policy())
+
+
+def predictions(plan: Plan) -> dict[str, QemuAction]:
+    return {str(q.function): q.action for q in plan.qemu}
+
+
+def check_invariants(plan: Plan, topo: Topology, owners: Mapping[PciAddress, Owner]) -> None:
+    """What must hold for every plan (also the property test's oracle)."""
+    owned = set(plan.owned)
+    seen: dict[PciAddress, str] = {}
+    for d in plan.domains:
+        assert d.covers == tuple(sorted(set(d.covers))), d
+        assert set(d.owned) == set(d.covers) & owned, d
+        for f in d.covers:
+            assert f not in seen, f"{f} covered by {seen[f]} and {d.key}"
+            seen[f] = d.key
+            if f in owned or f in plan.policy.allow:
+                continue
+            who = owners.get(f)
+            if who is not None and who.kind is OwnerKind.OTHER_VM:
+                pytest.fail(f"{d.key} hits {f} of {who}")
+            if who is not None and who.kind is OwnerKind.HOST_DRIVER:
+                assert topo.node(f).config.is_bridge, f"{d.key} hits {f} of {who}"
+        if d.kind is ResetKind.FUNCTION:
+            assert d.key == f"function:{d.target}"
+            assert d.method.value in topo.node(d.target).info.reset_methods
+        else:
+            assert d.key == f"bus:{d.target}"
+            assert d.method in plan.policy.bus_methods
+    left = {a for a, _ in plan.left_to_qemu}
+    refused_owned = {a for d in plan.refused_domains for a in d.owned}
+    self_blocked = {b.function for b in plan.refusals if b.function in owned}
+    for f in owned:
+        homes = [f in seen, f in left, f in refused_owned or f in self_blocked]
+        assert sum(homes) == 1, (f, homes, plan)
+    assert plan.ok == (not plan.refusals)
+    assert bool(plan.refused_domains) <= bool(plan.refusals)
+
+
+# -- method choice ---------------------------------------------------------
+
+
+def test_flr_nic_is_one_function_domain_and_qemu_resets_it() -> None:
+    topo = host()
+    plan = plan_for(topo, ["02:00.0"])
+    assert plan.ok
+    [d] = plan.domains
+    assert (d.key, d.kind, d.method, d.covers) == ("function:0000:02:00.0", ResetKind.FUNCTION,
+                                                   Method.FLR, (A("02:00.0"),))
+    assert predictions(plan) == {"0000:02:00.0": QemuAction.FUNCTION_RESET}
+    check_invariants(plan, topo, owners_of(topo, {"vm1": plan.owned}, "vm1"))
+
+
+def test_gpu_and_audio_in_one_vm_share_one_bus_domain() -> None:
+    topo = host()
+    plan = plan_for(topo, ["01:00.0", "01:00.1"])
+    assert plan.ok
+    [d] = plan.domains  # reset once, for both functions
+    assert d.key == "bus:0000:00:01.0"
+    assert d.kind is ResetKind.BUS
+    assert d.covers == d.owned == (A("01:00.0"), A("01:00.1"))
+    assert d.method is Method.USER_SBR  # two functions, no reset_subordinate, groups not idle
+    assert "subsumes pm of 0000:01:00.0" in d.reason
+    # QEMU: GPU has PM but no FLR, audio nothing: both need the hot reset, both groups are ours.
+    assert predictions(plan) == {"0000:01:00.0": QemuAction.HOT_RESET,
+                                 "0000:01:00.1": QemuAction.HOT_RESET}
+
+
+def test_flr_gpu_with_flrless_audio_gets_no_separate_flr() -> None:
+    topo = host()
+    plan = plan_for(topo, ["04:00.0", "04:00.1"])
+    [d] = plan.domains
+    assert d.key == "bus:0000:00:1d.0"
+    assert d.covers == (A("04:00.0"), A("04:00.1"))
+    assert d.method is Method.RESET_SUBORDINATE  # the bridge has it; 'bus' needs a lone function
+    assert not any(x.kind is ResetKind.FUNCTION for x in plan.domains)
+
+
+def test_lone_function_uses_the_kernel_bus_method() -> None:
+    plan = plan_for(host(), ["06:00.0"])
+    [d] = plan.domains
+    assert (d.key, d.method, d.covers) == ("bus:0000:00:1f.0", Method.KERNEL_BUS, (A("06:00.0"),))
+    # QEMU: reset_works (the kernel's bus method) and no PM reset to avoid: VFIO_DEVICE_RESET.
+    assert predictions(plan) == {"0000:06:00.0": QemuAction.FUNCTION_RESET}
+
+
+def test_bus_methods_policy_filters_and_orders() -> None:
+    topo = host()
+    only_sbr = Policy(bus_methods=(Method.USER_SBR,))
+    [d] = plan_for(topo, ["06:00.0"], policy=only_sbr).domains
+    assert d.method is Method.USER_SBR
+    hot_first = Policy(bus_methods=(Method.VFIO_HOT_RESET, Method.USER_SBR), vfio_ioctl_ok=True)
+    [d] = plan_for(topo, ["01:00.0", "01:00.1"], policy=hot_first).domains
+    assert d.method is Method.VFIO_HOT_RESET
+    # Without the daemon's word that the groups are idle, the ioctl is not planned.
+    [d] = plan_for(topo, ["01:00.0", "01:00.1"], policy=dataclasses.replace(
+        hot_first, vfio_ioctl_ok=False)).domains
+    assert d.method is Method.USER_SBR
+    nothing = plan_for(topo, ["01:00.0", "01:00.1"], policy=Policy(bus_methods=(Method.KERNEL_BUS,)))
+    assert not nothing.ok
+    assert "no permitted method for bus reset of 0000:00:01.0" in nothing.refusals[0].reason
+
+
+def test_vfio_hot_reset_not_planned_over_another_vms_function() -> None:
+    topo = host()
+    policy = Policy(bus_methods=(Method.VFIO_HOT_RESET, Method.USER_SBR), vfio_ioctl_ok=True,
+                    allow=frozenset({A("01:00.0")}))
+    plan = plan_for(topo, ["01:00.1"], {"vm2": ["01:00.0"]}, policy)
+    [d] = plan.domains
+    assert d.method is Method.USER_SBR
+    assert "held by VM vm2" in d.reason
+
+
+# -- ownership ------------------------------------------------------------
+
+
+def test_refusal_names_host_driver_function_and_allow_lifts_it() -> None:
+    topo = host()
+    plan = plan_for(topo, ["03:00.0"])
+    assert not plan.ok
+    assert not plan.domains
+    [b] = plan.refusals
+    assert b.function == A("03:00.1")
+    assert b.owner == Owner(OwnerKind.HOST_DRIVER, "snd_hda_intel")
+    assert b.reason == ("bus reset of 0000:00:1c.0 would hit 0000:03:00.1 "
+                        "bound to host driver snd_hda_intel")
+    assert [d.key for d in plan.refused_domains] == ["bus:0000:00:1c.0"]
+    allowed = plan_for(topo, ["03:00.0"], policy=Policy(allow=frozenset({A("03:00.1")})))
+    assert allowed.ok
+    [d] = allowed.domains
+    assert d.covers == (A("03:00.0"), A("03:00.1"))
+    assert d.owned == (A("03:00.0"),)
+    assert "allowed by policy" in d.reason
+
+
+def test_audio_of_another_vm_blocks_and_qemu_cannot_either() -> None:
+    topo = host()
+    # vm1 has the audio function only; vm2 has the GPU.
+    plan = plan_for(topo, ["01:00.1"], {"vm2": ["01:00.0"]})
+    assert predictions(plan) == {"0000:01:00.1": QemuAction.NONE}
+    assert "depends on group 11 which is not owned" in plan.qemu[0].detail
+    assert not plan.ok
+    [b] = plan.refusals
+    assert (b.function, b.owner) == (A("01:00.0"), Owner(OwnerKind.OTHER_VM, "vm2"))
+    assert "owned by VM vm2" in b.reason
+    # From vm2's side: the GPU has PM, its hot reset is refused: QEMU falls back to PM.
+    other = make_plan("vm2", [A("01:00.0")], topo,
+                      owners_of(topo, {"vm1": [A("01:00.1")], "vm2": [A("01:00.0")]}, "vm2"), Policy())
+    assert predictions(other) == {"0000:01:00.0": QemuAction.PM_RESET}
+    [d] = other.domains  # takeover=all: the least disruptive reset, its own PM
+    assert (d.kind, d.method) == (ResetKind.FUNCTION, Method.PM)
+
+
+def test_idle_vfio_and_driverless_functions_may_be_hit() -> None:
+    topo = host()
+    plan = plan_for(topo, ["01:00.0"])  # 01:00.1 is vfio-pci but in no VM
+    assert plan.ok
+    assert owners_of(topo, {"vm1": [A("01:00.0")]}, "vm1")[A("01:00.1")].kind is OwnerKind.VFIO_IDLE
+    # GPU alone with PM: takeover=all plans its PM reset, not the bus.
+    [d] = plan.domains
+    assert d.method is Method.PM
+
+
+def test_pf_reset_covers_its_vfs_and_refuses_when_a_vf_is_elsewhere() -> None:
+    topo = host()
+    plan = plan_for(topo, ["05:00.0", "05:00.1"], {"vm2": ["05:00.2"]})
+    assert not plan.ok
+    assert [(str(b.function), b.owner.name) for b in plan.refusals] == [("0000:05:00.2", "vm2")]
+    assert "flr of 0000:05:00.0 would hit 0000:05:00.2" in plan.refusals[0].reason
+    ok = plan_for(topo, ["05:00.0", "05:00.1", "05:00.2"])
+    [d] = ok.domains  # the VF FLRs are subsumed by the PF's
+    assert d.key == "function:0000:05:00.0"
+    assert len(d.covers) == 3
+
+
+def test_vfs_alone_get_their_own_flr() -> None:
+    topo = host()
+    plan = plan_for(topo, ["05:00.1"], {"vm2": ["05:00.2"]})
+    assert plan.ok
+    assert [(d.key, d.method) for d in plan.domains] == [("function:0000:05:00.1", Method.FLR)]
+
+
+def test_root_bus_function_without_method_is_refused_naming_itself() -> None:
+    plan = plan_for(host(), ["00:03.0"])
+    [b] = plan.refusals
+    assert b.function == A("00:03.0")
+    assert b.owner.kind is OwnerKind.THIS_VM
+    assert "root bus" in b.reason
+    assert predictions(plan) == {"0000:00:03.0": QemuAction.NONE}
+    assert "no available reset mechanism" in plan.qemu[0].detail
+
+
+def test_missing_function_is_refused() -> None:
+    plan = plan_for(host(), ["02:00.0", "0a:00.0"])
+    assert [str(b.function) for b in plan.refusals] == ["0000:0a:00.0"]
+    assert "not on test-host" in plan.refusals[0].reason
+    assert [d.key for d in plan.domains] == ["function:0000:02:00.0"]
+
+
+def test_owners_of_classifies_every_function() -> None:
+    topo = host()
+    own = owners_of(topo, {"vm1": [A("02:00.0")], "vm2": [A("01:00.0")]}, "vm1")
+    assert set(own) == set(topo.functions)
+    assert own[A("02:00.0")] == Owner(OwnerKind.THIS_VM, "vm1")
+    assert own[A("01:00.0")] == Owner(OwnerKind.OTHER_VM, "vm2")
+    assert own[A("01:00.1")].kind is OwnerKind.VFIO_IDLE
+    assert own[A("03:00.1")] == Owner(OwnerKind.HOST_DRIVER, "snd_hda_intel")
+
+
+# -- takeover=gaps ----------------------------------------------------------
+
+
+def test_gaps_leaves_what_qemu_handles() -> None:
+    topo = host()
+    gaps = Policy(takeover=Takeover.GAPS, allow=frozenset({A("03:00.1")}))
+    plan = plan_for(topo, ["02:00.0", "03:00.0", "01:00.0", "01:00.1"], policy=gaps)
+    assert plan.ok
+    # 03:00.0: QEMU refused (03:00.1 is in group 15, not ours) -> ours. 02:00.0: FLR -> QEMU's.
+    # 01:00.x: QEMU hot-resets both (groups 11 and 12 are ours) -> QEMU's.
+    assert [d.key for d in plan.domains] == ["bus:0000:00:1c.0"]
+    assert {str(a) for a, _ in plan.left_to_qemu} == {"0000:02:00.0", "0000:01:00.0", "0000:01:00.1"}
+    assert all("QEMU does a" in why for _, why in plan.left_to_qemu)
+    full = plan_for(topo, ["02:00.0", "03:00.0", "01:00.0", "01:00.1"],
+                    policy=dataclasses.replace(gaps, takeover=Takeover.ALL))
+    assert [d.key for d in full.domains] == ["bus:0000:00:01.0", "bus:0000:00:1c.0",
+                                             "function:0000:02:00.0"]
+    assert not full.left_to_qemu
+
+
+def test_gaps_pm_fallback_gets_the_bus_reset_qemu_could_not_do() -> None:
+    topo = host()
+    gaps = Policy(takeover=Takeover.GAPS)
+    # vm1 has the GPU (PM, no FLR), the audio is idle vfio-pci: QEMU's hot reset
+    # is refused (group 12 not owned), it falls back to PM; we do the bus reset.
+    plan = plan_for(topo, ["01:00.0"], policy=gaps)
+    assert predictions(plan) == {"0000:01:00.0": QemuAction.PM_RESET}
+    [d] = plan.domains
+    assert d.key == "bus:0000:00:01.0"
+    assert d.covers == (A("01:00.0"), A("01:00.1"))
+    # When the audio belongs to another VM, the bus reset is refused: leave PM to QEMU.
+    blocked = plan_for(topo, ["01:00.0"], {"vm2": ["01:00.1"]}, gaps)
+    assert blocked.ok
+    assert not blocked.domains
+    [(addr, why)] = blocked.left_to_qemu
+    assert addr == A("01:00.0")
+    assert "PM reset" in why
+    assert "0000:01:00.1 owned by VM vm2" in why
+
+
+# -- the simulated topologies -----------------------------------------------
+
+
+def _sim_files() -> list[Path]:
+    return sorted(SIM_DIR.glob("*.toml"))
+
+
+def _load_sim(path: Path) -> Topology:
+    from qreset.pci.sim import SimHost
+
+    async def load() -> Topology:
+        host = SimHost.from_toml(path, time_scale=0.0)
+        try:
+            return await Topology.load(host)
+        finally:
+            await host.close()
+
+    return asyncio.run(load())
+
+
+def _endpoints(topo: Topology) -> list[PciAddress]:
+    return [a for a, n in topo.functions.items() if not n.config.is_bridge]
+
+
+@pytest.mark.parametrize("path", _sim_files(), ids=lambda p: p.stem)
+def test_sim_topology_plans(path: Path) -> None:
+    topo = _load_sim(path)
+    vfio = [a for a in _endpoints(topo) if topo.node(a).info.driver == "vfio-pci"]
+    assert vfio, f"{path.name} has no vfio-pci function to plan for"
+    for takeover in Takeover:
+        policy = Policy(takeover=takeover)
+        # All vfio-pci functions in one VM, and each one alone.
+        for mine in [vfio, *[[a] for a in vfio]]:
+            vms = {"vm1": mine}
+            owners = owners_of(topo, vms, "vm1")
+            plan = make_plan("vm1", mine, topo, owners, policy)
+            check_invariants(plan, topo, owners)
+            assert {q.function for q in plan.qemu} == set(mine)
+
+
+@pytest.mark.parametrize("path", _sim_files(), ids=lambda p: p.stem)
+def test_sim_shared_domain_is_reset_once(path: Path) -> None:
+    """Owned functions that need the same bus reset end up in one domain."""
+    topo = _load_sim(path)
+    vfio = [a for a in _endpoints(topo) if topo.node(a).info.driver == "vfio-pci"]
+    plan = make_plan("vm1", vfio, topo, owners_of(topo, {"vm1": vfio}, "vm1"), Policy())
+    every = plan.domains + plan.refused_domains
+    keys = [d.key for d in every]
+    assert len(keys) == len(set(keys))
+    by_bridge: dict[PciAddress, list[PciAddress]] = {}
+    for a in vfio:
+        scope = topo.slot_scope(a) or topo.bus_scope(a)
+        if not topo.function_methods(a) and scope is not None:
+            by_bridge.setdefault(scope.target, []).append(a)
+    for bridge, needy in by_bridge.items():
+        homes = {d.key for d in every for a in needy if a in d.covers}
+        assert len(homes) == 1, (bridge, needy, homes)
+        [home] = [d for d in every if d.key in homes]
+        assert home.kind is not ResetKind.FUNCTION
+
+
+# -- property test ------------------------------------------------------------
+
+_KINDS = ("this", "other", "host", "idle", "none")
+
+
+def _reassign(
+    topo: Topology, roles: Mapping[PciAddress, str],
+) -> tuple[Topology, dict[str, list[PciAddress]]]:
+    """A copy of ``topo`` whose drivers match ``roles``, and the VM map."""
+    nodes = dict(topo.functions)
+    vms: dict[str, list[PciAddress]] = {"vm1": [], "vm2": []}
+    for addr, role in roles.items():
+        driver = {"this": "vfio-pci", "other": "vfio-pci", "host": "nvidia", "idle": "vfio-pci",
+                  "none": None}[role]
+        n = nodes[addr]
+        nodes[addr] = dataclasses.replace(n, info=dataclasses.replace(n.info, driver=driver))
+        if role == "this":
+            vms["vm1"].append(addr)
+        elif role == "other":
+            vms["vm2"].append(addr)
+    return Topology(nodes, topo.slots, topo.iommu, topo.host_name), vms
+
+
+_TOPOLOGIES: list[Topology] = []
+
+
+def _topologies() -> list[Topology]:
+    if not _TOPOLOGIES:
+        _TOPOLOGIES.append(host())
+        _TOPOLOGIES.extend(_load_sim(p) for p in _sim_files())
+    return _TOPOLOGIES
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_property_never_hits_protected_functions(data: st.DataObject) -> None:
+    topos = _topologies()
+    topo = topos[data.draw(st.integers(0, len(topos) - 1), label="topology")]
+    ends = [a for a, n in topo.functions.items() if not n.config.is_bridge]
+    roles = {a: data.draw(st.sampled_from(_KINDS), label=str(a)) for a in ends}
+    topo2, vms = _reassign(topo, roles)
+    protected = [a for a, r in roles.items() if r in ("other", "host")]
+    allow = data.draw(st.frozensets(st.sampled_from(protected)) if protected else st.just(frozenset()),
+                      label="allow")
+    policy = Policy(
+        takeover=data.draw(st.sampled_from(list(Takeover)), label="takeover"),
+        allow=allow,
+        vfio_ioctl_ok=data.draw(st.booleans(), label="vfio_ioctl_ok"),
+    )
+    owners = owners_of(topo2, vms, "vm1")
+    plan = make_plan("vm1", vms["vm1"], topo2, owners, policy)
+    check_invariants(plan, topo2, owners)
+    for b in plan.refusals:
+        if b.function not in plan.owned:
+            assert b.owner.kind in (OwnerKind.OTHER_VM, OwnerKind.HOST_DRIVER)
+            assert b.function not in allow
+            assert str(b.function) in b.reason
