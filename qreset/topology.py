@@ -23,6 +23,7 @@ import enum
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from qreset.errors import HostError, NoSuchFunction
 from qreset.pci import regs
@@ -59,6 +60,13 @@ class ResetScope:
     target: PciAddress
     affected: frozenset[PciAddress]
     slot: str | None = None
+
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind.value, "target": str(self.target),
+            "affected": [str(a) for a in sorted(self.affected)], "slot": self.slot,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,3 +402,51 @@ class Topology:
                 if self.acs_isolated(anc) is False:
                     found.add(anc)
         return tuple(sorted(found))
+
+    # -- description ---------------------------------------------------------
+
+    def describe(self, addr: PciAddress) -> dict[str, Any]:
+        """One function as JSON-ready data (``qreset topology --json``).
+
+        IDs, class and capability IDs are integers (simplest for scripts);
+        addresses are strings in the kernel's ``DDDD:BB:DD.F`` form.
+        """
+        node = self.node(addr)
+        info, cfg = node.info, node.config
+        slot = self.slot_of(addr)
+        hot = self.hot_reset_scope(addr)
+        out: dict[str, Any] = {
+            "bdf": str(addr),
+            "vendor": info.vendor,
+            "device": info.device,
+            "class": info.class_code,
+            "revision": info.revision,
+            "subsystem_vendor": info.subsystem_vendor,
+            "subsystem_device": info.subsystem_device,
+            "driver": info.driver,
+            "driver_override": info.driver_override,
+            "iommu_group": info.iommu_group,
+            "reset_methods": list(info.reset_methods),
+            "function_methods": list(self.function_methods(addr)),
+            "parent": str(p) if (p := self._parent[addr]) is not None else None,
+            "is_bridge": self.is_bridge(addr),
+            "pcie_type": cfg.pcie_type,
+            "multifunction": cfg.multifunction,
+            "present": cfg.present,
+            "config_size": len(cfg.raw),
+            "capabilities": [{"id": c.id, "offset": c.offset} for c in cfg.capabilities],
+            "ext_capabilities": [
+                {"id": c.id, "offset": c.offset, "version": c.version} for c in cfg.ext_capabilities
+            ],
+            "slot": {"name": slot.name, "hotplug": slot.hotplug} if slot else None,
+            "physfn": str(info.physfn) if info.physfn else None,
+            "virtfns": [str(v) for v in info.virtfns],
+            "hot_reset_scope": hot.to_json() if hot else None,
+        }
+        if self.is_bridge(addr):
+            out["secondary_bus"] = cfg.secondary_bus
+            out["subordinate_bus"] = cfg.subordinate_bus
+            out["has_reset_subordinate"] = info.has_reset_subordinate
+            out["conventional_bus"] = self.conventional_bus(addr)
+            out["acs_isolated"] = self.acs_isolated(addr)
+        return out

@@ -6,9 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qreset.pci.host import PciHost
+
+if TYPE_CHECKING:
+    from qreset.topology import Topology
 
 
 def add_host_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,3 +51,29 @@ def fail(message: str, code: int = 2) -> int:
     """One line on stderr, prefixed like every qreset error; returns ``code``."""
     print(f"qreset: {message}", file=sys.stderr)
     return code
+
+
+def host_argument_error(args: argparse.Namespace) -> str | None:
+    """A one-line complaint about ``--sim``/``--sysfs-root`` when they name nothing usable.
+
+    Checked before opening the host so a typo is a bad-argument error (exit 2)
+    naming the path, not a failure deep inside loading.
+    """
+    sim = getattr(args, "sim", None)
+    if sim is not None and not Path(sim).is_file():
+        return f"--sim {sim}: no such file"
+    root = getattr(args, "sysfs_root", None)
+    if root is not None and not Path(root).is_dir():
+        return f"--sysfs-root {root}: no such directory"
+    return None
+
+
+async def load_topology(args: argparse.Namespace, time_scale: float = 1.0) -> Topology:
+    """Open the host the options name, load its :class:`~qreset.topology.Topology`, close it."""
+    from qreset.topology import Topology
+
+    host = open_host(args, time_scale)
+    try:
+        return await Topology.load(host)
+    finally:
+        await host.close()
