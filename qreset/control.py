@@ -190,8 +190,18 @@ COMMANDS: dict[str, _Command] = {
                  "stop serving a VM (release: reset its functions for the host)"),
         _Command("doctor", (_Arg("functions", _ArgType.STR_LIST, default=[]),),
                  "explain how functions can be reset and what blocks it"),
+        _Command("check-devices",
+                 (_Arg("name", _ArgType.STR, required=True),
+                  _Arg("devices", _ArgType.STR_LIST, required=True)),
+                 "whether a VM with these devices may start (libvirt hook); optional"),
     )
 }
+
+#: Commands served only when the backend has the method (not part of
+#: ControlBackend): command -> backend method name. ``qreset hook`` calls
+#: check-devices at prepare/start; a backend without it answers
+#: CommandNotFound and query-commands does not list it.
+OPTIONAL_COMMANDS: dict[str, str] = {"check-devices": "check_devices"}
 
 
 class _CommandError(Exception):
@@ -501,6 +511,9 @@ class ControlServer:
             "remove-vm": lambda a: self.backend.remove_vm(a["name"], a["release"]),
             "doctor": lambda a: self.backend.doctor(a["functions"]),
         }
+        check = getattr(backend, OPTIONAL_COMMANDS["check-devices"], None)
+        if callable(check):
+            self._handlers["check-devices"] = lambda a: check(a["name"], a["devices"])
 
     @property
     def clients(self) -> int:
@@ -772,7 +785,7 @@ class ControlServer:
             # monitor/qmp.c, qmp_dispatch with the capabilities-only command list
             raise _CommandError("Expecting capabilities negotiation with 'qmp_capabilities'",
                                 "CommandNotFound")
-        if command not in COMMANDS:
+        if command not in COMMANDS or (command in OPTIONAL_COMMANDS and command not in self._handlers):
             raise _CommandError(f"The command {_printable(command)} has not been found", "CommandNotFound")
         args = validate_arguments(command, arguments)
         if command == "qmp_capabilities":
@@ -788,7 +801,8 @@ class ControlServer:
             client.state = _State.NEGOTIATED
             return {}
         if command == "query-commands":
-            return [{"name": name} for name in COMMANDS]
+            return [{"name": name} for name in COMMANDS
+                    if name not in OPTIONAL_COMMANDS or name in self._handlers]
         if command == "query-resets" and not 1 <= args["limit"] <= _MAX_LIMIT:
             raise _CommandError(f"Parameter 'limit' must be between 1 and {_MAX_LIMIT}")
         return await self._call_backend(client, command, args)

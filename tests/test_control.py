@@ -30,7 +30,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qemu.qmp import ExecuteError, QMPClient
 
-from qreset.control import COMMANDS, ControlBackend, ControlError, ControlServer, _Framer, peer_allowed
+from qreset.control import (
+    COMMANDS,
+    OPTIONAL_COMMANDS,
+    ControlBackend,
+    ControlError,
+    ControlServer,
+    _Framer,
+    peer_allowed,
+)
 from qreset.errors import PlanRefused
 
 VENV_BIN = Path(sys.executable).parent
@@ -212,7 +220,7 @@ async def test_commands_through_qmpclient(server: ControlServer, backend: FakeBa
     async with qmp_client(server.path) as qmp:
         assert qmp.greeting is not None
         names = [c["name"] for c in await qmp.execute("query-commands")]  # type: ignore[attr-defined]
-        assert sorted(names) == sorted(COMMANDS)
+        assert sorted(names) == sorted(set(COMMANDS) - set(OPTIONAL_COMMANDS))
         assert "reset-vm" in names
         assert "qmp_capabilities" in names
         assert await qmp.execute("query-vms") == [
@@ -398,6 +406,28 @@ async def test_oversized_request_is_refused_and_disconnected(server: ControlServ
     assert reply["id"] == 1
     assert "return" in reply
     await raw.close()
+
+
+class CheckingBackend(FakeBackend):
+    async def check_devices(self, name: str, devices: list[str]) -> dict[str, Any]:
+        self._record("check_devices", name, devices)
+        return {"safe": not devices, "reasons": [f"{d} shares a bus with vm1" for d in devices]}
+
+
+async def test_optional_check_devices(sockdir: Path) -> None:
+    """check-devices (the libvirt hook's question) is served only by a backend that has it."""
+    async with ControlServer(sockdir / "k.sock", CheckingBackend()) as srv, qmp_client(srv.path) as qmp:
+        names = [c["name"] for c in await qmp.execute("query-commands")]  # type: ignore[attr-defined]
+        assert "check-devices" in names
+        assert await qmp.execute("check-devices", {"name": "g", "devices": ["0000:02:00.0"]}) == {
+            "safe": False, "reasons": ["0000:02:00.0 shares a bus with vm1"],
+        }
+        with pytest.raises(ExecuteError, match="Parameter 'devices' is missing"):
+            await qmp.execute("check-devices", {"name": "g"})
+    async with ControlServer(sockdir / "l.sock", FakeBackend()) as srv, qmp_client(srv.path) as qmp:
+        with pytest.raises(ExecuteError) as info:
+            await qmp.execute("check-devices", {"name": "g", "devices": []})
+        assert info.value.error_class == "CommandNotFound"
 
 
 # ---------------------------------------------------------------- backend errors
