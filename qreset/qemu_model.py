@@ -128,6 +128,15 @@ def predict(topo: Topology, owned: Iterable[PciAddress]) -> tuple[QemuPrediction
 
 
 def predict_one(topo: Topology, node: FunctionNode, owned: Iterable[PciAddress]) -> QemuPrediction:
+    """QEMU's reset of ``node`` if it is assigned to the QEMU holding ``owned``."""
+    pred = _predict_one(topo, node, owned)
+    if node.info.driver != VFIO_DRIVER:
+        detail = f"not bound to vfio-pci, so QEMU cannot assign it; if it were: {pred.detail}"
+        return QemuPrediction(pred.function, pred.action, detail)
+    return pred
+
+
+def _predict_one(topo: Topology, node: FunctionNode, owned: Iterable[PciAddress]) -> QemuPrediction:
     addr = node.address
     flags = VfioResetFlags.of(node)
     methods = node.info.reset_methods

@@ -205,6 +205,40 @@ def test_vfio_hot_reset_not_planned_over_another_vms_function() -> None:
     assert "held by VM vm2" in d.reason
 
 
+def nested(bridge_driver: str | None) -> Topology:
+    """00:1b.0 RP -> 07..08: 07:00.0 PCI bridge -> 08; 07:01.0 and 08:00.0 have no reset method."""
+    nodes = [
+        rp("00:1b.0", 7, 8),
+        node("07:00.0", config(bridge=True, secondary=8, subordinate=8, class_code=BRIDGE,
+                               pcie_type=regs.EXP_TYPE_PCI_BRIDGE), parent="00:1b.0",
+             driver=bridge_driver, group=30),
+        node("07:01.0", config(), parent="00:1b.0", driver="vfio-pci", group=30),
+        node("08:00.0", config(pcie_type=None), parent="07:00.0", driver="vfio-pci", group=30),
+    ]
+    return Topology({n.address: n for n in nodes}, [], True, "nested")
+
+
+@pytest.mark.parametrize("bridge_driver", [None, "pcieport"])
+def test_bus_reset_above_subsumes_bus_reset_below(bridge_driver: str | None) -> None:
+    topo = nested(bridge_driver)
+    plan = plan_for(topo, ["08:00.0", "07:01.0"])
+    assert plan.ok, plan.refusals
+    [d] = plan.domains
+    assert d.key == "bus:0000:00:1b.0"
+    assert d.covers == (A("07:00.0"), A("07:01.0"), A("08:00.0"))
+    assert "subsumes bus reset of 0000:07:00.0" in d.reason
+    # Alone, 08:00.0 needs only its own bridge's bus.
+    [alone] = plan_for(topo, ["08:00.0"]).domains
+    assert alone.key == "bus:0000:07:00.0"
+    assert alone.covers == (A("08:00.0"),)
+
+
+def test_bridge_below_owned_by_another_vm_still_blocks() -> None:
+    topo = nested("vfio-pci")
+    plan = plan_for(topo, ["07:01.0"], {"vm2": ["07:00.0"]})
+    assert [str(b.function) for b in plan.refusals] == ["0000:07:00.0"]
+
+
 # -- ownership ------------------------------------------------------------
 
 

@@ -17,7 +17,14 @@ import argparse
 import asyncio
 from typing import TYPE_CHECKING
 
-from qreset.cli.common import add_host_arguments, add_json_argument, fail, print_json
+from qreset.cli.common import (
+    add_host_arguments,
+    add_json_argument,
+    fail,
+    host_argument_error,
+    load_topology,
+    print_json,
+)
 
 if TYPE_CHECKING:
     from qreset.pci.address import PciAddress
@@ -76,17 +83,6 @@ def _parse_others(items: list[str], vm: str) -> dict[str, list[PciAddress]]:
     return out
 
 
-async def _load(args: argparse.Namespace) -> Topology:
-    from qreset.cli.common import open_host
-    from qreset.topology import Topology
-
-    host = open_host(args, time_scale=0.0)
-    try:
-        return await Topology.load(host)
-    finally:
-        await host.close()
-
-
 def _print_text(plan: Plan, topo: Topology) -> None:
     def label(a: PciAddress) -> str:
         node = topo.functions.get(a)
@@ -131,8 +127,11 @@ def run(args: argparse.Namespace) -> int:
     clash = sorted(set(mine) & {a for v in others.values() for a in v})
     if clash:
         return fail(f"{', '.join(map(str, clash))} listed both for {args.vm} and in --other")
+    bad_host = host_argument_error(args)
+    if bad_host is not None:
+        return fail(bad_host)
     try:
-        topo = asyncio.run(_load(args))
+        topo = asyncio.run(load_topology(args, time_scale=0.0))
     except ConfigError as exc:
         return fail(str(exc))
     except QResetError as exc:
