@@ -493,3 +493,81 @@ def test_property_never_hits_protected_functions(data: st.DataObject) -> None:
             assert b.owner.kind in (OwnerKind.OTHER_VM, OwnerKind.HOST_DRIVER)
             assert b.function not in allow
             assert str(b.function) in b.reason
+
+
+# -- qreset plan (in-process: argparse, host loading, printing, exit codes) --------
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    from qreset.cli import main
+
+    rc = main(["plan", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["zz:00.0"], "bad PCI address 'zz:00.0'"),
+        (["00:00.0", "--other", "vm2"], "expected VM=BDF"),
+        (["00:00.0", "--other", "vm2=00:00.0"], "listed both"),
+        (["00:00.0", "--other", "cli=00:01.0"], "is the VM being planned"),
+        (["00:00.0", "--allow", "nope"], "bad PCI address 'nope'"),
+        (["00:00.0", "--sim", "/nonexistent/x.toml"], "/nonexistent/x.toml"),
+        (["00:00.0", "--sysfs-root", "/nonexistent"], "/nonexistent"),
+    ],
+)
+def test_cli_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], args: list[str], needle: str) -> None:
+    rc, out, err = cli(capsys, *args)
+    assert rc == 2
+    assert out == ""
+    assert err.count("\n") == 1
+    assert err.startswith("qreset: ")
+    assert needle in err
+
+
+def _real_functions() -> list[str]:
+    root = Path("/sys/bus/pci/devices")
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+@pytest.mark.skipif(not _real_functions(), reason="this machine has no /sys/bus/pci")
+def test_cli_on_real_sys_touches_nothing_and_agrees_with_json(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    bdfs = _real_functions()
+    rc, out, _ = cli(capsys, "fe:1f.7")
+    assert rc == 2
+    before = {b: (Path("/sys/bus/pci/devices") / b / "config").read_bytes()[:64] for b in bdfs}
+    for bdf in bdfs[:4]:
+        rc, out, err = cli(capsys, bdf, "--json")
+        doc = json.loads(out)
+        assert doc["owned"] == [bdf]
+        assert rc == (0 if doc["ok"] else 1), err
+        assert [q["function"] for q in doc["qemu"]] == [bdf]
+        rc_text, text, _ = cli(capsys, bdf)
+        assert rc_text == rc
+        assert ("OK" if doc["ok"] else "REFUSED") in text.splitlines()[0]
+    after = {b: (Path("/sys/bus/pci/devices") / b / "config").read_bytes()[:64] for b in bdfs}
+    assert after == before
+
+
+@pytest.mark.skipif(not (SIM_DIR / "gpu-audio.toml").is_file(),
+                    reason="configs/sim/gpu-audio.toml not yet there")
+def test_cli_sim_gpu_audio(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    sim = str(SIM_DIR / "gpu-audio.toml")
+    topo = _load_sim(SIM_DIR / "gpu-audio.toml")
+    card = [str(a) for a, n in topo.functions.items() if n.info.driver == "vfio-pci"
+            and not n.config.is_bridge]
+    rc, out, _ = cli(capsys, *card, "--sim", sim, "--json")
+    doc = json.loads(out)
+    assert rc == 0
+    assert doc["ok"]
+    bus = [d for d in doc["domains"] if d["kind"] != "function"]
+    assert len(bus) == 1
+    assert set(card) <= set(bus[0]["covers"])
+    rc, text, _ = cli(capsys, *card, "--sim", sim)
+    assert rc == 0
+    assert bus[0]["key"] in text
