@@ -1,0 +1,288 @@
+"""Rescan diff on hand-made config spaces: one test per register class."""
+
+from __future__ import annotations
+
+import pytest
+
+from qreset.diff import Change, RegKind, diff_config, layout_of, register_map
+from qreset.pci import regs
+from qreset.pci.host import IORESOURCE_MEM, IORESOURCE_MEM_64, IORESOURCE_PREFETCH, Resource
+
+PM, MSI, EXP, MSIX = 0x40, 0x50, 0x70, 0xB0
+AER, DSN, LTR, ACS, SRIOV, REBAR = 0x100, 0x140, 0x150, 0x160, 0x170, 0x1B0
+
+
+def _w(b: bytearray, off: int, size: int, v: int) -> None:
+    b[off:off + size] = v.to_bytes(size, "little")
+
+
+def endpoint(bridge: bool = False) -> bytes:
+    """A PCIe function with PM, MSI (64-bit, maskable), PCIe v2, MSI-X; AER, DSN, LTR, ACS, SR-IOV, REBAR."""
+    b = bytearray(regs.CFG_SPACE_EXP_SIZE)
+    _w(b, 0x00, 2, 0x8086)
+    _w(b, 0x02, 2, 0x1533)
+    _w(b, 0x04, 2, 0x0406)
+    _w(b, 0x06, 2, regs.STATUS_CAP_LIST)
+    _w(b, 0x08, 4, 0x02000003)
+    b[0x0C] = 0x10
+    b[0x0E] = regs.HEADER_TYPE_BRIDGE if bridge else 0
+    _w(b, 0x10, 4, 0xF7000000)
+    if bridge:
+        _w(b, 0x18, 4, 0x00020100)         # primary 0, secondary 1, subordinate 2
+        _w(b, 0x20, 4, 0xF7F0F700)         # memory window
+        _w(b, 0x3E, 2, 0x0012)             # bridge control: SERR, VGA...
+    else:
+        _w(b, 0x14, 4, 0xE000000C)         # 64-bit prefetchable BAR1/2
+        _w(b, 0x1C, 4, 0x0000E001)         # I/O BAR3
+        _w(b, 0x2C, 4, 0x00011028)
+    b[0x34] = PM
+    b[0x3C] = 0x0B
+    b[0x3D] = 0x01
+    b[PM:PM + 2] = bytes((regs.CAP_ID_PM, MSI))
+    _w(b, PM + 2, 2, 0xC823)
+    _w(b, PM + 4, 2, 0x0008)
+    b[MSI:MSI + 2] = bytes((regs.CAP_ID_MSI, EXP))
+    _w(b, MSI + 2, 2, 0x0181)              # 64-bit, maskable, enabled
+    _w(b, MSI + 4, 4, 0xFEE00000)
+    _w(b, MSI + 12, 2, 0x4021)
+    b[EXP:EXP + 2] = bytes((regs.CAP_ID_EXP, MSIX))
+    _w(b, EXP + 2, 2, 0x0002 | (regs.EXP_TYPE_ROOT_PORT << 4 if bridge else 0))
+    _w(b, EXP + 4, 4, 0x10008FC0)
+    _w(b, EXP + 8, 2, 0x2937)
+    _w(b, EXP + 0x10, 2, 0x0040)
+    _w(b, EXP + 0x12, 2, 0x1011)
+    _w(b, EXP + 0x28, 2, 0x0400)
+    b[MSIX:MSIX + 2] = bytes((regs.CAP_ID_MSIX, 0))
+    _w(b, MSIX + 2, 2, 0x8004)
+    _w(b, MSIX + 4, 4, 0x3)
+    ext = [(AER, regs.EXT_CAP_ID_ERR, 2), (DSN, regs.EXT_CAP_ID_DSN, 1), (LTR, regs.EXT_CAP_ID_LTR, 1),
+           (ACS, regs.EXT_CAP_ID_ACS, 1), (SRIOV, regs.EXT_CAP_ID_SRIOV, 1),
+           (REBAR, regs.EXT_CAP_ID_REBAR, 1)]
+    for i, (pos, cid, ver) in enumerate(ext):
+        nxt = ext[i + 1][0] if i + 1 < len(ext) else 0
+        _w(b, pos, 4, cid | ver << 16 | nxt << 20)
+    _w(b, AER + regs.ERR_UNCOR_MASK, 4, 0x00400000)
+    _w(b, AER + regs.ERR_CAP, 4, 0x000000A0)
+    _w(b, DSN + 4, 4, 0xDEADBEEF)
+    _w(b, LTR + 4, 4, 0x10031003)
+    _w(b, ACS + regs.ACS_CAP, 2, 0x001F)
+    _w(b, ACS + regs.ACS_CTRL, 2, 0x001D)
+    _w(b, SRIOV + regs.SRIOV_TOTAL_VF, 2, 8)
+    _w(b, SRIOV + regs.SRIOV_NUM_VF, 2, 4)
+    _w(b, SRIOV + regs.SRIOV_CTRL, 2, regs.SRIOV_CTRL_VFE | regs.SRIOV_CTRL_MSE)
+    _w(b, SRIOV + regs.SRIOV_VF_DID, 2, 0x1520)
+    _w(b, REBAR + regs.REBAR_CAP, 4, 0x0000F000)
+    _w(b, REBAR + regs.REBAR_CTRL, 4, 0x00000820)  # 1 BAR, size 8
+    return bytes(b)
+
+
+def changed(base: bytes, *edits: tuple[int, int, int]) -> bytes:
+    b = bytearray(base)
+    for off, size, v in edits:
+        _w(b, off, size, v)
+    return bytes(b)
+
+
+BASE = endpoint()
+RES = (Resource(0xF7000000, 0xF701FFFF, IORESOURCE_MEM),
+       Resource(0xE0000000, 0xE00FFFFF, IORESOURCE_MEM | IORESOURCE_PREFETCH | IORESOURCE_MEM_64))
+
+
+def test_identical_is_none_with_no_registers() -> None:
+    d = diff_config(BASE, bytes(bytearray(BASE)), RES, RES)
+    assert d.change is Change.NONE
+    assert d.registers == ()
+
+
+@pytest.mark.parametrize(("name", "edit"), [
+    ("Command", (0x04, 2, 0)),
+    ("BAR 0", (0x10, 4, 0)),
+    ("BAR 1", (0x14, 4, 0x0000000C)),
+    ("Cache Line Size", (0x0C, 1, 0)),
+    ("Latency Timer", (0x0D, 1, 0x40)),
+    ("Interrupt Line", (0x3C, 1, 0xFF)),
+    ("Expansion ROM", (0x30, 4, 0xF7100001)),
+    ("Device Control", (EXP + 8, 2, 0x2810)),
+    ("Link Control", (EXP + 0x10, 2, 0)),
+    ("Device Control 2", (EXP + 0x28, 2, 0)),
+    ("MSI Control", (MSI + 2, 2, 0x0180)),
+    ("MSI Address", (MSI + 4, 4, 0)),
+    ("MSI Data", (MSI + 12, 2, 0)),
+    ("MSI Mask", (MSI + 16, 4, 0xFFFFFFFF)),
+    ("MSI-X Control", (MSIX + 2, 2, 0x0004)),
+    ("PM Control/Status", (PM + 4, 2, 0x000B)),
+    ("AER Uncorrectable Mask", (AER + regs.ERR_UNCOR_MASK, 4, 0)),
+    ("AER Capabilities and Control", (AER + regs.ERR_CAP, 4, 0x000000A0 | 0x140)),
+    ("LTR Max Snoop Latency", (LTR + 4, 2, 0)),
+    ("ACS Control", (ACS + regs.ACS_CTRL, 2, 0)),
+    ("SR-IOV Control", (SRIOV + regs.SRIOV_CTRL, 2, 0)),
+    ("SR-IOV NumVFs", (SRIOV + regs.SRIOV_NUM_VF, 2, 0)),
+    ("Resizable BAR 0 Control", (REBAR + regs.REBAR_CTRL, 4, 0x00000620)),
+])
+def test_writable_register_is_state(name: str, edit: tuple[int, int, int]) -> None:
+    d = diff_config(BASE, changed(BASE, edit), RES, RES)
+    assert d.change is Change.STATE, d.summary()
+    [reg] = d.state_registers
+    assert reg.name == name
+    assert reg.offset == edit[0]
+    assert reg.after == edit[2]
+    assert reg.before == int.from_bytes(BASE[edit[0]:edit[0] + edit[1]], "little")
+
+
+@pytest.mark.parametrize(("name", "edit"), [
+    ("Vendor ID", (0x00, 2, 0x10EC)),
+    ("Device ID", (0x02, 2, 0x1534)),
+    ("Revision ID", (0x08, 1, 0x04)),
+    ("Class Code", (0x09, 3, 0x020001)),
+    ("Subsystem ID", (0x2E, 2, 0x0002)),
+    ("Interrupt Pin", (0x3D, 1, 0x02)),
+    ("Device Capabilities", (EXP + 4, 4, 0x00008FC0)),
+    ("Link Capabilities", (EXP + 0xC, 4, 0x00477C12)),
+    ("MSI-X Table Offset/BIR", (MSIX + 4, 4, 0x2003)),
+    ("Serial Number Low", (DSN + 4, 4, 0xCAFEF00D)),
+    ("SR-IOV TotalVFs", (SRIOV + regs.SRIOV_TOTAL_VF, 2, 16)),
+    ("SR-IOV VF Device ID", (SRIOV + regs.SRIOV_VF_DID, 2, 0x1521)),
+    ("MSI-X Control", (MSIX + 2, 2, 0x8008)),       # table size is read-only
+    ("PM Control/Status", (PM + 4, 2, 0x0000)),     # No_Soft_Reset is read-only
+    ("BAR 1", (0x14, 4, 0xE0000004)),               # prefetchable flag is read-only
+    ("BAR 3", (0x1C, 4, 0x0000E000)),               # I/O indicator is read-only
+])
+def test_read_only_register_is_identity(name: str, edit: tuple[int, int, int]) -> None:
+    d = diff_config(BASE, changed(BASE, edit), RES, RES)
+    assert d.change is Change.IDENTITY, d.summary()
+    assert [r.name for r in d.identity_registers] == [name]
+
+
+@pytest.mark.parametrize(("name", "edit"), [
+    ("Status", (0x06, 2, regs.STATUS_CAP_LIST | 0x0008)),
+    ("Device Status", (EXP + 0xA, 2, 0x0004)),
+    ("Link Status", (EXP + 0x12, 2, 0x3011)),
+    ("AER Uncorrectable Status", (AER + regs.ERR_UNCOR_STATUS, 4, 0x00004000)),
+    ("AER Correctable Status", (AER + regs.ERR_COR_STATUS, 4, 0x1)),
+    ("PM Control/Status", (PM + 4, 2, 0x8008)),      # PME_Status: RW1C
+    ("MSI Pending", (MSI + 20, 4, 0x1)),
+    ("SR-IOV Status", (SRIOV + regs.SRIOV_STATUS, 2, 1)),
+])
+def test_status_register_is_reported_but_no_change(name: str, edit: tuple[int, int, int]) -> None:
+    d = diff_config(BASE, changed(BASE, edit), RES, RES)
+    assert d.change is Change.NONE
+    assert [(r.name, r.kind) for r in d.registers] == [(name, RegKind.VOLATILE)]
+
+
+def test_unknown_bytes_are_other_and_no_change() -> None:
+    d = diff_config(BASE, changed(BASE, (0x800, 4, 0x12345678)), RES, RES)
+    assert d.change is Change.NONE
+    [reg] = d.registers
+    assert (reg.kind, reg.offset, reg.after) == (RegKind.OTHER, 0x800, 0x12345678)
+
+
+def test_state_and_identity_together_is_identity() -> None:
+    d = diff_config(BASE, changed(BASE, (0x04, 2, 0), (0x02, 2, 0x9999)), RES, RES)
+    assert d.change is Change.IDENTITY
+    assert {r.name for r in d.registers} == {"Command", "Device ID"}
+
+
+def test_capability_layout_change_is_identity() -> None:
+    # MSI-X dropped from the chain: PCIe's next pointer is 0 now.
+    after = changed(BASE, (EXP + 1, 1, 0))
+    d = diff_config(BASE, after, RES, RES)
+    assert d.change is Change.IDENTITY
+    assert any(r.startswith("capability list") for r in d.reasons)
+    assert layout_of(after) != layout_of(BASE)
+
+
+def test_extended_capability_version_change_is_identity() -> None:
+    after = changed(BASE, (DSN, 4, regs.EXT_CAP_ID_DSN | 2 << 16 | LTR << 20))
+    d = diff_config(BASE, after, RES, RES)
+    assert d.change is Change.IDENTITY
+    assert any(r.startswith("extended capability list") for r in d.reasons)
+
+
+def test_msi_64bit_flag_change_is_identity() -> None:
+    d = diff_config(BASE, changed(BASE, (MSI + 2, 2, 0x0101)), RES, RES)
+    assert d.change is Change.IDENTITY
+
+
+def test_bar_size_change_in_resource_is_identity() -> None:
+    bigger = (Resource(0xF7000000, 0xF703FFFF, IORESOURCE_MEM), RES[1])
+    d = diff_config(BASE, BASE, RES, bigger)
+    assert d.change is Change.IDENTITY
+    assert d.reasons == ("resource 0 size 0x20000 -> 0x40000",)
+
+
+def test_bar_flags_change_in_resource_is_identity() -> None:
+    nonpref = (RES[0], Resource(0xE0000000, 0xE00FFFFF, IORESOURCE_MEM | IORESOURCE_MEM_64))
+    assert diff_config(BASE, BASE, RES, nonpref).change is Change.IDENTITY
+
+
+def test_resource_start_move_alone_is_not_identity() -> None:
+    moved = (Resource(0xF8000000, 0xF801FFFF, IORESOURCE_MEM), RES[1])
+    assert diff_config(BASE, BASE, RES, moved).change is Change.NONE
+
+
+@pytest.mark.parametrize(("after", "why"), [
+    (b"\xff" * 4096, "0xffff"),
+    (b"\x01\x00\x01\x00" + b"\x00" * 4092, "CRS"),
+    (b"", "0xffff"),
+])
+def test_absent(after: bytes, why: str) -> None:
+    d = diff_config(BASE, after, RES, RES)
+    assert d.change is Change.ABSENT
+    assert why in d.reasons[0]
+    assert d.registers == ()
+
+
+def test_bridge_windows_and_bus_numbers_are_state() -> None:
+    base = endpoint(bridge=True)
+    after = changed(base, (0x18, 4, 0), (0x20, 4, 0), (0x3E, 2, 0))
+    d = diff_config(base, after)
+    assert d.change is Change.STATE
+    names = {r.name for r in d.state_registers}
+    # Primary Bus was 0 before: not a difference, not reported.
+    assert names == {"Secondary Bus", "Subordinate Bus", "Memory Base", "Memory Limit", "Bridge Control"}
+
+
+def test_short_read_differs_in_size_is_identity() -> None:
+    d = diff_config(BASE, BASE[:256], RES, RES)
+    assert d.change is Change.IDENTITY
+    assert "256 bytes" in d.reasons[0]
+
+
+def test_register_map_is_cached_by_layout() -> None:
+    lay = layout_of(BASE)
+    assert register_map(lay) is register_map(lay)
+    names = {r.name for rs in register_map(lay).values() for r in rs}
+    assert {"Device Control", "MSI Upper Address", "SR-IOV NumVFs", "Serial Number High"} <= names
+
+
+def test_every_register_sits_inside_one_dword() -> None:
+    for off, rs in register_map(layout_of(BASE)).items():
+        for r in rs:
+            assert r.offset // 4 * 4 == off
+            assert (r.offset + r.size - 1) // 4 * 4 == off
+
+
+def test_post_bus_reset_defaults_are_all_state() -> None:
+    """What a secondary bus reset leaves: every writable register at its default."""
+    after = changed(
+        BASE, (0x04, 2, 0), (0x06, 2, regs.STATUS_CAP_LIST | 0x8), (0x0C, 1, 0), (0x10, 4, 0),
+        (0x14, 4, 0x0C), (0x1C, 4, 0x1), (0x3C, 1, 0), (MSI + 2, 2, 0x0180), (MSI + 4, 4, 0),
+        (MSI + 12, 2, 0), (EXP + 8, 2, 0x2810), (EXP + 0x10, 2, 0), (EXP + 0x28, 2, 0),
+        (MSIX + 2, 2, 0x0004), (AER + regs.ERR_UNCOR_MASK, 4, 0), (LTR + 4, 4, 0),
+        (ACS + regs.ACS_CTRL, 2, 0), (SRIOV + regs.SRIOV_CTRL, 2, 0), (SRIOV + regs.SRIOV_NUM_VF, 2, 0),
+    )
+    d = diff_config(BASE, after, RES, RES)
+    assert d.change is Change.STATE, d.summary()
+    assert len(d.state_registers) == 19  # LTR snoop + no-snoop are two registers
+    assert [r.name for r in d.registers if r.kind is RegKind.VOLATILE] == ["Status"]
+
+
+
+
+def test_to_json_is_plain() -> None:
+    import json
+
+    d = diff_config(BASE, changed(BASE, (0x04, 2, 0), (0x02, 2, 1)), RES, RES)
+    text = json.dumps(d.to_json())
+    assert '"identity"' in text
+    assert '"Command"' in text
