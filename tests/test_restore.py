@@ -1,0 +1,71 @@
+"""Restore order and content on hand-made diffs (pure), and no writes unless STATE."""
+
+from __future__ import annotations
+
+from qreset.diff import Change, diff_config
+from qreset.restore import plan_writes
+from tests.test_diff import AER, BASE, EXP, LTR, MSI, PM, RES, SRIOV, changed, endpoint
+
+
+def _names(before: bytes, after: bytes) -> list[str]:
+    return [w.name for w in plan_writes(diff_config(before, after, RES, RES))]
+
+
+def test_kernel_order_across_capabilities() -> None:
+    """pci_restore_state: PM (power_up), LTR, PCIe, AER, header, MSI, ACS, IOV."""
+    after = changed(
+        BASE, (0x04, 2, 0), (0x10, 4, 0), (0x3C, 1, 0), (MSI + 2, 2, 0x0180), (MSI + 4, 4, 0),
+        (EXP + 8, 2, 0x2810), (EXP + 0x28, 2, 0), (AER + 8, 4, 0), (LTR + 4, 2, 0), (PM + 4, 2, 0x000B),
+        (SRIOV + 8, 2, 0), (SRIOV + 0x10, 2, 0), (0x160 + 6, 2, 0),
+    )
+    assert _names(BASE, after) == [
+        "PM Control/Status",
+        "LTR Max Snoop Latency",
+        "Device Control", "Device Control 2",
+        "AER Uncorrectable Mask",
+        "Interrupt Line",            # dword 15 first (range 10..15, high to low)
+        "BAR 0",                     # then BARs 4..9
+        "Command",                   # then 0..3
+        "MSI Address", "MSI Control",  # message before enable
+        "ACS Control",
+        "SR-IOV NumVFs", "SR-IOV Control",  # VF Enable last
+    ]
+
+
+def test_header_ranges_walk_high_to_low_type0() -> None:
+    base = changed(BASE, (0x30, 4, 0xF7100001))
+    after = changed(base, (0x04, 2, 0), (0x0C, 1, 0), (0x10, 4, 0), (0x14, 4, 0xC), (0x1C, 4, 1),
+                    (0x30, 4, 0), (0x3C, 1, 0))
+    assert _names(base, after) == ["Interrupt Line", "Expansion ROM", "BAR 3", "BAR 1", "BAR 0",
+                                   "Cache Line Size", "Command"]
+
+
+def test_bars_carry_kernel_retry_count() -> None:
+    writes = plan_writes(diff_config(BASE, changed(BASE, (0x10, 4, 0), (0x04, 2, 0)), RES, RES))
+    assert {w.name: w.retry for w in writes} == {"BAR 0": 10, "Command": 0}
+
+
+def test_bridge_order_12_15_then_9_11_then_0_8() -> None:
+    base = endpoint(bridge=True)
+    after = changed(base, (0x04, 2, 0), (0x18, 4, 0), (0x20, 4, 0), (0x28, 4, 5), (0x3E, 2, 0))
+    assert _names(base, after) == ["Bridge Control", "Prefetchable Base Upper 32", "Memory Base",
+                                   "Memory Limit", "Secondary Bus", "Subordinate Bus", "Command"]
+
+
+def test_values_are_the_saved_ones_with_volatile_bits_cleared() -> None:
+    # PME_Status (RW1C) set in the saved copy must not be written back as 1.
+    base = changed(BASE, (PM + 4, 2, 0x8008 | 0x0100))
+    after = changed(base, (PM + 4, 2, 0x0008))
+    [w] = plan_writes(diff_config(base, after, RES, RES))
+    assert (w.name, w.offset, w.size, w.value) == ("PM Control/Status", PM + 4, 2, 0x0108)
+
+
+def test_nothing_for_identity_absent_or_none() -> None:
+    ident = diff_config(BASE, changed(BASE, (0x04, 2, 0), (0x02, 2, 0x1)), RES, RES)
+    assert ident.change is Change.IDENTITY
+    assert plan_writes(ident) == []
+    absent = diff_config(BASE, b"\xff" * 4096, RES, RES)
+    assert plan_writes(absent) == []
+    volatile = diff_config(BASE, changed(BASE, (0x06, 2, 0x0018)), RES, RES)
+    assert volatile.change is Change.NONE
+    assert plan_writes(volatile) == []
