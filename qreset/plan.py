@@ -134,6 +134,22 @@ class Domain:
     owned: tuple[PciAddress, ...]
     reason: str = ""
 
+    @property
+    def write_target(self) -> PciAddress:
+        """The function whose sysfs ``reset`` (or VFIO device) performs this reset.
+
+        Function-level methods and ``bus`` (reset_method=bus: the kernel
+        resets the function's parent bus itself, ``pci_reset_bus_function``)
+        write the covered function's ``reset``; ``reset_subordinate`` and
+        ``user_sbr`` act on the bridge (``target``); ``vfio_hot_reset`` is
+        issued on a covered vfio-pci function's device fd.
+        """
+        if self.kind is ResetKind.FUNCTION:
+            return self.target
+        if self.method in (Method.KERNEL_BUS, Method.VFIO_HOT_RESET):
+            return self.owned[0] if self.owned else self.covers[0]
+        return self.target
+
 
 @dataclass(frozen=True, slots=True)
 class Blocker:

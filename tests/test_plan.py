@@ -168,6 +168,7 @@ def test_flr_gpu_with_flrless_audio_gets_no_separate_flr() -> None:
     assert d.key == "bus:0000:00:1d.0"
     assert d.covers == (A("04:00.0"), A("04:00.1"))
     assert d.method is Method.RESET_SUBORDINATE  # the bridge has it; 'bus' needs a lone function
+    assert d.write_target == A("00:1d.0")
     assert not any(x.kind is ResetKind.FUNCTION for x in plan.domains)
 
 
@@ -175,6 +176,8 @@ def test_lone_function_uses_the_kernel_bus_method() -> None:
     plan = plan_for(host(), ["06:00.0"])
     [d] = plan.domains
     assert (d.key, d.method, d.covers) == ("bus:0000:00:1f.0", Method.KERNEL_BUS, (A("06:00.0"),))
+    assert d.target == A("00:1f.0")
+    assert d.write_target == A("06:00.0")  # the kernel's 'bus' method is written on the function
     # QEMU: reset_works (the kernel's bus method) and no PM reset to avoid: VFIO_DEVICE_RESET.
     assert predictions(plan) == {"0000:06:00.0": QemuAction.FUNCTION_RESET}
 
