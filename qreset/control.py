@@ -520,6 +520,11 @@ class ControlServer:
         """Number of connected clients (negotiated or not)."""
         return len(self._clients)
 
+    @property
+    def negotiated(self) -> int:
+        """Number of clients past qmp_capabilities (the ones that receive events)."""
+        return sum(1 for c in self._clients.values() if c.state is _State.NEGOTIATED)
+
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
