@@ -28,7 +28,7 @@ from qreset.plan import (
 )
 from qreset.topology import FunctionNode, ResetKind, Topology
 from tests.conftest import SIM_DIR
-from tests.pcibuild import config, node
+from tests.pcibuild import config, node, sample
 
 A = PciAddress.parse
 RP = regs.EXP_TYPE_ROOT_PORT
@@ -468,7 +468,7 @@ _TOPOLOGIES: list[Topology] = []
 
 def _topologies() -> list[Topology]:
     if not _TOPOLOGIES:
-        _TOPOLOGIES.append(host())
+        _TOPOLOGIES.extend([host(), nested("pcieport"), nested(None), sample()])
         _TOPOLOGIES.extend(_load_sim(p) for p in _sim_files())
     return _TOPOLOGIES
 
@@ -492,6 +492,8 @@ def test_property_never_hits_protected_functions(data: st.DataObject) -> None:
     owners = owners_of(topo2, vms, "vm1")
     plan = make_plan("vm1", vms["vm1"], topo2, owners, policy)
     check_invariants(plan, topo2, owners)
+    # Pure and order-independent: the same inputs in another order give the same plan.
+    assert make_plan("vm1", list(reversed(vms["vm1"])), topo2, dict(reversed(owners.items())), policy) == plan
     for b in plan.refusals:
         if b.function not in plan.owned:
             assert b.owner.kind in (OwnerKind.OTHER_VM, OwnerKind.HOST_DRIVER)
