@@ -27,8 +27,10 @@ from qreset.cli.common import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from qreset.pci.address import PciAddress
-    from qreset.plan import Plan
+    from qreset.plan import Owner, Plan
     from qreset.topology import Topology
 
 
@@ -83,12 +85,17 @@ def _parse_others(items: list[str], vm: str) -> dict[str, list[PciAddress]]:
     return out
 
 
-def _print_text(plan: Plan, topo: Topology) -> None:
+def _print_text(plan: Plan, topo: Topology, owners: Mapping[PciAddress, Owner]) -> None:
+    from qreset.plan import OwnerKind
+
     def label(a: PciAddress) -> str:
         node = topo.functions.get(a)
         drv = (node.info.driver if node else None) or "no driver"
         mine = " *" if a in plan.owned else ""
-        return f"{a} [{drv}]{mine}"
+        owner = owners.get(a)
+        held = f" held by {owner.name}" if owner is not None and owner.kind is OwnerKind.OTHER_VM else ""
+        allowed = " (allowed)" if a in plan.policy.allow else ""
+        return f"{a} [{drv}]{held}{allowed}{mine}"
 
     print(f"plan for {plan.vm} on {topo.host_name} (policy {plan.policy.takeover.value}): "
           f"{'OK' if plan.ok else 'REFUSED'}")
@@ -142,9 +149,10 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"no such PCI function on {topo.host_name}: {', '.join(unknown)}")
     policy = Policy(takeover=Takeover(args.policy), allow=allow, vfio_ioctl_ok=args.vfio_ioctl_ok)
     vms = {args.vm: mine, **others}
-    plan = make_plan(args.vm, mine, topo, owners_of(topo, vms, args.vm), policy)
+    owners = owners_of(topo, vms, args.vm)
+    plan = make_plan(args.vm, mine, topo, owners, policy)
     if args.json:
         print_json(plan.to_json())
     else:
-        _print_text(plan, topo)
+        _print_text(plan, topo, owners)
     return 0 if plan.ok else 1
