@@ -612,6 +612,7 @@ class ControlServer:
         """
         Broadcast an event to every negotiated client. Never blocks and never
         raises for a client's sake: a client whose queue is full is dropped.
+        Call it from the event loop's thread (it touches asyncio queues).
         """
         now = time.time()
         seconds = int(now)

@@ -191,12 +191,15 @@ async def test_events_text_and_daemon_exit(server: ControlServer) -> None:
 
 
 def test_table_and_event_formatting() -> None:
-    rows: list[dict[str, Any]] = [{"name": "a", "devices": ["x", "y"], "nested": {"k": 1}, "ok": True},
-            {"name": "bb", "extra": None, "load": 0.25}]
+    rows: list[dict[str, Any]] = [
+        {"name": "a", "devices": ["x", "y"], "nested": {"k": 1}, "ok": True, "raw": [[1]]},
+        {"name": "bb", "extra": None, "load": 0.25,
+         "devices": [{"address": "0000:01:00.0", "state": "ok"}, {"address": "0000:01:00.1"}]},
+    ]
     assert table(rows, first=("ok",)) == [
-        "OK   NAME  DEVICES  EXTRA  LOAD",
-        "yes  a     x,y      -      -",
-        "-    bb    -        -      0.25",
+        "OK   NAME  DEVICES                    EXTRA  LOAD",
+        "yes  a     x,y                        -      -",
+        "-    bb    0000:01:00.0,0000:01:00.1  -      0.25",
     ]
     assert table([]) == []
     event = {"event": "E", "data": {"a": 1, "b": [1, 2]},

@@ -529,7 +529,7 @@ async def test_slow_client_is_dropped_without_blocking(server: ControlServer) ->
                 assert event["data"]["i"] == i
                 received += 1
             assert received == 60
-            assert worst < 0.05, f"emit blocked for {worst:.3f} s"
+            assert worst < 0.2, f"emit blocked for {worst:.3f} s"
             for _ in range(100):
                 if server.clients == 1:
                     break

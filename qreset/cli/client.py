@@ -167,6 +167,14 @@ async def _execute(qmp: QMPClient, command: str, arguments: Mapping[str, object]
 # ---------------------------------------------------------------- formatting
 
 
+#: Keys that name an item of a list of objects (a VM's devices as dicts).
+_LABEL_KEYS = ("address", "name", "id", "vm")
+
+
+def _label(item: Mapping[str, Any]) -> str | None:
+    return next((str(item[k]) for k in _LABEL_KEYS if isinstance(item.get(k), str | int)), None)
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -176,15 +184,17 @@ def _cell(value: Any) -> str:
         return f"{value:.3f}".rstrip("0").rstrip(".") if value != int(value) else str(int(value))
     if isinstance(value, list) and all(not isinstance(v, dict | list) for v in value):
         return ",".join(_cell(v) for v in value) or "-"
+    if isinstance(value, list) and all(isinstance(v, dict) and _label(v) for v in value):
+        return ",".join(str(_label(v)) for v in value)
     if isinstance(value, dict | list):
         return json.dumps(value, separators=(",", ":"), default=str)
     return str(value)
 
 
 def _is_flat(value: Any) -> bool:
-    """Fits in a table cell: a scalar or a list of scalars."""
+    """Fits in a table cell: a scalar, a list of scalars or of labelled objects."""
     if isinstance(value, list):
-        return all(not isinstance(v, dict | list) for v in value)
+        return all(not isinstance(v, dict | list) or (isinstance(v, dict) and _label(v)) for v in value)
     return not isinstance(value, dict)
 
 
