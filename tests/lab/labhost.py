@@ -1,0 +1,226 @@
+"""
+Helpers for tests that run inside the lab VM (scripts/lab/run) on a real kernel.
+
+The lab topology is fixed by scripts/lab/boot: root ports sit at fixed device
+numbers on bus 0, so every function's *role* can be found by walking sysfs
+from its root port, whatever bus numbers the enumeration handed out.
+
+Kernel evidence of resets: Linux 6.1 prints nothing when it performs an FLR or
+a secondary bus reset. Two independent witnesses are switched on instead:
+  * dynamic debug of drivers/pci/pci.c: ``pci_restore_config_dword`` logs
+    "restore config 0xNN: 0x... -> 0x..." for every dword a reset changed and
+    the kernel wrote back (names the device); ``pci_bridge_wait_for_secondary_bus``
+    logs "waiting N ms for downstream link" after a secondary bus reset.
+  * kprobe trace events on pcie_flr / pci_reset_secondary_bus / pci_pm_reset,
+    printed into the kernel log because the lab boots with ``tp_printk``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qreset.pci.address import PciAddress
+
+LAB = os.environ.get("QRESET_LAB") == "1"
+SKIP_REASON = "runs only inside the lab VM (scripts/lab/run sets QRESET_LAB=1)"
+SYS = Path("/sys")
+PCI = SYS / "bus" / "pci" / "devices"
+OUT = Path(os.environ.get("QRESET_LAB_OUT", "/tmp"))
+REPO = Path(__file__).resolve().parents[2]
+QRESET = [str(REPO / ".venv" / "bin" / "python"), "-m", "qreset"]
+
+#: Root ports (scripts/lab/boot) by role.
+ROOT_PORTS = {
+    "rp_virtio1": "0000:00:10.0",
+    "rp_nvme1": "0000:00:11.0",
+    "rp_virtio2": "0000:00:12.0",
+    "rp_nvme2": "0000:00:13.0",
+    "rp_e1000e": "0000:00:14.0",
+    "rp_switch": "0000:00:15.0",
+    "rp_multifn": "0000:00:16.0",
+    "rp_pcibridge": "0000:00:17.0",
+}
+
+
+def children(bridge: PciAddress) -> list[PciAddress]:
+    """Functions directly below ``bridge`` (its secondary bus), from /sys/devices."""
+    real = (PCI / str(bridge)).resolve()
+    out = []
+    for entry in real.iterdir():
+        with contextlib.suppress(Exception):
+            if (entry / "config").exists():
+                out.append(PciAddress.parse(entry.name))
+    return sorted(out)
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Every function of the lab topology by role."""
+
+    by_role: dict[str, PciAddress] = field(default_factory=dict)
+
+    def __getitem__(self, role: str) -> PciAddress:
+        return self.by_role[role]
+
+    @classmethod
+    def discover(cls) -> Roles:
+        r: dict[str, PciAddress] = {}
+        for role, text in ROOT_PORTS.items():
+            r[role] = PciAddress.parse(text)
+        one = {"virtio1": "rp_virtio1", "nvme1": "rp_nvme1", "virtio2": "rp_virtio2",
+               "nvme2": "rp_nvme2", "e1000e": "rp_e1000e", "switch_up": "rp_switch",
+               "pcibridge": "rp_pcibridge"}
+        for role, port in one.items():
+            kids = children(r[port])
+            assert len(kids) == 1, f"{port} {r[port]}: expected one function below, found {kids}"
+            r[role] = kids[0]
+        dn = children(r["switch_up"])
+        assert len(dn) == 2, f"switch upstream port {r['switch_up']}: expected 2 downstream ports, got {dn}"
+        r["switch_dn1"], r["switch_dn2"] = dn
+        (r["sw_e1000e"],) = children(r["switch_dn1"])
+        (r["sw_virtio"],) = children(r["switch_dn2"])
+        mf = children(r["rp_multifn"])
+        assert len(mf) == 2, f"multifunction root port: expected 2 functions, got {mf}"
+        r["mf0"], r["mf1"] = mf
+        conv = children(r["pcibridge"])
+        assert len(conv) == 2, f"pcie-pci-bridge: expected 2 conventional functions, got {conv}"
+        r["pci_e1000"], r["pci_serial"] = conv
+        return cls(r)
+
+    def endpoints(self) -> list[PciAddress]:
+        return [self[k] for k in ("virtio1", "nvme1", "virtio2", "nvme2", "e1000e", "sw_e1000e",
+                                  "sw_virtio", "mf0", "mf1", "pci_e1000", "pci_serial")]
+
+
+def read(path: Path) -> str:
+    return path.read_text().strip()
+
+
+def write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def driver(addr: PciAddress) -> str | None:
+    link = PCI / str(addr) / "driver"
+    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+
+def iommu_group(addr: PciAddress) -> int:
+    return int(os.path.basename(os.readlink(PCI / str(addr) / "iommu_group")))
+
+
+def reset_methods(addr: PciAddress) -> list[str]:
+    path = PCI / str(addr) / "reset_method"
+    return read(path).split() if path.exists() else []
+
+
+def bind_vfio(addr: PciAddress) -> None:
+    """Bind ``addr`` to vfio-pci the way libvirt does: driver_override + unbind + drivers_probe."""
+    if driver(addr) == "vfio-pci":
+        return
+    write(PCI / str(addr) / "driver_override", "vfio-pci")
+    if driver(addr) is not None:
+        write(PCI / str(addr) / "driver" / "unbind", str(addr))
+    write(SYS / "bus" / "pci" / "drivers_probe", str(addr))
+    assert driver(addr) == "vfio-pci", f"{addr} did not bind to vfio-pci (driver: {driver(addr)})"
+    group = iommu_group(addr)
+    for _ in range(100):  # the group's char device appears asynchronously (udev-less devtmpfs)
+        if Path(f"/dev/vfio/{group}").exists():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"/dev/vfio/{group} did not appear after binding {addr}")
+
+
+def bind_group_vfio(addr: PciAddress) -> int:
+    """Bind every endpoint of ``addr``'s IOMMU group to vfio-pci (bridges stay: vfio allows them)."""
+    group = iommu_group(addr)
+    for member in sorted((SYS / "kernel" / "iommu_groups" / str(group) / "devices").iterdir()):
+        a = PciAddress.parse(member.name)
+        header = int(read(PCI / str(a) / "class"), 16) >> 8
+        if header != 0x0604:  # PCI-to-PCI bridges (class 06 04) are allowed in a viable group
+            bind_vfio(a)
+    return group
+
+
+def dmesg_lines() -> list[str]:
+    return subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+class KernelLog:
+    """The kernel log lines written after a marker this object puts into /dev/kmsg."""
+
+    def __init__(self, label: str) -> None:
+        self.marker = f"qreset-lab-mark {label} {uuid.uuid4().hex[:8]}"
+        write(Path("/dev/kmsg"), self.marker + "\n")
+
+    def lines(self) -> list[str]:
+        all_lines = dmesg_lines()
+        for i in range(len(all_lines) - 1, -1, -1):
+            if self.marker in all_lines[i]:
+                return all_lines[i + 1:]
+        raise AssertionError(f"marker {self.marker!r} not found in dmesg")
+
+    def matching(self, pattern: str) -> list[str]:
+        rx = re.compile(pattern)
+        return [line for line in self.lines() if rx.search(line)]
+
+
+_PROBES = {
+    "qreset_flr": "pcie_flr",
+    "qreset_sbr": "pci_reset_secondary_bus",
+    "qreset_pm": "pci_pm_reset",
+}
+
+
+def enable_kernel_witnesses() -> list[str]:
+    """Turn on PCI dynamic debug and the reset kprobes; returns the probes that could be set."""
+    debugfs = SYS / "kernel" / "debug"
+    if not (debugfs / "dynamic_debug").exists():
+        subprocess.run(["mount", "-t", "debugfs", "debugfs", str(debugfs)], check=True)
+    write(debugfs / "dynamic_debug" / "control", "file drivers/pci/pci.c +p")
+    tracefs = SYS / "kernel" / "tracing"
+    if not (tracefs / "kprobe_events").exists():
+        subprocess.run(["mount", "-t", "tracefs", "tracefs", str(tracefs)], check=True)
+    existing = read(tracefs / "kprobe_events")
+    set_up = []
+    for name, symbol in _PROBES.items():
+        if name not in existing:
+            try:
+                fd = os.open(tracefs / "kprobe_events", os.O_WRONLY | os.O_APPEND)
+                try:
+                    os.write(fd, f"p:{name} {symbol}\n".encode())
+                finally:
+                    os.close(fd)
+            except OSError as err:
+                print(f"kprobe {name} on {symbol}: {err}")
+                continue  # inlined or absent in this build
+        write(tracefs / "events" / "kprobes" / name / "enable", "1")
+        set_up.append(name)
+    return set_up
+
+
+def qreset(*args: str, check: bool = False, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run the qreset CLI of this repo (as the lab's root)."""
+    proc = subprocess.run([*QRESET, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"qreset {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@contextlib.contextmanager
+def held_group(group: int) -> Iterator[int]:
+    """Hold /dev/vfio/GROUP open (as QEMU would) for the duration."""
+    fd = os.open(f"/dev/vfio/{group}", os.O_RDWR)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
