@@ -779,7 +779,19 @@ json_values = st.recursive(
 
 arg_names = st.sampled_from(sorted({a.name for c in COMMANDS.values() for a in c.args} | {"x", ""}))
 
-requests = st.fixed_dictionaries(
+
+def _typed_request(command: str) -> st.SearchStrategy[dict[str, Any]]:
+    """A request naming only the command's own arguments, with values of any type."""
+    own = {a.name: json_values for a in COMMANDS[command].args}
+    return st.fixed_dictionaries(
+        {"execute": st.just(command), "arguments": st.fixed_dictionaries({}, optional=own)},
+        optional={"id": json_values},
+    )
+
+
+targeted_requests = st.sampled_from(sorted(COMMANDS)).flatmap(_typed_request)
+
+random_requests = st.fixed_dictionaries(
     {"execute": st.sampled_from([*sorted(COMMANDS), "quit", ""])},
     optional={
         "arguments": st.dictionaries(arg_names, json_values, max_size=4) | json_values,
@@ -807,7 +819,7 @@ def test_fuzz_random_json(fuzz_server: _ThreadServer, value: Any) -> None:
 
 
 @FUZZ
-@given(batch=st.lists(requests, min_size=1, max_size=4))
+@given(batch=st.lists(targeted_requests | random_requests, min_size=1, max_size=4))
 def test_fuzz_requests_with_wrong_types(fuzz_server: _ThreadServer, batch: list[dict[str, Any]]) -> None:
     payload = b"".join(json.dumps(r).encode() + b" " for r in batch)
     replies = _exchange(fuzz_server.path, payload, True)[1:]
