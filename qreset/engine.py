@@ -1,0 +1,149 @@
+"""
+The engine facade: topology → plan → execute → rescan/diff → restore, on one host.
+
+This is what the daemon, the ``qreset reset`` command, the hook and the lab
+code call. One :class:`Engine` per host, shared by every VM the daemon
+serves: it owns the :class:`~qreset.locks.DomainLocks`, so two VMs resetting
+overlapping domains at the same time serialize, while independent domains
+run concurrently.
+
+::
+
+    engine = Engine(host)
+    report = await engine.reset("vm1", owned, {"vm1": owned, "vm2": other}, Policy())
+    if not report.ok: ...   # report.identity_changed → escalate
+
+A refused plan gives a report with ``ok`` False and no domain run: nothing
+is touched. The topology is read once and cached; it is dropped after a
+cycle in which a function changed identity or vanished (its cached config
+space is stale), or on ``topology(refresh=True)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from qreset.execute import (
+    PHASES,
+    DomainResult,
+    EngineSettings,
+    Executor,
+    FunctionOutcome,
+    Progress,
+    ProgressEvent,
+)
+from qreset.locks import DomainLocks
+from qreset.pci.address import PciAddress
+from qreset.pci.host import PciHost
+from qreset.plan import Plan, Policy, make_plan, owners_of
+from qreset.topology import Topology
+
+__all__ = [
+    "PHASES",
+    "CycleReport",
+    "DomainResult",
+    "Engine",
+    "EngineSettings",
+    "FunctionOutcome",
+    "ProgressEvent",
+]
+
+
+@dataclass(slots=True)
+class CycleReport:
+    """Everything one reset cycle did: the plan, each domain's result, the verdict."""
+
+    plan: Plan
+    domains: list[DomainResult] = field(default_factory=list)
+    started: float = 0.0
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when the plan was accepted and every domain came back clean."""
+        return self.plan.ok and all(d.ok for d in self.domains)
+
+    @property
+    def identity_changed(self) -> list[PciAddress]:
+        """Functions that came back as something else (never written to: escalate)."""
+        return [f.address for d in self.domains for f in d.functions if f.change == "identity"]
+
+    @property
+    def absent(self) -> list[PciAddress]:
+        return [f.address for d in self.domains for f in d.functions if f.change == "absent"]
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-safe (only str, int, float, bool, None, lists and dicts)."""
+        return {
+            "ok": self.ok,
+            "vm": self.plan.vm,
+            "plan": self.plan.to_json(),
+            "started": round(self.started, 6),
+            "duration": round(self.duration, 6),
+            "identity_changed": [str(a) for a in self.identity_changed],
+            "absent": [str(a) for a in self.absent],
+            "domains": [d.to_json() for d in self.domains],
+        }
+
+
+class Engine:
+    """One host's reset engine (see the module docstring)."""
+
+    def __init__(self, host: PciHost, settings: EngineSettings | None = None) -> None:
+        self.host = host
+        self.settings = settings or EngineSettings()
+        self.locks = DomainLocks()
+        self._executor = Executor(host, self.locks, self.settings)
+        self._topology: Topology | None = None
+        self._topology_lock: asyncio.Lock | None = None
+
+    async def topology(self, refresh: bool = False) -> Topology:
+        """The host's topology, read once and cached (``refresh`` re-reads it)."""
+        if self._topology_lock is None:
+            self._topology_lock = asyncio.Lock()
+        async with self._topology_lock:
+            if refresh or self._topology is None:
+                self._topology = await Topology.load(self.host)
+            return self._topology
+
+    async def plan(
+        self,
+        vm: str,
+        owned: Sequence[PciAddress],
+        vms: Mapping[str, Sequence[PciAddress]],
+        policy: Policy,
+    ) -> Plan:
+        """Plan ``vm``'s resets of ``owned``, knowing every VM's functions (``vms``). No writes."""
+        topo = await self.topology()
+        if self.settings.bus_methods is not None:
+            policy = dataclasses.replace(policy, bus_methods=self.settings.bus_methods)
+        all_vms = dict(vms)
+        all_vms.setdefault(vm, list(owned))
+        return make_plan(vm, owned, topo, owners_of(topo, all_vms, vm), policy)
+
+    async def run(self, plan: Plan, progress: Progress | None = None) -> CycleReport:
+        """Execute ``plan`` (nothing at all if it was refused) and report."""
+        loop = asyncio.get_running_loop()
+        report = CycleReport(plan, started=loop.time())
+        if not plan.ok:
+            return report
+        report.domains = await self._executor.run(plan.domains, progress)
+        report.duration = loop.time() - report.started
+        if report.identity_changed or report.absent:
+            self._topology = None  # cached config spaces are stale now
+        return report
+
+    async def reset(
+        self,
+        vm: str,
+        owned: Sequence[PciAddress],
+        vms: Mapping[str, Sequence[PciAddress]],
+        policy: Policy,
+        progress: Progress | None = None,
+    ) -> CycleReport:
+        """:meth:`plan` then :meth:`run`."""
+        return await self.run(await self.plan(vm, owned, vms, policy), progress)
