@@ -333,7 +333,8 @@ class SysfsHost(PciHost):
             # A "power" attribute exists only for slots registered by a hotplug
             # driver (pci_hp_register -> pci_hp_add -> fs_add_slot).
             out.append(SlotInfo(name, address.lower(), os.path.exists(base / name / "power")))
-        return out
+        # Directory order means nothing; bus order is what a reader expects.
+        return sorted(out, key=lambda s: (s.address, s.name))
 
     async def has_iommu_groups(self) -> bool:
         groups = self.root / "kernel" / "iommu_groups"
