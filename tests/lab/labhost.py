@@ -210,9 +210,12 @@ def enable_kernel_witnesses() -> list[str]:
 
 def qreset(*args: str, check: bool = False, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """Run the qreset CLI of this repo (as the lab's root)."""
-    proc = subprocess.run([*QRESET, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = subprocess.run([*QRESET, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          check=False)
     if check and proc.returncode != 0:
-        raise AssertionError(f"qreset {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"qreset {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}",
+        )
     return proc
 
 

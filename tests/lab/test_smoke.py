@@ -1,18 +1,24 @@
-"""The lab runs on a real kernel: check what the rest of tests/lab relies on."""
+"""The lab runs on a real kernel with an emulated IOMMU: check what the rest of tests/lab relies on."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-pytestmark = [
-    pytest.mark.lab,
-    pytest.mark.skipif(os.environ.get("QRESET_LAB") != "1", reason="runs only inside the lab VM (scripts/lab/run)"),
-]
+from tests.lab.labhost import Roles, driver
+
+pytestmark = pytest.mark.lab
 
 
 def test_kernel_sees_iommu_groups() -> None:
     groups = list(Path("/sys/kernel/iommu_groups").iterdir())
     assert len(groups) > 5, groups
+
+
+def test_lab_topology_roles(roles: Roles) -> None:
+    """scripts/lab/boot's topology is what the kernel enumerated (one function per role)."""
+    assert len(set(roles.by_role.values())) == len(roles.by_role)
+    assert len(roles.endpoints()) == 11
+    for port in ("rp_virtio1", "switch_up", "switch_dn1", "pcibridge"):
+        assert driver(roles[port]) in ("pcieport", None), port
