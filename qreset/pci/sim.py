@@ -1,0 +1,1004 @@
+"""
+A simulated PCI host: the :class:`~qreset.pci.host.PciHost` the demo and the tests run against.
+
+``SimHost.from_toml("configs/sim/switch.toml", time_scale=0.01)`` builds a host
+from a topology file (schema: :mod:`qreset.pci.sim_model`, bytes:
+:mod:`qreset.pci.sim_config`) and then behaves like the kernel's sysfs would:
+
+* Enumeration is the kernel's (``pci_scan_child_bus_extend``): every slot of
+  a bus first, then depth-first into each bridge, bus numbers handed out in
+  that order; VFs are added last (as when ``sriov_numvfs`` is written at boot).
+* ``reset_method`` is computed the way ``pci_init_reset_methods`` does it *at
+  enumeration time* (drivers/pci/probe.c calls it from pci_init_capabilities,
+  before the device joins ``bus->devices`` and before ``dev->subordinate`` is
+  set). So ``bus`` is listed for the first function scanned on a non-root bus,
+  even a bridge or function 0 of a multifunction device, which is what the
+  6.1 lab reported (``[flr bus]`` on switch ports). Doing the reset re-checks
+  at run time (``pci_parent_bus_reset``: no ``dev->subordinate``, alone on
+  the bus; or ``pci_dev_reset_slot_function``: a hotplug slot, not
+  multifunction) and fails with ENOTTY where the real kernel would.
+* The kernel reset path (``reset_function``/``reset_subordinate``) saves,
+  resets, waits with the kernel's delays and restores config space through
+  the write masks: read-only fields that changed (a new identity, new BAR
+  sizes) stay changed, everything else reads back identical.
+* A userspace secondary bus reset (Bridge Control bit 6 set, then cleared,
+  via :meth:`SimHost.write_config`) restores nothing: every function below
+  comes back at power-on defaults after its ready time, answering Vendor ID
+  0x0001 (CRS) until then; bridges below lose their bus numbers, so what sits
+  behind them reads all-ones until software restores the bridges top-down.
+* IOMMU groups follow ``pci_device_group`` in drivers/iommu/iommu.c.
+
+Every delay is a real ``asyncio.sleep`` of ``spec seconds * time_scale``; there
+is no global lock, so resets of independent functions overlap in time (see
+:attr:`SimHost.reset_log`). Faults (:class:`Fault`) make the next reset of a
+function misbehave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from qreset.errors import HostError, NoSuchFunction, ResetFailed
+from qreset.pci import regs
+from qreset.pci.address import PciAddress
+from qreset.pci.host import (
+    IORESOURCE_IO,
+    IORESOURCE_MEM,
+    IORESOURCE_MEM_64,
+    IORESOURCE_PREFETCH,
+    FunctionInfo,
+    PciHost,
+    Resource,
+    SlotInfo,
+)
+from qreset.pci.sim_config import (
+    Assigned,
+    BarSlot,
+    ConfigImage,
+    build_image,
+    configure,
+    default_pm,
+    get,
+)
+from qreset.pci.sim_model import (
+    AfSpec,
+    FunctionSpec,
+    TopologySpec,
+    load_topology,
+    read_topology,
+)
+
+__all__ = ["ConfigWrite", "Fault", "ResetRecord", "SimHost"]
+
+log = logging.getLogger(__name__)
+
+# Kernel delays (drivers/pci/pci.c), in spec seconds before time scaling.
+FLR_WAIT = 0.100            # pcie_flr(): msleep(100) after Initiate FLR
+AF_FLR_WAIT = 0.100         # pci_af_flr(): msleep(100)
+PM_D3HOT_DELAY = 0.010      # pci_pm_reset(): pci_dev_d3_sleep(), d3hot_delay default 10 ms
+SBR_ASSERT = 0.002          # pci_reset_secondary_bus(): "Trst of 1 ms, double this" -> msleep(2)
+SBR_WAIT_PCIE = 0.100       # pci_bridge_wait_for_secondary_bus(): PCIe r6.0 sec 6.6.1, 100 ms
+SBR_WAIT_CONVENTIONAL = 1.0  # same function: conventional PCI buses get 1000 ms (PCI_RESET_WAIT)
+DEVICE_SPECIFIC_WAIT = 0.100  # quirk resets mostly do an FLR-like 100 ms wait
+READY_POLL_LIMIT = 60.0     # PCIE_RESET_READY_POLL_MS = 60000
+
+# Flags the kernel reports in sysfs ``resource`` (include/linux/ioport.h) besides host.py's.
+IORESOURCE_SIZEALIGN = 0x00040000
+IORESOURCE_READONLY = 0x00004000
+# resource lines: PCI_STD_RESOURCES 0-5, PCI_ROM_RESOURCE 6, PCI_IOV_RESOURCES 7-12,
+# PCI_BRIDGE_RESOURCES 13-16 (include/linux/pci.h); resource_show() prints up to
+# PCI_BRIDGE_RESOURCES lines for endpoints and PCI_NUM_RESOURCES for bridges.
+ROM_RESOURCE = 6
+IOV_RESOURCES = 7
+BRIDGE_RESOURCES = 13
+NUM_RESOURCES = 17
+
+# Base addresses for resource assignment (typical x86 layout).
+_IO_BASE = 0x2000
+_MEM_BASE = 0xC0000000
+_PREF_BASE = 0x40_0000_0000
+_MB = 1 << 20
+
+
+# -- public data types ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """What the next reset of a function does wrong (one-shot unless ``persistent``).
+
+    * ``crs``: stays in Configuration Request Retry Status ``seconds`` longer
+      (None: never comes back);
+    * ``eio``: the reset write fails with EIO (nothing happens to the device);
+    * ``new_identity``: comes back as different firmware (device ID, revision,
+      BAR sizes);
+    * ``slow``: the reset itself and the return to ready take ``seconds`` longer.
+    """
+
+    kind: Literal["crs", "eio", "new_identity", "slow"]
+    seconds: float | None = None
+    device_id: int | None = None
+    revision: int | None = None
+    bar_sizes: tuple[tuple[int, int], ...] | None = None
+    persistent: bool = False
+
+    @classmethod
+    def crs(cls, seconds: float | None, *, persistent: bool = False) -> Fault:
+        return cls("crs", seconds=seconds, persistent=persistent)
+
+    @classmethod
+    def eio(cls, *, persistent: bool = False) -> Fault:
+        return cls("eio", persistent=persistent)
+
+    @classmethod
+    def new_identity(cls, device_id: int | None = None, revision: int | None = None,
+                     bar_sizes: Mapping[int, int] | Sequence[int] | None = None,
+                     *, persistent: bool = False) -> Fault:
+        """``bar_sizes``: {BAR index: size}, or sizes in the order of the implemented BARs."""
+        pairs: tuple[tuple[int, int], ...] | None = None
+        if isinstance(bar_sizes, Mapping):
+            pairs = tuple(sorted((int(k), int(v)) for k, v in bar_sizes.items()))
+        elif bar_sizes is not None:
+            pairs = tuple((-1 - i, int(v)) for i, v in enumerate(bar_sizes))  # resolved later
+        return cls("new_identity", device_id=device_id, revision=revision, bar_sizes=pairs,
+                   persistent=persistent)
+
+    @classmethod
+    def slow(cls, seconds: float, *, persistent: bool = False) -> Fault:
+        return cls("slow", seconds=seconds, persistent=persistent)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigWrite:
+    """One :meth:`SimHost.write_config` call (``t`` is ``loop.time()``)."""
+
+    addr: PciAddress
+    offset: int
+    data: bytes
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class ResetRecord:
+    """One reset: ``method`` is a kernel method name (``flr``, ``bus``...),
+    ``subordinate`` for reset_subordinate, or ``sbr``/``flr-user``/``af_flr-user``/
+    ``pm-user`` for resets software did through config writes. ``target`` is
+    the function asked (reset_function) or the bridge (bus resets);
+    ``affected`` every function that went through reset. Times are loop.time()."""
+
+    method: str
+    target: PciAddress
+    affected: frozenset[PciAddress]
+    start: float
+    end: float
+
+
+# -- internal state ---------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Fn:
+    spec: FunctionSpec
+    addr: PciAddress
+    parent: _Fn | None
+    multifunction: bool
+    img: ConfigImage
+    asg: Assigned = field(default_factory=Assigned)
+    cfg: bytearray = field(default_factory=bytearray)
+    children: list[_Fn] = field(default_factory=list)   # functions on the secondary bus
+    physfn: _Fn | None = None
+    virtfns: list[_Fn] = field(default_factory=list)
+    vf_index: int = 0
+    driver: str | None = None
+    driver_override: str | None = None
+    group: int | None = None
+    reset_methods: tuple[str, ...] = ()
+    present: bool = True
+    ids: tuple[int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0)
+    resources: list[Resource] = field(default_factory=list)
+    ready_at: float = 0.0
+    never_ready: bool = False
+    sbr_since: float | None = None
+    faults: list[Fault] = field(default_factory=list)
+    order: int = 0
+    _lock: asyncio.Lock | None = None
+    _cfg_free: asyncio.Event | None = None
+    cfg_blocked: int = 0
+
+    @property
+    def is_bridge(self) -> bool:
+        return self.spec.is_bridge
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    @property
+    def cfg_free(self) -> asyncio.Event:
+        if self._cfg_free is None:
+            self._cfg_free = asyncio.Event()
+            if not self.cfg_blocked:
+                self._cfg_free.set()
+        return self._cfg_free
+
+    def block_cfg(self) -> None:
+        self.cfg_blocked += 1
+        self.cfg_free.clear()
+
+    def unblock_cfg(self) -> None:
+        self.cfg_blocked -= 1
+        if not self.cfg_blocked:
+            self.cfg_free.set()
+
+    def cap(self, cap_id: int) -> int | None:
+        return self.img.caps.get(cap_id)
+
+
+class _Placer:
+    """Packs BARs/windows of one bus into an address range (largest alignment first)."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, list[tuple[int, int, Any]]] = {"io": [], "mem": [], "pref": []}
+
+    def add(self, kind: str, size: int, align: int, place: Any) -> None:
+        self.items[kind].append((size, align, place))
+
+    def span(self, kind: str, gran: int) -> tuple[int, int]:
+        cursor = 0
+        items = sorted(self.items[kind], key=lambda it: -it[1])
+        for size, align, _ in items:
+            cursor = -(-cursor // align) * align + size
+        align = max((it[1] for it in items), default=gran)
+        return -(-cursor // gran) * gran, max(align, gran)
+
+    def place(self, kind: str, base: int) -> None:
+        cursor = base
+        for size, align, place in sorted(self.items[kind], key=lambda it: -it[1]):
+            cursor = -(-cursor // align) * align
+            place(cursor)
+            cursor += size
+
+
+def _bar_kind(slot: BarSlot) -> str:
+    if slot.type == "io":
+        return "io"
+    return "pref" if slot.prefetch and slot.type == "mem64" else "mem"
+
+
+def _bar_flags(slot: BarSlot) -> int:
+    if slot.type == "io":
+        return IORESOURCE_IO | IORESOURCE_SIZEALIGN | slot.low_bits
+    flags = IORESOURCE_MEM | IORESOURCE_SIZEALIGN | slot.low_bits
+    if slot.prefetch:
+        flags |= IORESOURCE_PREFETCH
+    if slot.type == "mem64":
+        flags |= IORESOURCE_MEM_64
+    return flags
+
+
+class SimHost(PciHost):
+    """A simulated PCI host built from a TOML topology (see the module docstring)."""
+
+    def __init__(self, top: TopologySpec, name: str, time_scale: float = 1.0) -> None:
+        self.name = f"sim:{name}"
+        self.source = name
+        self.time_scale = time_scale
+        self.topology = top
+        self.iommu = top.host.iommu
+        self.config_writes: list[ConfigWrite] = []
+        self.reset_log: list[ResetRecord] = []
+        self._fns: dict[PciAddress, _Fn] = {}
+        self._order: list[_Fn] = []
+        self._by_name: dict[str, _Fn] = {}
+        self._enumerate()
+
+    # -- construction --------------------------------------------------------------
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str], time_scale: float = 1.0) -> SimHost:
+        """Load ``path``; raises ConfigError naming the file and key."""
+        p = Path(path)
+        return cls(read_topology(p), str(p), time_scale)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], name: str, time_scale: float = 1.0) -> SimHost:
+        return cls(load_topology(data, name), name, time_scale)
+
+    def _enumerate(self) -> None:
+        top = self.topology
+        domain = top.host.domain
+        kids: dict[str | None, list[FunctionSpec]] = {}
+        for spec in top.function:
+            kids.setdefault(spec.parent, []).append(spec)
+        slot_numbers = {spec.name: i + 1 for i, spec in enumerate(s for s in top.function if s.slot)}
+        max_bus = 0
+
+        def scan(bus: int, parent: _Fn | None) -> None:
+            nonlocal max_bus
+            specs = sorted(kids.get(None if parent is None else parent.spec.name, []),
+                           key=lambda s: ((s.dev or 0), s.fn))
+            devs: dict[int, list[FunctionSpec]] = {}
+            for s in specs:
+                devs.setdefault(s.dev or 0, []).append(s)
+            added: list[_Fn] = []
+            for s in specs:
+                multi = len(devs[s.dev or 0]) > 1
+                img = build_image(s, multifunction=multi, port_number=len(added),
+                                  slot_number=int(slot_numbers[s.name]) if s.slot else None,
+                                  slot_hotplug=bool(s.slot and s.slot.hotplug))
+                f = _Fn(s, PciAddress(domain, bus, s.dev or 0, s.fn), parent, multi, img)
+                added.append(f)
+                self._add(f)
+                # reset_method is decided now, before f joins bus->devices (see module docstring).
+                f.reset_methods = self._probe_methods(f, alone=len(added) == 1)
+            if parent is not None:
+                parent.children.extend(added)
+            # pci_iov_bus_range(): VFs whose Routing ID lands on later bus numbers reserve them.
+            for f in added:
+                sr = f.spec.sriov
+                if sr is not None and sr.num_vfs:
+                    last = (f.addr.bus << 8 | f.addr.devfn) + sr.offset + sr.stride * (sr.num_vfs - 1)
+                    max_bus = max(max_bus, last >> 8)
+            for f in added:
+                if f.is_bridge:
+                    max_bus += 1
+                    f.asg.primary, f.asg.secondary = bus, max_bus
+                    scan(max_bus, f)
+                    f.asg.subordinate = max_bus
+
+        scan(0, None)
+        # SR-IOV: VFs appear when sriov_numvfs is written (after boot enumeration).
+        for pf in list(self._order):
+            s = pf.spec.sriov
+            if s is None:
+                continue
+            for i in range(s.num_vfs):
+                rid = (pf.addr.bus << 8 | pf.addr.devfn) + s.offset + s.stride * i
+                vspec = FunctionSpec.model_validate({
+                    "name": f"{pf.spec.name}.vf{i}", "type": "endpoint", "parent": pf.spec.parent,
+                    "dev": (rid >> 3) & 0x1F, "fn": rid & 7, "vendor": pf.spec.vendor,
+                    "device": s.vf_device, "class": pf.spec.class_code, "revision": pf.spec.revision,
+                    "subsystem_vendor": pf.spec.subsystem_vendor,
+                    "subsystem_device": pf.spec.subsystem_device,
+                    "bars": s.vf_bars, "pm": False,
+                    "msix": {"vectors": s.vf_msix, "bar": 3} if s.vf_msix else False,
+                    "flr": s.vf_flr, "aer": False, "ready_ms": s.vf_ready_ms,
+                    "driver": s.vf_drivers[i] if i < len(s.vf_drivers) else s.vf_driver,
+                })
+                img = build_image(vspec, multifunction=False, is_vf=True)
+                img.bars = [BarSlot(b.index, b.size, b.type, b.prefetch) for b in pf.img.vf_bars]
+                vf = _Fn(vspec, PciAddress(pf.addr.domain, rid >> 8, (rid >> 3) & 0x1F, rid & 7),
+                         pf.parent, False, img, physfn=pf, vf_index=i)
+                if vf.addr in self._fns:
+                    raise HostError(self.source, f"VF {vf.addr} of {pf.spec.name!r} collides with a function")
+                pf.virtfns.append(vf)
+                if pf.parent is not None:
+                    pf.parent.children.append(vf)
+                self._add(vf)
+                vf.reset_methods = self._probe_methods(vf, alone=False)
+        self._assign_resources()
+        for f in self._order:
+            f.cfg = configure(f.img, f.spec, f.asg, is_vf=f.physfn is not None,
+                              num_vfs=len(f.virtfns))
+            f.driver = f.spec.driver
+            f.ids = self._read_ids(f)
+            f.resources = self._resources(f)
+        self._assign_groups()
+
+    def _add(self, f: _Fn) -> None:
+        f.order = len(self._order)
+        self._fns[f.addr] = f
+        self._order.append(f)
+        self._by_name[f.spec.name] = f
+
+    def _probe_methods(self, f: _Fn, alone: bool) -> tuple[str, ...]:
+        """pci_init_reset_methods() at enumeration (drivers/pci/pci.c, pci_reset_fn_methods order)."""
+        s = f.spec
+        out: list[str] = []
+        if s.device_specific:
+            out.append("device_specific")
+        if s.is_pcie and s.flr:
+            out.append("flr")
+        af = AfSpec() if s.af is True else (s.af or None)
+        if af is not None and af.tp and af.flr:
+            out.append("af_flr")
+        pm = default_pm(s)
+        if pm is not None and not pm.no_soft_reset:
+            out.append("pm")
+        if f.parent is not None:
+            # pci_reset_bus_function(): pci_dev_reset_slot_function() (hotplug slot, not
+            # multifunction), else pci_parent_bus_reset() (alone on the bus at this point;
+            # dev->subordinate is not set yet during pci_device_add()).
+            slot = f.parent.spec.slot
+            slot_ok = slot is not None and slot.hotplug and not f.multifunction and f.addr.device == 0
+            if slot_ok or alone:
+                out.append("bus")
+        return tuple(out)
+
+    def _assign_resources(self) -> None:
+        gran = {"io": 0x1000, "mem": _MB, "pref": _MB}
+
+        def collect(funcs: Iterable[_Fn]) -> _Placer:
+            placer = _Placer()
+            for f in funcs:
+                for slot in f.img.bars if f.physfn is None else []:
+                    placer.add(_bar_kind(slot), slot.size, slot.size,
+                               lambda a, f=f, i=slot.index: f.asg.bar_addr.__setitem__(i, a))
+                if f.img.rom_size and f.physfn is None:
+                    placer.add("mem", f.img.rom_size, f.img.rom_size,
+                               lambda a, f=f: setattr(f.asg, "rom_addr", a))
+                if f.spec.sriov is not None:
+                    total = f.spec.sriov.total_vfs
+                    for slot in f.img.vf_bars:
+                        placer.add(_bar_kind(slot), slot.size * total, slot.size,
+                                   lambda a, f=f, i=slot.index: f.asg.vf_bar_addr.__setitem__(i, a))
+                if f.is_bridge:
+                    sub = collect(c for c in f.children if c.physfn is None)
+                    for kind in ("io", "mem", "pref"):
+                        if not sub.items[kind]:
+                            continue
+                        size, align = sub.span(kind, gran[kind])
+
+                        def place(a: int, f: _Fn = f, kind: str = kind, sub: _Placer = sub,
+                                  size: int = size) -> None:
+                            setattr(f.asg, f"{kind}_window", (a, a + size - 1))
+                            sub.place(kind, a)
+
+                        placer.add(kind, size, align, place)
+            return placer
+
+        root = collect(f for f in self._order if f.parent is None and f.physfn is None)
+        root.place("io", _IO_BASE)
+        root.place("mem", _MEM_BASE)
+        root.place("pref", _PREF_BASE)
+        for f in self._order:
+            if f.physfn is not None:
+                pf = f.physfn
+                for slot in f.img.bars:
+                    base = pf.asg.vf_bar_addr.get(slot.index, 0)
+                    f.asg.bar_addr[slot.index] = base + slot.size * f.vf_index if base else 0
+            pin = f.spec.interrupt_pin
+            f.asg.interrupt_line = 0 if pin == 0 else 10 + (f.addr.device + pin) % 6
+
+    def _read_ids(self, f: _Fn) -> tuple[int, int, int, int, int, int]:
+        c = f.cfg
+        sub = (0, 0) if f.is_bridge else (get(c, regs.SUBSYSTEM_VENDOR_ID, 2), get(c, regs.SUBSYSTEM_ID, 2))
+        return (get(c, 0, 2), get(c, 2, 2), get(c, regs.CLASS_REVISION, 4) >> 8, c[regs.REVISION_ID], *sub)
+
+    def _resources(self, f: _Fn) -> list[Resource]:
+        n = NUM_RESOURCES if f.is_bridge else BRIDGE_RESOURCES
+        res = [Resource(0, 0, 0)] * n
+        for slot in f.img.bars:
+            start = f.asg.bar_addr.get(slot.index, 0)
+            if start:
+                res[slot.index] = Resource(start, start + slot.size - 1, _bar_flags(slot))
+        if f.img.rom_size and f.asg.rom_addr:
+            flags = IORESOURCE_MEM | IORESOURCE_PREFETCH | IORESOURCE_READONLY | IORESOURCE_SIZEALIGN
+            res[ROM_RESOURCE] = Resource(f.asg.rom_addr, f.asg.rom_addr + f.img.rom_size - 1, flags)
+        if f.spec.sriov is not None:
+            for slot in f.img.vf_bars:
+                start = f.asg.vf_bar_addr.get(slot.index, 0)
+                if start:
+                    size = slot.size * f.spec.sriov.total_vfs
+                    res[IOV_RESOURCES + slot.index] = Resource(start, start + size - 1, _bar_flags(slot))
+        if f.is_bridge:
+            wins = ((f.asg.io_window, IORESOURCE_IO | 0x1),
+                    (f.asg.mem_window, IORESOURCE_MEM),
+                    (f.asg.pref_window, IORESOURCE_MEM | IORESOURCE_PREFETCH | IORESOURCE_MEM_64 | 0x1))
+            for i, (win, flags) in enumerate(wins):
+                if win is not None:
+                    res[BRIDGE_RESOURCES + i] = Resource(win[0], win[1], flags)
+        return res
+
+    def _assign_groups(self) -> None:
+        """pci_device_group() (drivers/iommu/iommu.c), devices probed in enumeration order."""
+        next_group = 0
+        for f in self._order:
+            if f.spec.iommu_group is not None:
+                f.group = f.spec.iommu_group
+                next_group = max(next_group, f.group + 1)
+                continue
+            g = self._group_for(f)
+            if g is None:
+                g = next_group
+                next_group += 1
+            f.group = g
+
+    def _acs_flags_enabled(self, f: _Fn) -> bool:
+        o = f.img.ext_caps.get(regs.EXT_CAP_ID_ACS)
+        if o is None:
+            return False
+        cap = get(f.cfg, o + regs.ACS_CAP, 2)
+        ctrl = get(f.cfg, o + regs.ACS_CTRL, 2)
+        flags = regs.ACS_ISOLATION & (cap | regs.ACS_EC)
+        return (ctrl & flags) == flags
+
+    def _acs_enabled(self, f: _Fn) -> bool:
+        """pci_acs_enabled(dev, REQ_ACS_FLAGS) in drivers/pci/pci.c."""
+        if not f.spec.is_pcie:
+            return False
+        t = f.spec.type
+        if t == "pcie_pci_bridge":
+            return False
+        if t in ("root_port", "downstream_port"):
+            return self._acs_flags_enabled(f)
+        if t in ("endpoint", "upstream_port", "legacy_endpoint", "rc_endpoint") and f.multifunction:
+            return self._acs_flags_enabled(f)
+        return True
+
+    def _acs_path_enabled(self, start: _Fn) -> bool:
+        p: _Fn | None = start
+        while p is not None:
+            if not self._acs_enabled(p):
+                return False
+            p = p.parent
+        return True
+
+    def _group_for(self, f: _Fn) -> int | None:
+        # 1. DMA aliases (pci_for_each_dma_alias): a PCIe-to-PCI or conventional bridge
+        #    above f takes over f's requester ID, so f joins that bridge's group.
+        pdev = f
+        p = f.parent
+        while p is not None:
+            if p.spec.type not in ("root_port", "upstream_port", "downstream_port"):
+                pdev = p
+                if p.group is not None:
+                    return p.group
+            p = p.parent
+        # 2. Walk up while the path to the root lacks ACS isolation.
+        p = pdev.parent
+        while p is not None:
+            if self._acs_path_enabled(p):
+                break
+            if p.group is not None:
+                return p.group
+            p = p.parent
+        # 3. Multifunction siblings without ACS share a group (get_pci_function_alias_group).
+        if f.multifunction and not self._acs_enabled(f):
+            for sib in self._order:
+                if (sib is not f and sib.group is not None and sib.parent is f.parent
+                        and sib.addr.bus == f.addr.bus and sib.addr.device == f.addr.device
+                        and not self._acs_enabled(sib)):
+                    return sib.group
+        return None
+
+    # -- lookups ----------------------------------------------------------------------
+
+    def _path(self, addr: PciAddress, attr: str = "") -> str:
+        p = f"{self.name}/bus/pci/devices/{addr}"
+        return f"{p}/{attr}" if attr else p
+
+    def _get(self, addr: PciAddress) -> _Fn:
+        f = self._fns.get(addr)
+        if f is None or not f.present:
+            raise NoSuchFunction(self._path(addr), "no such PCI function")
+        return f
+
+    def _now(self) -> float:
+        try:
+            return asyncio.get_running_loop().time()
+        except RuntimeError:
+            return 0.0
+
+    def _below(self, bridge: _Fn) -> list[_Fn]:
+        """Every present function on bridge's secondary bus and below, in enumeration order."""
+        out: list[_Fn] = []
+        stack = list(bridge.children)
+        while stack:
+            f = stack.pop()
+            if f.present:
+                out.append(f)
+            stack.extend(f.children)
+        return sorted(out, key=lambda f: f.order)
+
+    def _reachable(self, f: _Fn) -> bool:
+        """Whether a config request gets to f: every bridge above forwards its bus, none in reset."""
+        if f.physfn is not None:
+            o = f.physfn.img.ext_caps[regs.EXT_CAP_ID_SRIOV]
+            pf = f.physfn
+            if not self._reachable(pf) or not self._ready(pf):
+                return False
+            ctrl = get(pf.cfg, o + regs.SRIOV_CTRL, 2)
+            if not ctrl & regs.SRIOV_CTRL_VFE or get(pf.cfg, o + regs.SRIOV_NUM_VF, 2) <= f.vf_index:
+                return False
+        bus = f.addr.bus
+        p = f.parent
+        while p is not None:
+            if get(p.cfg, regs.BRIDGE_CONTROL, 2) & regs.BRIDGE_CTL_BUS_RESET:
+                return False
+            if not p.cfg[regs.SECONDARY_BUS] <= bus <= p.cfg[regs.SUBORDINATE_BUS]:
+                return False
+            if not self._ready(p):
+                return False
+            bus = p.addr.bus
+            p = p.parent
+        return True
+
+    def _ready(self, f: _Fn) -> bool:
+        return not f.never_ready and self._now() >= f.ready_at
+
+    def _view(self, f: _Fn) -> bytes:
+        size = f.img.size
+        if not self._reachable(f):
+            return b"\xff" * size
+        if not self._ready(f):
+            # CRS Software Visibility: Vendor ID reads 0x0001 (PCIe r6.0 sec 2.3.2).
+            return regs.CRS_VENDOR_ID.to_bytes(2, "little") + b"\xff" * (size - 2)
+        return bytes(f.cfg)
+
+    # -- PciHost ----------------------------------------------------------------------
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds * self.time_scale)
+
+    async def functions(self) -> list[PciAddress]:
+        return sorted(a for a, f in self._fns.items() if f.present)
+
+    async def info(self, addr: PciAddress) -> FunctionInfo:
+        f = self._get(addr)
+        vendor, device, klass, rev, svid, sdid = f.ids
+        return FunctionInfo(
+            address=f.addr, vendor=vendor, device=device, class_code=klass, revision=rev,
+            subsystem_vendor=svid, subsystem_device=sdid, driver=f.driver,
+            driver_override=f.driver_override,
+            iommu_group=f.group if self.iommu else None,
+            reset_methods=f.reset_methods, has_reset=bool(f.reset_methods),
+            has_reset_subordinate=f.is_bridge and f.spec.reset_subordinate,
+            resources=tuple(f.resources),
+            physfn=f.physfn.addr if f.physfn is not None else None,
+            virtfns=tuple(v.addr for v in f.virtfns if v.present),
+            parent=f.parent.addr if f.parent is not None else None,
+        )
+
+    async def read_config(self, addr: PciAddress, size: int = 4096) -> bytes:
+        f = self._get(addr)
+        if f.cfg_blocked:
+            # pci_user_read_config_*() wait while the kernel holds cfg access (pci_wait_cfg).
+            await f.cfg_free.wait()
+        return self._view(f)[:max(0, size)]
+
+    async def write_config(self, addr: PciAddress, offset: int, data: bytes) -> None:
+        f = self._get(addr)
+        data = bytes(data)
+        if len(data) not in (1, 2, 4) or offset % len(data) or offset < 0 or offset + len(data) > f.img.size:
+            raise HostError(self._path(addr, "config"),
+                            f"Invalid argument: {len(data)}-byte write at {offset:#x}")
+        if f.cfg_blocked:
+            await f.cfg_free.wait()
+        self.config_writes.append(ConfigWrite(addr, offset, data, self._now()))
+        if not self._reachable(f) or not self._ready(f):
+            return  # master abort / CRS: the write goes nowhere
+        old = bytes(f.cfg)
+        self._store(f, offset, data)
+        self._after_write(f, offset, data, old)
+
+    def _store(self, f: _Fn, offset: int, data: bytes) -> None:
+        for i, b in enumerate(data):
+            o = offset + i
+            wm, w1 = f.img.wmask[o], f.img.w1cmask[o]
+            f.cfg[o] = ((f.cfg[o] & ~wm) | (b & wm)) & ~(b & w1) & 0xFF
+
+    def _after_write(self, f: _Fn, offset: int, data: bytes, old: bytes) -> None:
+        """Side effects of writes: SBR, userspace FLR/AF FLR, PM D3hot->D0, VF enable."""
+        end = offset + len(data)
+        now = self._now()
+
+        def touched(reg: int, width: int = 2) -> bool:
+            return offset < reg + width and reg < end
+
+        if f.is_bridge and touched(regs.BRIDGE_CONTROL):
+            was = get(old, regs.BRIDGE_CONTROL, 2) & regs.BRIDGE_CTL_BUS_RESET
+            now_set = get(f.cfg, regs.BRIDGE_CONTROL, 2) & regs.BRIDGE_CTL_BUS_RESET
+            if now_set and not was:
+                f.sbr_since = now
+                log.debug("%s: secondary bus reset asserted", f.addr)
+            elif was and not now_set:
+                start = f.sbr_since if f.sbr_since is not None else now
+                f.sbr_since = None
+                hit = self._below(f)
+                for g in hit:
+                    self._power_on(g, now)
+                self.reset_log.append(ResetRecord("sbr", f.addr, frozenset(g.addr for g in hit), start, now))
+        exp = f.cap(regs.CAP_ID_EXP)
+        if exp is not None and touched(exp + regs.EXP_DEVCTL):
+            value = int.from_bytes(bytes(data), "little") << (8 * (offset - (exp + regs.EXP_DEVCTL)))
+            devcap = get(f.cfg, exp + regs.EXP_DEVCAP, 4)
+            if offset <= exp + regs.EXP_DEVCTL + 1 < end and value & regs.EXP_DEVCTL_BCR_FLR \
+                    and devcap & regs.EXP_DEVCAP_FLR:
+                self._user_reset(f, "flr-user", now)
+        af = f.cap(regs.CAP_ID_AF)
+        if (af is not None and offset <= af + regs.AF_CTRL < end
+                and data[af + regs.AF_CTRL - offset] & regs.AF_CTRL_FLR
+                and f.cfg[af + regs.AF_CAP] & regs.AF_CAP_FLR):
+            self._user_reset(f, "af_flr-user", now)
+        pm = f.cap(regs.CAP_ID_PM)
+        if pm is not None and touched(pm + regs.PM_CTRL):
+            before = get(old, pm + regs.PM_CTRL, 2)
+            after = get(f.cfg, pm + regs.PM_CTRL, 2)
+            if (before & 3) == 3 and (after & 3) == 0 and not after & regs.PM_CTRL_NO_SOFT_RESET:
+                self._user_reset(f, "pm-user", now)
+
+    def _user_reset(self, f: _Fn, method: str, now: float) -> None:
+        hit = [f, *[v for v in f.virtfns if v.present]]
+        for g in hit:
+            self._power_on(g, now)
+        self.reset_log.append(ResetRecord(method, f.addr, frozenset(g.addr for g in hit), now, now))
+
+    # -- resets -----------------------------------------------------------------------
+
+    def _take_faults(self, f: _Fn, kinds: set[str]) -> list[Fault]:
+        taken = [x for x in f.faults if x.kind in kinds]
+        f.faults = [x for x in f.faults if x.kind not in kinds or x.persistent]
+        return taken
+
+    def _power_on(self, f: _Fn, now: float) -> None:
+        """f goes through a conventional reset: power-on config, ready after its ready time."""
+        extra = 0.0
+        f.never_ready = False
+        for fault in self._take_faults(f, {"crs", "slow", "new_identity"}):
+            if fault.kind == "crs" and fault.seconds is None:
+                f.never_ready = True
+            elif fault.kind in ("crs", "slow"):
+                extra += fault.seconds or 0.0
+            else:
+                self._new_identity(f, fault)
+        f.cfg = bytearray(f.img.por)
+        f.ready_at = now + (f.spec.ready_ms / 1000.0 + extra) * self.time_scale
+
+    def _new_identity(self, f: _Fn, fault: Fault) -> None:
+        update: dict[str, Any] = {}
+        if fault.device_id is not None:
+            update["device"] = fault.device_id
+        if fault.revision is not None:
+            update["revision"] = fault.revision
+        if fault.bar_sizes is not None:
+            slots = f.img.bars
+            sizes = {}
+            for k, v in fault.bar_sizes:
+                idx = slots[-1 - k].index if k < 0 and -1 - k < len(slots) else k
+                sizes[idx] = v
+            bars = []
+            for slot, bar in zip(slots, f.spec.bars, strict=False):
+                bars.append(bar.model_copy(update={"size": sizes.get(slot.index, slot.size)}))
+            update["bars"] = tuple(bars)
+        spec = f.spec.model_copy(update=update)
+        img = build_image(spec, multifunction=f.multifunction, is_vf=f.physfn is not None)
+        if f.physfn is None:
+            f.img = img
+        else:
+            img.bars = f.img.bars
+            f.img = img
+        f.spec = spec
+        # The kernel's struct resource keeps the old start; the size follows the new BAR.
+        f.resources = self._resources(f)
+
+    async def _wait_ready(self, funcs: Sequence[_Fn], what: str) -> None:
+        """pci_dev_wait(): poll until the function answers, up to PCIE_RESET_READY_POLL_MS."""
+        deadline = self._now() + READY_POLL_LIMIT * self.time_scale
+        for f in funcs:
+            while not self._ready(f):
+                now = self._now()
+                if now >= deadline:
+                    raise ResetFailed(self._path(f.addr, "reset"),
+                                      f"not ready {int(READY_POLL_LIMIT * 1000)}ms after {what}; giving up")
+                target = deadline if f.never_ready else min(f.ready_at, deadline)
+                await asyncio.sleep(max(target - now, 0.0) + 1e-4)
+
+    def _slow_extra(self, funcs: Iterable[_Fn]) -> float:
+        extra = 0.0
+        for f in funcs:
+            for fault in f.faults:
+                if fault.kind == "slow":
+                    extra = max(extra, fault.seconds or 0.0)
+        return extra
+
+    def _restore(self, f: _Fn, saved: bytes) -> None:
+        """pci_restore_state(): write the saved state back; read-only bits keep their new value."""
+        if not self._ready(f):
+            return
+        for o in range(min(len(saved), f.img.size)):
+            wm = f.img.wmask[o]
+            f.cfg[o] = (f.cfg[o] & ~wm) | (saved[o] & wm)
+
+    def _check_eio(self, f: _Fn, attr: str) -> None:
+        if self._take_faults(f, {"eio"}):
+            raise ResetFailed(self._path(f.addr, attr), "Input/output error")
+
+    async def reset_function(self, addr: PciAddress, method: str | None = None) -> None:
+        f = self._get(addr)
+        if not f.reset_methods:
+            raise ResetFailed(self._path(addr, "reset"), "No such file or directory (no reset method)")
+        methods = f.reset_methods
+        if method is not None:
+            if method not in f.reset_methods:
+                raise ResetFailed(self._path(addr, "reset_method"),
+                                  f"Invalid argument: {method!r} is not one of {' '.join(f.reset_methods)}")
+            methods = (method,)
+        self._check_eio(f, "reset")
+        async with f.lock:  # device_lock(): resets of one function queue up
+            f.block_cfg()
+            saved = bytes(f.cfg)
+            start = self._now()
+            try:
+                for m in methods:
+                    hit = await self._do_method(f, m)
+                    if hit is not None:
+                        self.reset_log.append(ResetRecord(
+                            m, f.addr, frozenset(g.addr for g in hit), start, self._now()))
+                        return
+                raise ResetFailed(self._path(addr, "reset"), "Inappropriate ioctl for device")
+            finally:
+                self._restore(f, saved)
+                f.unblock_cfg()
+
+    async def _do_method(self, f: _Fn, m: str) -> list[_Fn] | None:
+        """Run one reset method on f; None = ENOTTY (try the next one)."""
+        slow = self._slow_extra([f])
+        if m in ("flr", "af_flr", "device_specific"):
+            if m == "flr" and not get(f.cfg, (f.cap(regs.CAP_ID_EXP) or 0) + regs.EXP_DEVCAP, 4) \
+                    & regs.EXP_DEVCAP_FLR:
+                return None
+            self._power_on(f, self._now())
+            await self.sleep({"flr": FLR_WAIT, "af_flr": AF_FLR_WAIT}.get(m, DEVICE_SPECIFIC_WAIT) + slow)
+            await self._wait_ready([f], m.upper() if m != "device_specific" else "device-specific reset")
+            return [f]
+        if m == "pm":
+            pm = f.cap(regs.CAP_ID_PM)
+            if pm is None or get(f.cfg, pm + regs.PM_CTRL, 2) & regs.PM_CTRL_NO_SOFT_RESET:
+                return None
+            await self.sleep(PM_D3HOT_DELAY)
+            self._power_on(f, self._now())  # D3hot -> D0 with No_Soft_Reset clear
+            await self.sleep(PM_D3HOT_DELAY + slow)
+            await self._wait_ready([f], "PM D3hot->D0")
+            return [f]
+        if m == "bus":
+            parent = f.parent
+            if parent is None or f.is_bridge:
+                return None  # root bus, or dev->subordinate
+            slot = parent.spec.slot
+            slot_ok = slot is not None and slot.hotplug and not f.multifunction
+            alone = all(g is f or not g.present for g in parent.children)
+            if not (slot_ok or alone):
+                return None
+            hit = self._below(parent)
+            await self._secondary_bus_reset(parent, hit, slow)
+            return hit
+        return None
+
+    async def _secondary_bus_reset(self, bridge: _Fn, hit: list[_Fn], slow: float) -> None:
+        """pci_reset_secondary_bus() + pci_bridge_wait_for_secondary_bus()."""
+        bc = get(bridge.cfg, regs.BRIDGE_CONTROL, 2)
+        bridge.cfg[regs.BRIDGE_CONTROL] = (bc | regs.BRIDGE_CTL_BUS_RESET) & 0xFF
+        await self.sleep(SBR_ASSERT)
+        bridge.cfg[regs.BRIDGE_CONTROL] = bc & ~regs.BRIDGE_CTL_BUS_RESET & 0xFF
+        now = self._now()
+        for g in hit:
+            self._power_on(g, now)
+        conventional = bridge.spec.type in ("pcie_pci_bridge", "pci_bridge")
+        await self.sleep((SBR_WAIT_CONVENTIONAL if conventional else SBR_WAIT_PCIE) + slow)
+        await self._wait_ready(hit, "bus reset")
+
+    async def reset_subordinate(self, bridge: PciAddress) -> None:
+        b = self._get(bridge)
+        if not (b.is_bridge and b.spec.reset_subordinate):
+            raise HostError(self._path(bridge, "reset_subordinate"), "No such file or directory")
+        self._check_eio(b, "reset_subordinate")
+        hit = self._below(b)
+        locks = [g.lock for g in [b, *hit]]
+        # __pci_reset_bus(): pci_bus_trylock(); contention is EAGAIN, not a wait.
+        if any(lk.locked() for lk in locks):
+            raise ResetFailed(self._path(bridge, "reset_subordinate"), "Resource temporarily unavailable")
+        for lk in locks:
+            await lk.acquire()
+        start = self._now()
+        saved = {g: bytes(g.cfg) for g in hit}
+        for g in hit:
+            g.block_cfg()
+        try:
+            await self._secondary_bus_reset(b, hit, self._slow_extra(hit))
+        finally:
+            for g in hit:  # pci_bus_restore_locked(): parents before children
+                self._restore(g, saved[g])
+                g.unblock_cfg()
+            for lk in locks:
+                lk.release()
+        self.reset_log.append(ResetRecord("subordinate", b.addr, frozenset(g.addr for g in hit),
+                                          start, self._now()))
+
+    # -- remove / rescan / bind ---------------------------------------------------------
+
+    async def remove(self, addr: PciAddress) -> None:
+        f = self._get(addr)
+        for g in [f, *f.virtfns, *self._below(f)] if f.is_bridge else [f, *f.virtfns]:
+            g.present = False
+            g.driver = None
+
+    async def rescan(self, bridge: PciAddress | None = None) -> None:
+        if bridge is None:
+            scope = list(self._order)
+        else:
+            scope = self._below(self._get(bridge)) + [
+                g for g in self._order if g.parent is self._fns[bridge] and not g.present]
+        for g in sorted(set(scope), key=lambda x: x.order):
+            if g.present or (g.parent is not None and not g.parent.present):
+                continue
+            if g.physfn is not None and not g.physfn.present:
+                continue
+            if not self._reachable(g) or not self._ready(g):
+                continue
+            g.present = True
+            # A new struct pci_dev: IDs re-read, unassigned BARs get their addresses back.
+            for slot in g.img.bars:
+                off = regs.BASE_ADDRESS_0 + 4 * slot.index
+                if g.physfn is None and get(g.cfg, off, 4) & ~0xF == 0:
+                    addr = g.asg.bar_addr.get(slot.index, 0)
+                    g.cfg[off:off + 4] = ((addr & 0xFFFFFFFF) | slot.low_bits).to_bytes(4, "little")
+                    if slot.type == "mem64":
+                        g.cfg[off + 4:off + 8] = (addr >> 32).to_bytes(4, "little")
+            g.ids = self._read_ids(g)
+            g.resources = self._resources(g)
+            g.driver = g.driver_override or g.spec.driver
+
+    async def bind(self, addr: PciAddress, driver: str | None) -> None:
+        f = self._get(addr)
+        f.driver_override = driver
+        native = f.spec.native_driver or (f.spec.driver if f.spec.driver != "vfio-pci" else None)
+        f.driver = driver if driver is not None else native
+
+    async def slots(self) -> list[SlotInfo]:
+        out = []
+        for f in self._order:
+            if f.spec.slot is not None and f.present:
+                addr = f"{f.addr.domain:04x}:{f.asg.secondary:02x}:00"
+                out.append(SlotInfo(f.spec.slot.name, addr, f.spec.slot.hotplug))
+        return out
+
+    async def has_iommu_groups(self) -> bool:
+        return self.iommu
+
+    # -- test hooks ---------------------------------------------------------------------
+
+    def inject(self, addr: PciAddress, fault: Fault) -> None:
+        """Make the next reset that hits ``addr`` misbehave (see :class:`Fault`)."""
+        self._get(addr).faults.append(fault)
+
+    def clear_faults(self) -> None:
+        for f in self._order:
+            f.faults.clear()
+
+    def set_driver(self, addr: PciAddress, name: str | None) -> None:
+        self._get(addr).driver = name
+
+    def write_count(self, addr: PciAddress | None = None) -> int:
+        return sum(1 for w in self.config_writes if addr is None or w.addr == addr)
+
+    def address_of(self, name: str) -> PciAddress:
+        """The address the topology's function ``name`` was enumerated at."""
+        try:
+            return self._by_name[name].addr
+        except KeyError:
+            raise NoSuchFunction(f"{self.name}:{name}", "no function has that name") from None
+
+    def names(self) -> dict[str, PciAddress]:
+        return {n: f.addr for n, f in self._by_name.items()}
+
+    def config_now(self, addr: PciAddress) -> bytes:
+        """What a config read would return right now (no waiting): for write_tree and tests."""
+        return self._view(self._get(addr))
+
+    # -- sysfs tree ---------------------------------------------------------------------
+
+    def write_tree(self, root: Path) -> None:
+        """Write a sysfs-shaped snapshot under ``root`` (see qreset.pci.sim_tree)."""
+        from qreset.pci.sim_tree import write_tree
+
+        write_tree(self, Path(root))
+
