@@ -439,6 +439,22 @@ def _broken_chains() -> dict[str, bytes]:
             "low_bits": low_bits.bytes(), "no_ext": no_ext.bytes()}
 
 
+def _other_headers() -> dict[str, bytes]:
+    """Headers where the capability pointer is not at 0x34, or absent."""
+    # CardBus: the list starts at 0x14 (PCI_CB_CAPABILITY_LIST); a decoy list
+    # hangs off 0x34, which a decoder that ignores the header type would walk.
+    cardbus = Cfg(regs.CFG_SPACE_SIZE, header=regs.HEADER_TYPE_CARDBUS, class_code=0x060700)
+    cardbus.caps([(regs.CAP_ID_PM, 0x80), (regs.CAP_ID_MSI, 0x90)])
+    cardbus.w8(regs.CAPABILITY_LIST, 0xA0).w8(0xA0, regs.CAP_ID_EXP)
+    # Header type 5 does not exist: no capability list at all.
+    unknown = Cfg(regs.CFG_SPACE_SIZE, header=0x05).caps([(regs.CAP_ID_PM, 0x40)])
+    # PCI-X (no PCIe capability) with 4096 bytes: both walk the extended list.
+    pcix = Cfg(vendor=0x1077, device=0x2432, class_code=0x0C0400)
+    pcix.caps([(regs.CAP_ID_PCIX, 0x40), (regs.CAP_ID_MSI, 0x50)])
+    pcix.ext([(regs.EXT_CAP_ID_ERR, 0x100, 1), (regs.EXT_CAP_ID_DSN, 0x140, 1)])
+    return {"cardbus": cardbus.bytes(), "unknown": unknown.bytes(), "pcix": pcix.bytes()}
+
+
 def u32_with_next(c: Cfg, off: int, nxt: int) -> int:
     """The header at ``off`` with its next field replaced by ``nxt`` (any low bits)."""
     header = int.from_bytes(c.b[off:off + 4], "little")
@@ -455,11 +471,17 @@ def test_hand_made_config_spaces_decode_like_lspci(tmp_path: Path) -> None:
     }
     for n, data in enumerate(_broken_chains().values()):
         functions[PciAddress(0, 0x10, n, 0)] = data
+    others = _other_headers()
+    for n, data in enumerate(others.values()):
+        functions[PciAddress(0, 0x20, n, 0)] = data
     compared = check_all(functions, tmp_path)
     assert compared >= 60
     # The hand-made lists are also known independently of both decoders.
     assert len(parse_config(functions[PciAddress.parse("01:00.0")]).ext_capabilities) == 15
     assert len(parse_config(conventional).capabilities) == 12
+    assert [c.offset for c in parse_config(others["cardbus"]).capabilities] == [0x80, 0x90]
+    assert parse_config(others["unknown"]).capabilities == ()
+    assert len(parse_config(others["pcix"]).ext_capabilities) == 2
 
 
 def test_short_reads_of_hand_made_spaces(tmp_path: Path) -> None:
