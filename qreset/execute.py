@@ -178,6 +178,7 @@ class DomainResult:
     error: str | None = None
     phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     functions: list[FunctionOutcome] = field(default_factory=list)
+    #: When the domain got its locks and when it finished, seconds since the run began.
     start: float = 0.0
     end: float = 0.0
 
@@ -284,10 +285,11 @@ class _DomainRun:
 
     async def run(self) -> None:
         d = self.domain
-        self.result.start = self.loop.time() - self.t0
         try:
             start = self.loop.time()
             async with self.ex.locks.hold(d):
+                # ``start``/``end`` bound the time the domain held its locks.
+                self.result.start = self.loop.time() - self.t0
                 self.result.phases["lock"] = waited = self.loop.time() - start
                 if waited > 0.001:
                     self.emit("lock", f"acquired after {waited * 1000:.1f} ms")
