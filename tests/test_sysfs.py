@@ -30,6 +30,17 @@ from qreset.pci.config import parse_config
 from qreset.pci.host import Resource, SlotInfo
 from qreset.pci.sysfs import DEFAULT_WORKERS, SysfsHost
 from tests.conftest import SIM_DIR
+from tests.lab.labhost import (
+    LAB,
+    SKIP_REASON,
+    KernelLog,
+    Roles,
+    bind_vfio,
+    enable_kernel_witnesses,
+    iommu_group,
+)
+from tests.lab.labhost import driver as lab_driver
+from tests.lab.labhost import reset_methods as lab_reset_methods
 from tests.test_config import Cfg
 
 A = PciAddress.parse
@@ -584,3 +595,117 @@ async def test_sim_written_tree_reads_back_identically(topology: Path | None, tm
     finally:
         await real.close()
         await sim.close()
+
+
+# -- (d) the real kernel, inside the lab VM (scripts/lab/run -m lab tests/test_sysfs.py) --------
+
+lab = pytest.mark.skipif(not LAB, reason=SKIP_REASON)
+
+
+@pytest.mark.lab
+@lab
+async def test_lab_info_agrees_with_the_kernel() -> None:
+    roles = Roles.discover()
+    h = SysfsHost()
+    try:
+        addrs = await h.functions()
+        assert set(roles.by_role.values()) <= set(addrs)
+        assert await h.has_iommu_groups()
+        for addr in addrs:
+            info = await h.info(addr)
+            assert info.driver == lab_driver(addr)
+            assert info.iommu_group == iommu_group(addr)
+            assert list(info.reset_methods) == lab_reset_methods(addr)
+            assert info.has_reset == bool(info.reset_methods)
+        parents = {"virtio1": "rp_virtio1", "e1000e": "rp_e1000e", "switch_dn1": "switch_up",
+                   "sw_e1000e": "switch_dn1", "mf1": "rp_multifn", "pci_serial": "pcibridge"}
+        for child, parent in parents.items():
+            assert (await h.info(roles[child])).parent == roles[parent], child
+        assert (await h.info(roles["rp_virtio1"])).parent is None
+        # Config space: full size as root, and the reset methods the kernel
+        # probed are the ones the config space advertises (pcie_has_flr, pci_pm_reset).
+        assert len(await h.read_config(roles["virtio1"])) == 4096
+        assert len(await h.read_config(roles["pci_e1000"])) == 256
+        for addr in roles.endpoints():
+            cfg = parse_config(await h.read_config(addr))
+            methods = lab_reset_methods(addr)
+            assert ("flr" in methods) == cfg.has_flr, (addr, methods)
+            assert ("pm" in methods) == cfg.has_pm_reset, (addr, methods)
+    finally:
+        await h.close()
+
+
+@pytest.mark.lab
+@lab
+async def test_lab_reset_runs_the_chosen_method() -> None:
+    """Narrowing reset_method makes the kernel run exactly that method; the list comes back."""
+    roles = Roles.discover()
+    probes = enable_kernel_witnesses()
+    witness = {"flr": "qreset_flr:", "pm": "qreset_pm:", "bus": "qreset_sbr:"}
+    h = SysfsHost()
+    try:
+        for role in ("virtio1", "e1000e"):
+            addr = roles[role]
+            bind_vfio(addr)
+            before = lab_reset_methods(addr)
+            assert before, f"{role} has no reset methods"
+            for method in before:
+                log = KernelLog(f"sysfs-reset {role} {method}")
+                await h.reset_function(addr, method)
+                lines = log.lines()
+                assert lab_reset_methods(addr) == before
+                fired = {m for m, w in witness.items() if any(w in line for line in lines)}
+                if {f"qreset_{'sbr' if method == 'bus' else method}"} <= set(probes):
+                    assert fired == {method}, f"{role} {method}: witnesses {fired}\n" + "\n".join(lines)
+            with pytest.raises(ResetFailed, match="is not enabled"):
+                await h.reset_function(addr, "af_flr")
+    finally:
+        await h.close()
+
+
+@pytest.mark.lab
+@lab
+async def test_lab_resets_overlap() -> None:
+    """Four FLRs (100 ms sleep each in pcie_flr) in parallel take about as long as one."""
+    roles = Roles.discover()
+    targets = [roles[r] for r in ("virtio1", "virtio2", "nvme1", "nvme2")]
+    for addr in targets:
+        bind_vfio(addr)
+    h = SysfsHost()
+    try:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for addr in targets:
+            await h.reset_function(addr, "flr")
+        serial = loop.time() - t0
+        t0 = loop.time()
+        await asyncio.gather(*(h.reset_function(addr, "flr") for addr in targets))
+        parallel = loop.time() - t0
+    finally:
+        await h.close()
+    print(f"4 FLRs: serial {serial * 1000:.0f} ms, parallel {parallel * 1000:.0f} ms")
+    assert serial >= 0.4  # msleep(100) per FLR
+    assert parallel < serial * 0.75
+
+
+@pytest.mark.lab
+@lab
+async def test_lab_config_writes_and_errors() -> None:
+    roles = Roles.discover()
+    addr = roles["pci_e1000"]
+    h = SysfsHost()
+    try:
+        original = (await h.read_config(addr))[0x3C]
+        # Interrupt Line is a scratch register for software (PCI 3.0 sec 6.2.4).
+        await h.write_config(addr, 0x3C, bytes([original ^ 0x5A]))
+        assert (await h.read_config(addr))[0x3C] == original ^ 0x5A
+        await h.write_config(addr, 0x3C, bytes([original]))
+        assert (await h.read_config(addr))[0x3C] == original
+        # Past a conventional function's 256 bytes the kernel writes nothing.
+        with pytest.raises(HostError, match=r"config: short write at 0x100: 0 of 4 bytes"):
+            await h.write_config(addr, 0x100, b"\0\0\0\0")
+        # Linux 6.1 has no reset_subordinate.
+        with pytest.raises(ResetFailed, match="reset_subordinate: missing"):
+            await h.reset_subordinate(roles["rp_e1000e"])
+    finally:
+        await h.close()
