@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from qreset.diff import Change, diff_config
-from qreset.restore import plan_writes
+from qreset.pci.address import PciAddress
+from qreset.pci.sim import Fault, SimHost
+from qreset.restore import plan_writes, restore
 from tests.test_diff import AER, BASE, EXP, LTR, MSI, PM, RES, SRIOV, changed, endpoint
 
 
@@ -69,3 +73,49 @@ def test_nothing_for_identity_absent_or_none() -> None:
     volatile = diff_config(BASE, changed(BASE, (0x06, 2, 0x0018)), RES, RES)
     assert volatile.change is Change.NONE
     assert plan_writes(volatile) == []
+
+
+# -- against the simulated host ---------------------------------------------------------
+
+
+async def _sbr(host: SimHost, bridge: PciAddress) -> None:
+    """A bare userspace secondary bus reset (no restore) and the PCIe wait."""
+    ctrl = int.from_bytes(host.config_now(bridge)[0x3E:0x40], "little")
+    await host.write_config(bridge, 0x3E, (ctrl | 0x40).to_bytes(2, "little"))
+    await host.sleep(0.002)
+    await host.write_config(bridge, 0x3E, ctrl.to_bytes(2, "little"))
+    await host.sleep(1.0)
+
+
+async def test_restore_on_sim_writes_in_order_and_verifies(sim_dir: Path) -> None:
+    host = SimHost.from_toml(sim_dir / "gpu-audio.toml", time_scale=0.001)
+    rp, gpu = host.address_of("rp1"), host.address_of("gpu")
+    before = await host.read_config(gpu)
+    res_before = (await host.info(gpu)).resources
+    await _sbr(host, rp)
+    after = await host.read_config(gpu)
+    d = diff_config(before, after, res_before, (await host.info(gpu)).resources)
+    assert d.change is Change.STATE
+    host.config_writes.clear()
+    result = await restore(host, gpu, before, d, res_before, (await host.info(gpu)).resources)
+    assert result.verified
+    assert result.remaining == ()
+    # Exactly the planned writes, in that order, each at its register's width.
+    assert [(w.offset, len(w.data)) for w in host.config_writes] == \
+        [(w.offset, w.size) for w in plan_writes(d)]
+    assert result.writes == len(host.config_writes)
+    assert host.config_now(gpu)[0x08:0x40] == before[0x08:0x40]
+
+
+async def test_restore_on_sim_writes_nothing_for_identity(sim_dir: Path) -> None:
+    host = SimHost.from_toml(sim_dir / "gpu-audio.toml", time_scale=0.001)
+    rp, gpu = host.address_of("rp1"), host.address_of("gpu")
+    before = await host.read_config(gpu)
+    host.inject(gpu, Fault.new_identity(device_id=0x2222))
+    await _sbr(host, rp)
+    d = diff_config(before, await host.read_config(gpu))
+    assert d.change is Change.IDENTITY
+    host.config_writes.clear()
+    result = await restore(host, gpu, before, d)
+    assert (result.writes, result.verified) == (0, False)
+    assert host.write_count(gpu) == 0
