@@ -1,0 +1,551 @@
+"""The simulated PCI host: topologies, kernel rules, reset semantics, faults, timing, sysfs tree."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from qreset.errors import ConfigError, HostError, NoSuchFunction, ResetFailed
+from qreset.pci import regs
+from qreset.pci.address import PciAddress
+from qreset.pci.config import parse_config, u16, u32
+from qreset.pci.sim import Fault, SimHost
+from tests.conftest import SIM_DIR
+
+SCALE = 0.01  # 100 ms of host time = 1 ms of wall time
+TOPOLOGIES = sorted(SIM_DIR.glob("*.toml"))
+
+
+def sim(name: str, scale: float = SCALE) -> SimHost:
+    return SimHost.from_toml(SIM_DIR / f"{name}.toml", time_scale=scale)
+
+
+async def bridge_ctl(host: SimHost, bridge: PciAddress, value: int) -> None:
+    await host.write_config(bridge, regs.BRIDGE_CONTROL, value.to_bytes(2, "little"))
+
+
+async def user_sbr(host: SimHost, bridge: PciAddress) -> None:
+    """Assert then release Secondary Bus Reset the way userspace would (2 ms host time)."""
+    ctl = u16(await host.read_config(bridge), regs.BRIDGE_CONTROL)
+    await bridge_ctl(host, bridge, ctl | regs.BRIDGE_CTL_BUS_RESET)
+    await host.sleep(0.002)
+    await bridge_ctl(host, bridge, ctl)
+
+
+# -- loading -------------------------------------------------------------------------------
+
+
+def test_six_topologies_exist() -> None:
+    names = {p.stem for p in TOPOLOGIES}
+    assert {"gpu-audio", "switch", "conventional", "sriov", "nic-flr", "demo"} <= names
+
+
+@pytest.mark.parametrize("path", TOPOLOGIES, ids=lambda p: p.stem)
+async def test_every_topology_loads_and_parses(path: Path) -> None:
+    host = SimHost.from_toml(path, time_scale=0.0)
+    addrs = await host.functions()
+    assert addrs == sorted(addrs)
+    assert len(addrs) >= 3
+    for addr in addrs:
+        info = await host.info(addr)
+        cfg = parse_config(await host.read_config(addr))
+        assert cfg.present, addr
+        assert not cfg.problems, (addr, cfg.problems)
+        assert (cfg.vendor_id, cfg.device_id) == (info.vendor, info.device)
+        assert len(cfg.raw) == (4096 if cfg.find_cap(regs.CAP_ID_EXP) else 256)
+        if cfg.is_bridge:
+            assert len(info.resources) == 17
+            assert cfg.secondary_bus is not None
+            assert cfg.secondary_bus > addr.bus
+        else:
+            assert len(info.resources) == 13
+        if info.parent is not None:
+            pcfg = parse_config(await host.read_config(info.parent))
+            assert pcfg.secondary_bus is not None
+            assert pcfg.subordinate_bus is not None
+            assert pcfg.secondary_bus <= addr.bus <= pcfg.subordinate_bus
+        # Methods the config space allows are the ones listed (before "bus").
+        function_level = [m for m in info.reset_methods if m != "bus"]
+        expect = [m for m, ok in (("flr", cfg.has_flr), ("af_flr", cfg.has_af_flr),
+                                  ("pm", cfg.has_pm_reset)) if ok]
+        assert [m for m in function_level if m != "device_specific"] == expect, addr
+
+
+def test_bus_numbers_are_depth_first() -> None:
+    host = sim("switch")
+    names = host.names()
+    assert str(names["rp1"]) == "0000:00:01.0"
+    assert str(names["up"]) == "0000:01:00.0"
+    assert [names[f"dp{i}"].bus for i in range(1, 5)] == [2, 2, 2, 2]
+    assert [names[n].bus for n in ("nvme1", "nic2", "gpu3", "usb4")] == [3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(("patch", "key"), [
+    ({"type": "gadget"}, "function[1] ('rp1').type"),
+    ({"bars": [{"size": 3000}]}, "function[1] ('rp1').bars[0]"),
+    ({"parent": "nowhere"}, "function[1] ('rp1').parent"),
+    ({"dev": 40}, "function[1] ('rp1').dev"),
+    ({"flavour": 1}, "function[1] ('rp1').flavour"),
+])
+def test_bad_topology_names_file_and_key(patch: dict[str, object], key: str) -> None:
+    data: dict[str, object] = {"function": [
+        {"name": "hb", "type": "pci_device", "dev": 0, "vendor": 0x8086, "device": 1, "class": 0x060000},
+        {"name": "rp1", "type": "root_port", "dev": 1, **patch},
+    ]}
+    with pytest.raises(ConfigError) as exc:
+        SimHost.from_dict(data, "t.toml")
+    assert exc.value.where == f"t.toml:{key}"
+    assert "\n" not in str(exc.value)
+
+
+def test_bad_toml_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[function]\nname = 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
+        SimHost.from_toml(bad)
+    with pytest.raises(ConfigError, match="No such file"):
+        SimHost.from_toml(tmp_path / "missing.toml")
+
+
+def test_endpoint_on_switch_upstream_rejected() -> None:
+    data = {"function": [
+        {"name": "rp", "type": "root_port", "dev": 1},
+        {"name": "up", "type": "upstream_port", "parent": "rp"},
+        {"name": "ep", "type": "endpoint", "parent": "up", "vendor": 1, "device": 2, "class": 0},
+    ]}
+    with pytest.raises(ConfigError, match=r"function\[2\] \('ep'\)\.parent: a endpoint cannot sit on"):
+        SimHost.from_dict(data, "x")
+
+
+# -- kernel rules: reset_method and IOMMU groups ------------------------------------------------
+
+
+async def test_reset_methods_follow_enumeration_time_rules() -> None:
+    host = sim("switch")
+    n = host.names()
+    methods = {k: (await host.info(a)).reset_methods for k, a in n.items()}
+    assert methods["rp1"] == ()                      # root bus, PM with No_Soft_Reset
+    assert methods["up"] == ("pm", "bus") or methods["up"] == ("bus",)
+    assert "bus" in methods["dp1"]                   # first on bus 2 when probed (6.1 lab: [flr bus])
+    assert "bus" not in methods["dp2"]               # dp1 was already on the bus
+    assert methods["nvme1"] == ("flr", "pm", "bus")
+    host2 = sim("gpu-audio")
+    gpu, audio = host2.address_of("gpu"), host2.address_of("gpu-audio")
+    assert (await host2.info(gpu)).reset_methods == ("bus",)   # alone when probed
+    assert (await host2.info(audio)).reset_methods == ()
+    assert not (await host2.info(audio)).has_reset
+
+
+async def test_bus_method_is_rechecked_when_used() -> None:
+    host = sim("gpu-audio")
+    gpu = host.address_of("gpu")
+    with pytest.raises(ResetFailed, match="Inappropriate ioctl"):
+        await host.reset_function(gpu)
+    with pytest.raises(ResetFailed, match="Invalid argument"):
+        await host.reset_function(gpu, "flr")
+    sw = sim("switch")
+    with pytest.raises(ResetFailed, match="Inappropriate ioctl"):
+        await sw.reset_function(sw.address_of("dp1"), "bus")  # dev->subordinate
+    assert sw.reset_log == []
+
+
+async def test_iommu_groups() -> None:
+    sw = sim("switch")
+    n = sw.names()
+    g = {k: (await sw.info(a)).iommu_group for k, a in n.items()}
+    assert len({g["rp1"], g["up"], g["dp1"], g["nvme1"], g["nic2"], g["gpu3"]}) == 6
+    assert g["usb4"] == g["dp4"]                     # no ACS on dp4
+    conv = sim("conventional")
+    c = {k: (await conv.info(a)).iommu_group for k, a in conv.names().items()}
+    assert c["nic"] == c["firewire"] == c["bridge"] != c["rp"]  # DMA alias of the PCIe-to-PCI bridge
+    ga = sim("gpu-audio")
+    assert (await ga.info(ga.address_of("gpu"))).iommu_group == \
+        (await ga.info(ga.address_of("gpu-audio"))).iommu_group  # multifunction without ACS
+    sr = sim("sriov")
+    vfs = (await sr.info(sr.address_of("pf"))).virtfns
+    groups = {(await sr.info(v)).iommu_group for v in vfs}
+    assert len(vfs) == 4
+    assert len(groups) == 4
+    for v in vfs:
+        assert (await sr.info(v)).physfn == sr.address_of("pf")
+
+
+async def test_iommu_group_override_and_off() -> None:
+    data = {"host": {"iommu": False}, "function": [
+        {"name": "rp", "type": "root_port", "dev": 1, "acs": True},
+        {"name": "ep", "type": "endpoint", "parent": "rp", "vendor": 1, "device": 2, "class": 0,
+         "iommu_group": 42},
+    ]}
+    host = SimHost.from_dict(data, "x")
+    assert not await host.has_iommu_groups()
+    assert (await host.info(host.address_of("ep"))).iommu_group is None
+    host.iommu = True
+    assert (await host.info(host.address_of("ep"))).iommu_group == 42
+
+
+# -- write masks --------------------------------------------------------------------------------
+
+
+async def test_read_only_registers_ignore_writes() -> None:
+    host = sim("nic-flr")
+    nic = host.address_of("nic")
+    before = await host.read_config(nic)
+    for off in (regs.VENDOR_ID, regs.DEVICE_ID, regs.CLASS_REVISION, regs.SUBSYSTEM_VENDOR_ID):
+        await host.write_config(nic, off, b"\x55\xaa")
+    cfg = parse_config(before)
+    exp = cfg.find_cap(regs.CAP_ID_EXP)
+    assert exp is not None
+    await host.write_config(nic, exp.offset + regs.EXP_DEVCAP, b"\x00\x00\x00\x00")
+    after = await host.read_config(nic)
+    assert after == before
+    assert host.write_count(nic) == 5
+
+
+async def test_bar_sizing_and_status_w1c() -> None:
+    host = sim("nic-flr")
+    nic = host.address_of("nic")
+    orig = u32(await host.read_config(nic), regs.BASE_ADDRESS_0)
+    await host.write_config(nic, regs.BASE_ADDRESS_0, b"\xff\xff\xff\xff")
+    assert u32(await host.read_config(nic), regs.BASE_ADDRESS_0) == 0xFFFE0000  # 128K, mem32
+    await host.write_config(nic, regs.BASE_ADDRESS_0, orig.to_bytes(4, "little"))
+    assert u32(await host.read_config(nic), regs.BASE_ADDRESS_0) == orig
+    info = await host.info(nic)
+    assert info.resources[0].size == 128 * 1024
+    assert info.resources[0].start == orig & ~0xF
+    # 64-bit prefetchable BAR: both halves size.
+    gh = sim("gpu-audio")
+    gpu = gh.address_of("gpu")
+    await gh.write_config(gpu, 0x14, b"\xff\xff\xff\xff")
+    await gh.write_config(gpu, 0x18, b"\xff\xff\xff\xff")
+    raw = await gh.read_config(gpu)
+    assert (u32(raw, 0x14), u32(raw, 0x18)) == (0xF000000C, 0xFFFFFFFF)  # 256M
+    # Status error bits are write-1-to-clear, the capability-list bit is read-only.
+    await host.write_config(nic, regs.STATUS, b"\xff\xff")
+    assert u16(await host.read_config(nic), regs.STATUS) == regs.STATUS_CAP_LIST
+
+
+async def test_bad_write_sizes_are_refused() -> None:
+    host = sim("nic-flr")
+    nic = host.address_of("nic")
+    with pytest.raises(HostError, match="Invalid argument"):
+        await host.write_config(nic, 0x05, b"\x00\x00")
+    with pytest.raises(HostError, match="Invalid argument"):
+        await host.write_config(nic, 0x04, b"\x00\x00\x00")
+    with pytest.raises(NoSuchFunction):
+        await host.read_config(PciAddress.parse("0000:09:00.0"))
+
+
+# -- kernel-path resets ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("topo", "name", "method"), [
+    ("nic-flr", "nic", None), ("nic-flr", "nic", "pm"), ("nic-flr", "nic", "bus"),
+    ("sriov", "pf.vf0", "flr"), ("switch", "gpu3", "pm"),
+])
+async def test_kernel_reset_leaves_config_identical(topo: str, name: str, method: str | None) -> None:
+    host = sim(topo)
+    addr = host.address_of(name)
+    everything = {a: await host.read_config(a) for a in await host.functions()}
+    await host.reset_function(addr, method)
+    for a, before in everything.items():
+        assert await host.read_config(a) == before, a
+    [rec] = host.reset_log
+    assert rec.method == (method or "flr")
+    assert rec.target == addr
+    assert addr in rec.affected
+    assert host.write_count() == 0
+
+
+async def test_kernel_reset_takes_the_kernel_delays() -> None:
+    host = sim("nic-flr", scale=0.1)
+    nic = host.address_of("nic")
+    for method, spec_s in (("flr", 0.100), ("pm", 0.020), ("bus", 0.102)):
+        t0 = time.monotonic()
+        await host.reset_function(nic, method)
+        took = time.monotonic() - t0
+        assert spec_s * 0.1 * 0.95 <= took < spec_s * 0.1 + 0.05, (method, took)
+
+
+async def test_reset_subordinate_restores_the_whole_tree() -> None:
+    host = sim("switch")
+    rp = host.address_of("rp1")
+    below = [a for a in await host.functions() if a.bus >= 1]
+    before = {a: await host.read_config(a) for a in below}
+    await host.reset_subordinate(rp)
+    assert {a: await host.read_config(a) for a in below} == before
+    [rec] = host.reset_log
+    assert rec.method == "subordinate"
+    assert rec.affected == frozenset(below)
+    with pytest.raises(HostError, match="reset_subordinate"):
+        await host.reset_subordinate(host.address_of("dp2"))  # not enabled in the TOML
+
+
+async def test_conventional_bus_reset_waits_a_second() -> None:
+    host = sim("conventional", scale=0.02)
+    t0 = time.monotonic()
+    await host.reset_subordinate(host.address_of("bridge"))
+    assert time.monotonic() - t0 >= 1.0 * 0.02
+
+
+# -- userspace secondary bus reset ------------------------------------------------------------------
+
+
+async def test_user_sbr_clears_state_below_and_only_below() -> None:
+    host = sim("demo")
+    rp3 = host.address_of("rp3")
+    gpu, audio = host.address_of("gpu"), host.address_of("gpu-audio")
+    everything = {a: await host.read_config(a) for a in await host.functions()}
+    assert parse_config(everything[gpu]).command & regs.COMMAND_MEMORY
+    ctl = u16(everything[rp3], regs.BRIDGE_CONTROL)
+    await bridge_ctl(host, rp3, ctl | regs.BRIDGE_CTL_BUS_RESET)
+    assert await host.read_config(gpu) == b"\xff" * 4096  # held in reset: master abort
+    await host.sleep(0.002)
+    await bridge_ctl(host, rp3, ctl)
+    crs = parse_config(await host.read_config(gpu))
+    assert crs.vendor_id == regs.CRS_VENDOR_ID
+    assert not crs.present
+    await host.sleep(0.060)  # gpu ready_ms = 50
+    for a, before in everything.items():
+        now = await host.read_config(a)
+        if a in (gpu, audio):
+            cfg, old = parse_config(now), parse_config(before)
+            assert (cfg.vendor_id, cfg.device_id) == (old.vendor_id, old.device_id)
+            assert cfg.command == 0
+            assert all(b & ~0xF == 0 for b in cfg.bars)
+            assert old.command != 0
+            assert any(b & ~0xF for b in old.bars)
+        else:
+            assert now == before, a
+    rec = host.reset_log[-1]
+    assert rec.method == "sbr"
+    assert rec.target == rp3
+    assert rec.affected == {gpu, audio}
+    assert rec.end - rec.start >= 0.002 * SCALE
+    # sysfs resource keeps the kernel's assignment although the BARs read 0.
+    assert (await host.info(gpu)).resources[0].start != 0
+
+
+async def test_user_sbr_above_a_switch_hides_what_is_behind_it() -> None:
+    host = sim("switch")
+    rp, up, nvme = host.address_of("rp1"), host.address_of("up"), host.address_of("nvme1")
+    saved_up = await host.read_config(up)
+    await user_sbr(host, rp)
+    await host.sleep(0.05)
+    assert parse_config(await host.read_config(up)).secondary_bus == 0
+    assert await host.read_config(nvme) == b"\xff" * 4096
+    # Restoring the bridges' bus numbers top-down makes the endpoint reachable again.
+    await host.write_config(up, regs.PRIMARY_BUS, saved_up[regs.PRIMARY_BUS:regs.PRIMARY_BUS + 4])
+    dp1 = host.address_of("dp1")
+    assert parse_config(await host.read_config(dp1)).present
+    assert await host.read_config(nvme) == b"\xff" * 4096  # dp1 still has no bus numbers
+    assert len(host.reset_log[-1].affected) == 9
+
+
+async def test_user_flr_through_devctl() -> None:
+    host = sim("nic-flr")
+    nic = host.address_of("nic")
+    raw = await host.read_config(nic)
+    exp = parse_config(raw).find_cap(regs.CAP_ID_EXP)
+    assert exp is not None
+    devctl = u16(raw, exp.offset + regs.EXP_DEVCTL)
+    await host.write_config(nic, exp.offset + regs.EXP_DEVCTL,
+                            (devctl | regs.EXP_DEVCTL_BCR_FLR).to_bytes(2, "little"))
+    await host.sleep(0.02)
+    cfg = parse_config(await host.read_config(nic))
+    assert cfg.present
+    assert cfg.command == 0
+    assert host.reset_log[-1].method == "flr-user"
+
+
+# -- faults -------------------------------------------------------------------------------------------
+
+
+async def test_fault_crs_then_ready() -> None:
+    host = sim("gpu-audio", scale=0.05)
+    rp, gpu = host.address_of("rp1"), host.address_of("gpu")
+    host.inject(gpu, Fault.crs(0.5))
+    await user_sbr(host, rp)
+    await host.sleep(0.2)
+    assert u16(await host.read_config(gpu), 0) == regs.CRS_VENDOR_ID
+    await host.sleep(0.5)
+    assert u16(await host.read_config(gpu), 0) == 0x10DE
+    # one-shot: the next reset is normal
+    await user_sbr(host, rp)
+    await host.sleep(0.06)
+    assert u16(await host.read_config(gpu), 0) == 0x10DE
+
+
+async def test_fault_crs_forever_fails_kernel_reset_in_bounded_time() -> None:
+    host = sim("nic-flr", scale=0.001)
+    nic = host.address_of("nic")
+    host.inject(nic, Fault.crs(None))
+    t0 = time.monotonic()
+    with pytest.raises(ResetFailed, match="not ready 60000ms after FLR"):
+        await host.reset_function(nic)
+    assert time.monotonic() - t0 < 1.0
+    assert u16(await host.read_config(nic), 0) == regs.CRS_VENDOR_ID
+
+
+async def test_fault_eio_changes_nothing() -> None:
+    host = sim("nic-flr")
+    nic = host.address_of("nic")
+    before = await host.read_config(nic)
+    host.inject(nic, Fault.eio(persistent=True))
+    for _ in range(2):
+        with pytest.raises(ResetFailed, match="Input/output error"):
+            await host.reset_function(nic)
+    assert await host.read_config(nic) == before
+    assert host.reset_log == []
+    host.clear_faults()
+    await host.reset_function(nic)
+    assert len(host.reset_log) == 1
+
+
+async def test_fault_new_identity_survives_the_kernel_restore() -> None:
+    host = sim("nic-flr")
+    nic = host.address_of("nic")
+    host.inject(nic, Fault.new_identity(device_id=0x1536, revision=0x04, bar_sizes={0: 256 * 1024}))
+    await host.reset_function(nic)
+    cfg = parse_config(await host.read_config(nic))
+    assert (cfg.device_id, cfg.revision) == (0x1536, 0x04)
+    info = await host.info(nic)
+    assert info.device == 0x1533  # sysfs attributes are cached at enumeration
+    assert info.resources[0].size == 256 * 1024
+    await host.write_config(nic, regs.BASE_ADDRESS_0, b"\xff\xff\xff\xff")
+    assert u32(await host.read_config(nic), regs.BASE_ADDRESS_0) == 0xFFFC0000
+    # remove + rescan picks up the new identity
+    await host.remove(nic)
+    assert nic not in await host.functions()
+    await host.rescan()
+    assert (await host.info(nic)).device == 0x1536
+
+
+async def test_fault_slow_delays_the_kernel_reset() -> None:
+    host = sim("nic-flr", scale=0.05)
+    nic = host.address_of("nic")
+    host.inject(nic, Fault.slow(1.0))
+    t0 = time.monotonic()
+    await host.reset_function(nic)
+    assert time.monotonic() - t0 >= (0.1 + 1.0) * 0.05
+
+
+async def test_vfs_vanish_when_the_pf_is_reset_by_userspace() -> None:
+    host = sim("sriov")
+    pf, vf0 = host.address_of("pf"), host.address_of("pf.vf0")
+    assert parse_config(await host.read_config(vf0)).present
+    await user_sbr(host, host.address_of("rp"))
+    await host.sleep(0.05)
+    assert await host.read_config(vf0) == b"\xff" * 4096  # VF Enable was cleared
+    assert parse_config(await host.read_config(pf)).present
+
+
+# -- concurrency ----------------------------------------------------------------------------------------
+
+
+async def test_independent_flrs_overlap_in_time() -> None:
+    host = sim("demo", scale=0.05)
+    nic1, nic2, nvme = (host.address_of(n) for n in ("nic1", "nic2", "nvme2"))
+    await asyncio.gather(*(host.reset_function(a) for a in (nic1, nic2, nvme)))
+    recs = host.reset_log
+    assert len(recs) == 3
+    assert max(r.start for r in recs) < min(r.end for r in recs)  # all three in flight at once
+
+
+async def test_resets_of_one_function_queue_up() -> None:
+    host = sim("nic-flr", scale=0.05)
+    nic = host.address_of("nic")
+    await asyncio.gather(host.reset_function(nic), host.reset_function(nic))
+    a, b = sorted(host.reset_log, key=lambda r: r.start)
+    assert a.end <= b.start
+
+
+async def test_config_reads_wait_for_a_kernel_reset() -> None:
+    host = sim("nic-flr", scale=0.05)
+    nic = host.address_of("nic")
+    before = await host.read_config(nic)
+    task = asyncio.create_task(host.reset_function(nic))
+    await asyncio.sleep(0.001)
+    assert await host.read_config(nic) == before  # blocked until restored, never half-reset
+    assert task.done()
+    await task
+
+
+async def test_reset_subordinate_contention_is_eagain() -> None:
+    host = sim("switch", scale=0.05)
+    nvme = host.address_of("nvme1")
+    task = asyncio.create_task(host.reset_function(nvme))
+    await asyncio.sleep(0.001)
+    with pytest.raises(ResetFailed, match="temporarily unavailable"):
+        await host.reset_subordinate(host.address_of("rp1"))
+    await task
+
+
+# -- bind / drivers ------------------------------------------------------------------------------------
+
+
+async def test_bind_and_set_driver() -> None:
+    host = sim("gpu-audio")
+    gpu = host.address_of("gpu")
+    assert (await host.info(gpu)).driver == "vfio-pci"
+    await host.bind(gpu, None)
+    info = await host.info(gpu)
+    assert (info.driver, info.driver_override) == ("nvidia", None)
+    await host.bind(gpu, "vfio-pci")
+    info = await host.info(gpu)
+    assert (info.driver, info.driver_override) == ("vfio-pci", "vfio-pci")
+    host.set_driver(gpu, None)
+    assert (await host.info(gpu)).driver is None
+
+
+# -- sysfs tree ------------------------------------------------------------------------------------------
+
+
+async def test_write_tree_shapes(tmp_path: Path) -> None:
+    host = sim("demo")
+    host.write_tree(tmp_path)
+    gpu = host.address_of("gpu")
+    dev = tmp_path / "bus/pci/devices" / str(gpu)
+    assert dev.is_symlink()
+    assert os.path.realpath(dev) == str(tmp_path / "devices/pci0000:00/0000:00:03.0" / str(gpu))
+    assert (dev / "vendor").read_text() == "0x10de\n"
+    assert (dev / "device").read_text() == "0x1eb8\n"
+    assert (dev / "class").read_text() == "0x030000\n"
+    assert (dev / "revision").read_text() == "0xa1\n"
+    assert (dev / "subsystem_device").read_text() == "0x12a2\n"
+    assert (dev / "config").read_bytes() == await host.read_config(gpu)
+    lines = (dev / "resource").read_text().splitlines()
+    assert len(lines) == 13
+    assert lines[0] == "0x00000000c0000000 0x00000000c0ffffff 0x0000000000040200"
+    assert (dev / "reset_method").read_text() == "bus\n"
+    assert (dev / "reset").exists()
+    assert (dev / "driver_override").read_text() == "(null)\n"
+    assert os.readlink(dev / "driver").endswith("bus/pci/drivers/vfio-pci")
+    group = (await host.info(gpu)).iommu_group
+    assert os.path.realpath(dev / "iommu_group") == str(tmp_path / f"kernel/iommu_groups/{group}")
+    members = sorted(os.listdir(tmp_path / f"kernel/iommu_groups/{group}/devices"))
+    assert members == [str(gpu), str(host.address_of("gpu-audio"))]
+    audio = tmp_path / "bus/pci/devices" / str(host.address_of("gpu-audio"))
+    assert not (audio / "reset_method").exists()
+    assert not (audio / "reset").exists()
+    rp3 = tmp_path / "bus/pci/devices" / str(host.address_of("rp3"))
+    assert (rp3 / "reset_subordinate").exists()
+    assert len((rp3 / "resource").read_text().splitlines()) == 17
+    assert (tmp_path / "bus/pci/slots/3/address").read_text() == "0000:03:00\n"
+    assert (tmp_path / "bus/pci/slots/1/power").exists()
+    assert not (tmp_path / "bus/pci/slots/3/power").exists()
+
+
+async def test_write_tree_sriov_links(tmp_path: Path) -> None:
+    host = sim("sriov")
+    host.write_tree(tmp_path)
+    pf = tmp_path / "bus/pci/devices" / str(host.address_of("pf"))
+    vf0 = host.address_of("pf.vf0")
+    assert os.path.realpath(pf / "virtfn0") == os.path.realpath(tmp_path / "bus/pci/devices" / str(vf0))
+    assert os.path.realpath(tmp_path / "bus/pci/devices" / str(vf0) / "physfn") == os.path.realpath(pf)
+    iov = (pf / "resource").read_text().splitlines()[7]
+    start, end, _ = (int(x, 16) for x in iov.split())
+    assert end - start + 1 == 16 * 1024 * 7  # VF BAR0 x TotalVFs
