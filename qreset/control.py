@@ -32,8 +32,8 @@ back-pressure. It never lets a client hurt the daemon:
   error reply and the connection carries on;
 - a backend exception becomes a ``GenericError`` carrying one line; the
   server keeps serving;
-- :meth:`ControlServer.emit` never blocks: each client has a bounded queue
-  and a client that does not keep up is dropped;
+- :meth:`ControlServer.emit` never blocks: each client has a bounded
+  output backlog and a client that does not keep up is dropped;
 - a command that is running when its client goes away (or the server
   closes) runs to completion — a reset cycle is never abandoned halfway,
   since that could leave a guest parked.
@@ -83,8 +83,9 @@ _VERSION_MAJOR, _VERSION_MINOR, _VERSION_MICRO = (int(p) for p in __version__.sp
 #: UNIX_PATH_MAX).
 _UNIX_PATH_MAX = 108
 
-#: Default number of messages queued for one client before it counts as slow.
-DEFAULT_MAX_QUEUE = 256
+#: Default bytes waiting to be sent to one client (beyond the kernel's socket
+#: buffer) before it counts as stuck and is dropped.
+DEFAULT_MAX_BUFFER = 1024 * 1024
 
 #: Default cap on simultaneous clients (each costs a file descriptor and two tasks).
 DEFAULT_MAX_CLIENTS = 64
@@ -408,40 +409,47 @@ class _State(enum.Enum):
 
 
 class _Client:
-    """One connection: a reader task (requests), a writer task (replies and events)."""
+    """
+    One connection. Its reader task reads and executes requests in order;
+    replies and events are written straight into the transport, whose
+    buffer is the client's bounded queue: once more than ``max_buffer``
+    bytes wait for a client that does not read, it is dropped. Bounding
+    bytes rather than messages lets a burst of small events through to a
+    client that is merely not scheduled yet, and still stops a stuck one.
+    """
 
-    def __init__(self, ident: int, writer: asyncio.StreamWriter, max_queue: int) -> None:
+    def __init__(self, ident: int, writer: asyncio.StreamWriter, max_buffer: int) -> None:
         self.ident = ident
         self.writer = writer
         self.state = _State.GREETED
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.max_queue = max_queue
+        self.max_buffer = max_buffer
         self.log = logger.getChild(f"client{ident}")
-        self.writer_task: asyncio.Task[None] | None = None
         self.reader_task: asyncio.Task[None] | None = None
         #: True while the reader task is in its read loop (and may be cancelled to stop it).
         self.reading = False
-        #: The end marker is queued (finish) / queued messages are to be discarded (drop).
-        self.ended = False
-        self.dropped = False
 
     @property
     def closing(self) -> bool:
         return self.state is _State.CLOSING
 
     def send(self, msg: Mapping[str, Any]) -> bool:
-        """Queue a message (raises TypeError/ValueError if it is not JSON)."""
+        """Send a message (raises TypeError/ValueError if it is not JSON)."""
         return self.push(_encode(msg))
 
     def push(self, data: bytes) -> bool:
-        """Queue encoded bytes; False (and the client is dropped) when its queue is full."""
+        """Send encoded bytes; False (and the client is dropped) when its backlog is full."""
         if self.state is _State.CLOSING:
             return False
-        if self.queue.qsize() >= self.max_queue:
-            self.log.warning("client does not read its messages (%d queued); dropping it", self.max_queue)
+        transport = self.writer.transport
+        if transport.is_closing():  # the peer went away; the reader will see EOF
+            self.state = _State.CLOSING
+            return False
+        backlog = transport.get_write_buffer_size()
+        if backlog > self.max_buffer:
+            self.log.warning("client does not read its messages (%d bytes waiting); dropping it", backlog)
             self.drop()
             return False
-        self.queue.put_nowait(data)
+        transport.write(data)
         return True
 
     def stop_reader(self) -> None:
@@ -449,19 +457,14 @@ class _Client:
             self.reader_task.cancel()
 
     def finish(self) -> None:
-        """Flush what is queued, then close (orderly end after a final error)."""
+        """Close after what is buffered has been sent (orderly end, e.g. after a final error)."""
         self.state = _State.CLOSING
-        if not self.ended:
-            self.ended = True
-            self.queue.put_nowait(None)
+        self.writer.close()
 
     def drop(self) -> None:
-        """Close now, discarding what is queued (a slow or abusive client)."""
-        self.dropped = True
-        self.finish()
-        transport = self.writer.transport
-        if not transport.is_closing():
-            transport.abort()
+        """Close now, discarding what is buffered (a slow or abusive client)."""
+        self.state = _State.CLOSING
+        self.writer.transport.abort()  # also cuts short a flushing close(); no-op once closed
         self.stop_reader()
 
 
@@ -475,7 +478,7 @@ class ControlServer:
     :param check_uid: refuse peers that are neither root nor our uid
     :param max_request: largest request in bytes; a longer one is refused
         and the client disconnected
-    :param max_queue: messages queued for one client before it is dropped
+    :param max_buffer: bytes waiting to be sent to one client before it is dropped
     :param max_clients: simultaneous clients; more are refused
     """
 
@@ -486,14 +489,14 @@ class ControlServer:
         *,
         check_uid: bool = True,
         max_request: int = 64 * 1024,
-        max_queue: int = DEFAULT_MAX_QUEUE,
+        max_buffer: int = DEFAULT_MAX_BUFFER,
         max_clients: int = DEFAULT_MAX_CLIENTS,
     ) -> None:
         self.path = Path(path)
         self.backend = backend
         self.check_uid = check_uid
         self.max_request = max_request
-        self.max_queue = max_queue
+        self.max_buffer = max_buffer
         self.max_clients = max_clients
         self._server: asyncio.AbstractServer | None = None
         self._clients: dict[int, _Client] = {}
@@ -588,7 +591,7 @@ class ControlServer:
         server.close()
         for client in list(self._clients.values()):
             client.drop()
-        tasks = [t for c in self._clients.values() for t in (c.reader_task, c.writer_task) if t is not None]
+        tasks = [c.reader_task for c in self._clients.values() if c.reader_task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         if self._running:
@@ -611,8 +614,8 @@ class ControlServer:
     def emit(self, event: str, data: dict[str, Any]) -> None:
         """
         Broadcast an event to every negotiated client. Never blocks and never
-        raises for a client's sake: a client whose queue is full is dropped.
-        Call it from the event loop's thread (it touches asyncio queues).
+        raises for a client's sake: a client whose backlog is full is dropped.
+        Call it from the event loop's thread (it writes to asyncio transports).
         """
         now = time.time()
         seconds = int(now)
@@ -634,14 +637,12 @@ class ControlServer:
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ident = next(self._ids)
-        client = _Client(ident, writer, self.max_queue)
+        client = _Client(ident, writer, self.max_buffer)
+        # asyncio runs this callback in a task of its own: name it after the client.
         task = asyncio.current_task()
         assert task is not None
-        task.set_name(f"qreset.control[{ident}].reader")
+        task.set_name(f"qreset.control[{ident}]")
         client.reader_task = task
-        client.writer_task = asyncio.create_task(
-            self._write_loop(client), name=f"qreset.control[{ident}].writer",
-        )
         self._clients[ident] = client
         try:
             if not self._admit(client):
@@ -658,15 +659,15 @@ class ControlServer:
             client.reading = False
             client.finish()
             try:
-                await asyncio.wait_for(asyncio.shield(client.writer_task), 5.0)
-            except (TimeoutError, asyncio.CancelledError):
+                # Let the last replies (a refusal, "request too large") go out.
+                await asyncio.wait_for(writer.wait_closed(), 5.0)
+            except (TimeoutError, asyncio.CancelledError, ConnectionError, OSError):
                 client.drop()
-                client.writer_task.cancel()
             self._clients.pop(ident, None)
             client.log.debug("disconnected")
 
     def _admit(self, client: _Client) -> bool:
-        """Peer-uid and client-count checks; on refusal the error is queued and the client finished."""
+        """Peer-uid and client-count checks; on refusal the error is sent and the client finished."""
         sock = client.writer.get_extra_info("socket")
         peer = "unknown"
         if sock is not None:
@@ -699,25 +700,6 @@ class ControlServer:
                 "capabilities": [],
             }
         }
-
-    async def _write_loop(self, client: _Client) -> None:
-        """Drain the client's queue to its socket; ``None`` marks the end."""
-        writer = client.writer
-        try:
-            while True:
-                data = await client.queue.get()
-                if data is None or client.dropped:
-                    break
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError) as exc:
-            client.log.debug("write failed: %s", exc)
-        finally:
-            client.state = _State.CLOSING
-            writer.close()
-            with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
-                await writer.wait_closed()
-            client.stop_reader()
 
     async def _read_loop(self, client: _Client, reader: asyncio.StreamReader) -> None:
         framer = _Framer()
