@@ -1,0 +1,90 @@
+"""The release flow on the simulated host: re-probe only what changed identity."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from qreset.engine import Engine
+from qreset.pci.address import PciAddress
+from qreset.pci.sim import Fault, SimHost
+from qreset.plan import Policy
+from qreset.release import release
+from tests.conftest import ROOT, SIM_DIR
+
+GPU = PciAddress.parse("0000:01:00.0")
+AUDIO = PciAddress.parse("0000:01:00.1")
+ROOT_PORT = PciAddress.parse("0000:00:01.0")
+
+
+class RecordingSim(SimHost):
+    """The real simulated host, recording the re-probe calls it receives."""
+
+    removed: list[PciAddress]
+    rescanned: list[PciAddress | None]
+
+    async def remove(self, addr: PciAddress) -> None:
+        self.removed.append(addr)
+        await super().remove(addr)
+
+    async def rescan(self, bridge: PciAddress | None = None) -> None:
+        self.rescanned.append(bridge)
+        await super().rescan(bridge)
+
+
+def _host() -> RecordingSim:
+    host = RecordingSim.from_toml(SIM_DIR / "gpu-audio.toml", time_scale=0.01)
+    assert isinstance(host, RecordingSim)
+    host.removed, host.rescanned = [], []
+    return host
+
+
+async def test_unchanged_devices_are_reset_but_not_reprobed() -> None:
+    host = _host()
+    engine = Engine(host)
+    report = await release(engine, "vm1", [GPU, AUDIO], {}, Policy())
+    assert report.ok
+    assert report.cycle.domains, "release must reset the domain"
+    assert {a for d in report.cycle.domains for a in d.domain.covers} == {GPU, AUDIO}
+    assert any(r.target == ROOT_PORT for r in host.reset_log)
+    assert host.removed == []
+    assert host.rescanned == []
+    assert report.removed == []
+
+
+async def test_identity_change_removes_the_device_and_rescans_its_bridge() -> None:
+    host = _host()
+    old = await host.info(GPU)
+    host.inject(GPU, Fault.new_identity(device_id=0x1E87, revision=0xA2))
+    engine = Engine(host)
+    report = await release(engine, "vm1", [GPU, AUDIO], {}, Policy())
+    assert report.cycle.identity_changed == [GPU]
+    # Both functions of the card go (function 1 first), then the root port is rescanned.
+    assert host.removed == [AUDIO, GPU]
+    assert host.rescanned == [ROOT_PORT]
+    assert report.ok
+    new = await host.info(GPU)
+    assert (old.device, new.device) == (0x1EB8, 0x1E87)
+    assert new.revision == 0xA2
+    # The engine's cached topology was refreshed: it sees the device as it now is.
+    topo = await engine.topology()
+    assert topo.node(GPU).config.device_id == 0x1E87
+
+
+def test_release_cli_on_the_simulated_host() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "qreset", "release", "--sim", str(SIM_DIR / "gpu-audio.toml"),
+         "--time-scale", "0.01", "01:00.0", "01:00.1", "--json"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60, check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert '"reprobed": false' in out.stdout
+
+
+def test_release_cli_rejects_mixed_targets() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "qreset", "release", "vm1", "01:00.0"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60, check=False,
+    )
+    assert out.returncode == 2
+    assert "not both" in out.stderr
