@@ -569,7 +569,9 @@ class ControlServer:
             raise ControlError(where, "exists and is not a socket")
         try:
             _r, w = await asyncio.wait_for(asyncio.open_unix_connection(where), 2.0)
-        except (ConnectionRefusedError, FileNotFoundError, TimeoutError):
+        except TimeoutError:
+            raise ControlError(where, "a process holds it but does not answer") from None
+        except (ConnectionRefusedError, FileNotFoundError):
             logger.info("removing stale control socket %s", where)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(where)
