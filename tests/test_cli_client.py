@@ -157,7 +157,8 @@ async def _start_events(server: ControlServer, *extra: str) -> asyncio.subproces
     return proc
 
 
-async def test_events_json_until_sigint(server: ControlServer) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_events_json_until_signal(server: ControlServer, sig: signal.Signals) -> None:
     proc = await _start_events(server, "--json")
     assert proc.stdout is not None
     server.emit("RESET_START", {"vm": "vm1", "cycle": "c3"})
@@ -169,7 +170,7 @@ async def test_events_json_until_sigint(server: ControlServer) -> None:
     assert set(first["timestamp"]) == {"seconds", "microseconds"}
     assert second["event"] == "RESET_DONE"
     assert second["data"]["ok"] is True
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     rest, err = await asyncio.wait_for(proc.communicate(), 10)
     assert (proc.returncode, rest, err) == (0, b"", b"")
 
@@ -188,6 +189,18 @@ async def test_events_text_and_daemon_exit(server: ControlServer) -> None:
     assert proc.returncode == 1
     assert rest == b""
     assert err.decode() == f"qreset: the daemon at {server.path} closed the connection\n"
+
+
+class EmptyBackend(FakeBackend):
+    async def query_vms(self) -> list[dict[str, Any]]:
+        return []
+
+
+async def test_status_without_vms(sockdir: Path) -> None:
+    async with ControlServer(sockdir / "e.sock", EmptyBackend()) as srv:
+        rc, out, err = await qreset("status", "--socket", str(srv.path))
+    assert (rc, err) == (0, "")
+    assert out.splitlines()[-1] == "no VMs"
 
 
 def test_table_and_event_formatting() -> None:
