@@ -62,16 +62,9 @@ def _err(message: str) -> None:
 
 
 def _call(sock: str, timeout: float, command: str, **arguments: Any) -> Any:
-    """One synchronous QMP command on the control socket; raises OSError/QMP errors."""
-    from qemu.qmp.legacy import QEMUMonitorProtocol
+    from qreset.qmpsync import call
 
-    qmp = QEMUMonitorProtocol(sock)
-    try:
-        qmp.settimeout(timeout)
-        qmp.connect(negotiate=True)
-        return qmp.cmd(command, **arguments)
-    finally:
-        qmp.close()
+    return call(sock, command, timeout, **arguments)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from qreset.errors import QResetError
     from qreset.libvirt import default_qmp_path, parse_domain_xml
+    from qreset.qmpsync import DaemonUnreachable
 
     try:
         xml = sys.stdin.read() if not sys.stdin.isatty() else ""
@@ -105,12 +99,11 @@ def run(args: argparse.Namespace) -> int:
                   devices=devices, mode="stop-on-reset")
         else:  # stopped / release
             _call(args.socket, args.timeout, "remove-vm", name=args.guest, release=op == "stopped")
-    except (OSError, TimeoutError) as exc:
+    except DaemonUnreachable as exc:
         # No daemon: nothing can be coordinated, but the guest may still run.
-        _err(f"{op}: daemon not reachable at {args.socket}: {exc}")
-    except Exception as exc:  # QMP error replies: report, never block libvirt outside prepare/start
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if op == "release" and "unknown VM" in msg:
-            return 0
-        _err(f"{op}: {msg}")
+        _err(f"{op}: {exc}")
+    except QResetError as exc:
+        # An error reply is not proof that starting is unsafe: report it, let libvirt go on.
+        if op != "release":  # at 'release' the VM was normally deregistered at 'stopped'
+            _err(f"{op}: {exc}")
     return 0

@@ -66,19 +66,13 @@ async def _local(args: argparse.Namespace, bdfs: list[str]) -> int:
 
 
 def _remote(args: argparse.Namespace, vm: str) -> int:
-    from qemu.qmp.legacy import QEMUMonitorProtocol
+    from qreset.errors import QResetError
+    from qreset.qmpsync import call
 
-    qmp = QEMUMonitorProtocol(args.socket)
     try:
-        qmp.settimeout(120)
-        qmp.connect(negotiate=True)
-        result = qmp.cmd("remove-vm", name=vm, release=True)
-    except OSError as exc:
-        return fail(f"daemon not reachable at {args.socket}: {exc}", 1)
-    except Exception as exc:
-        return fail(str(exc).splitlines()[0], 1)
-    finally:
-        qmp.close()
+        result = call(args.socket, "remove-vm", timeout=300, name=vm, release=True)
+    except QResetError as exc:
+        return fail(str(exc), 1)
     if args.json:
         print_json(result)
     else:
