@@ -330,9 +330,27 @@ class _DomainRun:
             self.fail(f"{d.method.value} reset failed: {msg}")
             self.emit("assert", f"failed: {msg}")
 
-        with self.timed("poll"):
-            ready = await self._poll_all()
-        await self._rescan_and_restore(ready)
+        # Parents before children (pci_bus_restore_locked): after a bus reset a
+        # bridge below the reset one has lost its bus numbers, so nothing under
+        # it answers until its own state is back. One level at a time.
+        levels = self._levels()
+        failed: set[PciAddress] = set()
+        for depth, level in enumerate(levels):
+            todo: list[PciAddress] = []
+            for addr in level:
+                blocked = self._covered_ancestors(addr) & failed
+                if blocked:
+                    out = self.outcomes[addr]
+                    out.change = Change.ABSENT.value
+                    out.error = f"unreachable: bridge {min(blocked)} above it did not come back clean"
+                    out.diff = Diff(Change.ABSENT, (), (out.error,))
+                    failed.add(addr)
+                else:
+                    todo.append(addr)
+            with self.timed("poll"):
+                ready = await self._poll_all(todo, depth if len(levels) > 1 else None)
+            await self._rescan_and_restore(todo, ready)
+            failed.update(a for a in todo if not self.outcomes[a].ok)
 
     # -- reset methods -----------------------------------------------------
 
@@ -424,20 +442,42 @@ class _DomainRun:
 
     # -- readiness poll ------------------------------------------------------
 
-    async def _poll_all(self) -> dict[PciAddress, bool]:
+    def _covered_ancestors(self, addr: PciAddress) -> set[PciAddress]:
+        """The bridges above ``addr`` that this domain also covers (from the saved ``parent``)."""
+        out: set[PciAddress] = set()
+        seen: set[PciAddress] = set()
+        cur = self.saved[addr].info.parent if addr in self.saved else None
+        while cur is not None and cur not in seen:
+            seen.add(cur)
+            if cur in self.saved:
+                out.add(cur)
+                cur = self.saved[cur].info.parent
+            else:
+                break
+        return out
+
+    def _levels(self) -> list[list[PciAddress]]:
+        """Covered functions grouped by how many covered bridges sit above them."""
+        by_depth: dict[int, list[PciAddress]] = {}
+        for addr in self.domain.covers:
+            by_depth.setdefault(len(self._covered_ancestors(addr)), []).append(addr)
+        return [by_depth[k] for k in sorted(by_depth)]
+
+    async def _poll_all(self, addrs: Sequence[PciAddress], depth: int | None) -> dict[PciAddress, bool]:
         ready: dict[PciAddress, bool] = {}
 
         async def one(addr: PciAddress) -> None:
             ready[addr] = await self._wait_ready(addr)
 
         async with asyncio.TaskGroup() as tg:
-            for addr in self.domain.covers:
+            for addr in addrs:
                 tg.create_task(one(addr), name=f"reset[{self.domain.key}].poll[{addr}]")
         polls = ", ".join(
             f"{a} {'ready' if ready[a] else 'NOT ready'} after {self.outcomes[a].polls} poll(s)"
-            for a in self.domain.covers
+            for a in addrs
         )
-        self.emit("poll", polls)
+        if polls:
+            self.emit("poll", polls if depth is None else f"level {depth}: {polls}")
         return ready
 
     async def _wait_ready(self, addr: PciAddress) -> bool:
@@ -470,10 +510,12 @@ class _DomainRun:
 
     # -- rescan, diff, restore -------------------------------------------------
 
-    async def _rescan_and_restore(self, ready: dict[PciAddress, bool]) -> None:
+    async def _rescan_and_restore(self, addrs: Sequence[PciAddress], ready: dict[PciAddress, bool]) -> None:
+        if not addrs:
+            return
         diffs: dict[PciAddress, tuple[Diff, tuple[Resource, ...]]] = {}
         with self.timed("rescan"):
-            for addr in self.domain.covers:
+            for addr in addrs:
                 out = self.outcomes[addr]
                 saved = self.saved[addr]
                 if not ready.get(addr, False):
@@ -497,8 +539,8 @@ class _DomainRun:
                 out.change = d.change.value
                 diffs[addr] = (d, info.resources)
         counts: dict[str, int] = {}
-        for o in self.outcomes.values():
-            counts[o.change] = counts.get(o.change, 0) + 1
+        for a in addrs:
+            counts[self.outcomes[a].change] = counts.get(self.outcomes[a].change, 0) + 1
         self.emit("rescan", ", ".join(f"{n} {c}" for c, n in sorted(counts.items())))
         for addr, (d, _res) in diffs.items():
             if d.change is Change.IDENTITY:

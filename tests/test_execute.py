@@ -126,6 +126,42 @@ async def test_conventional_bus_waits_a_second_of_host_time(sim_dir: Path) -> No
     assert all(f.change == "state" and f.verified for f in res.functions)
 
 
+async def test_nested_bus_reset_restores_bridges_before_children(sim_dir: Path) -> None:
+    """A bus reset above a switch wipes its bus numbers: nothing below answers until restored."""
+    host = sim(sim_dir, "switch")
+    rp = host.address_of("rp1")
+    below = sorted(a for n, a in host.names().items() if n not in ("hostbridge", "rp1"))
+    before = {a: host.config_now(a) for a in below}
+    events: list[ProgressEvent] = []
+    t0 = time.monotonic()
+    [res] = await run(host, bus_domain(rp, below), events=events)
+    assert time.monotonic() - t0 < 5.0
+    assert res.ok, (res.error, [(f.address, f.change, f.error) for f in res.functions])
+    for f in res.functions:
+        assert f.change == "state"
+        assert f.verified
+        assert host.config_now(f.address)[0x08:0x40] == before[f.address][0x08:0x40]
+    # Three levels: upstream port, downstream ports, endpoints; each polled once, in order.
+    polls = [e.message for e in events if e.phase == "poll"]
+    assert [m.split(":")[0] for m in polls] == ["level 0", "level 1", "level 2"]
+    assert all(f.polls == 1 for f in res.functions)
+
+
+async def test_children_of_a_bridge_that_changed_identity_are_not_waited_for(sim_dir: Path) -> None:
+    host = sim(sim_dir, "switch")
+    rp, up = host.address_of("rp1"), host.address_of("up")
+    below = sorted(a for n, a in host.names().items() if n not in ("hostbridge", "rp1"))
+    host.inject(up, Fault.new_identity(device_id=0x8725))
+    t0 = time.monotonic()
+    [res] = await run(host, bus_domain(rp, below), settings=EngineSettings(poll_timeout=600.0))
+    assert time.monotonic() - t0 < 5.0  # no 600 s (6 s wall) poll of unreachable functions
+    by = {f.address: f for f in res.functions}
+    assert by[up].change == "identity"
+    others = [f for a, f in by.items() if a != up]
+    assert all(f.change == "absent" and "did not come back clean" in (f.error or "") for f in others)
+    assert sum(host.write_count(a) for a in below) == 0
+
+
 # -- faults ------------------------------------------------------------------------------
 
 
