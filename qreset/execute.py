@@ -376,9 +376,11 @@ class _DomainRun:
     async def _vfio_hot_reset(self) -> None:
         d = self.domain
         root = getattr(self.host, "root", None)
-        if not isinstance(root, Path):
+        if not isinstance(root, Path) or root.resolve() != Path("/sys"):
+            # The ioctl acts on the real kernel's devices: a simulated host or a
+            # sysfs copy elsewhere has no VFIO groups behind it.
             raise ResetFailed(str(d.write_target),
-                              f"VFIO hot reset needs a real sysfs host, not {self.host.name}")
+                              f"VFIO hot reset needs the real /sys, not {self.host.name}")
         try:
             from qreset.pci import vfio
         except ImportError as err:  # pragma: no cover - the module ships with qreset

@@ -263,6 +263,17 @@ async def test_slow_device_is_waited_for(sim_dir: Path) -> None:
     assert {f.address: f for f in res.functions}[gpu].polls > 1
 
 
+async def test_vfio_hot_reset_on_a_simulated_host_is_refused_cleanly(sim_dir: Path) -> None:
+    host = sim(sim_dir, "gpu-audio")
+    rp, gpu, audio = (host.address_of(n) for n in ("rp1", "gpu", "gpu-audio"))
+    [res] = await run(host, bus_domain(rp, [gpu, audio], Method.VFIO_HOT_RESET))
+    assert not res.ok
+    assert "VFIO hot reset needs the real /sys" in (res.error or "")
+    assert host.reset_log == []
+    assert host.write_count() == 0
+    assert [f.change for f in res.functions] == ["none", "none"]
+
+
 # -- concurrency and locks -----------------------------------------------------------------
 
 
