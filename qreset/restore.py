@@ -39,7 +39,7 @@ from qreset.pci import regs
 from qreset.pci.address import PciAddress
 from qreset.pci.host import PciHost, Resource
 
-__all__ = ["RestoreResult", "Write", "plan_writes", "restore"]
+__all__ = ["RestoreResult", "Write", "plan_writes", "restore", "verify", "write_back"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,21 +105,11 @@ async def _read(host: PciHost, addr: PciAddress, offset: int, size: int) -> int:
     return int.from_bytes(data[offset:offset + size], "little") if len(data) >= offset + size else -1
 
 
-async def restore(
-    host: PciHost,
-    addr: PciAddress,
-    before: bytes,
-    diff: Diff,
-    before_resources: tuple[Resource, ...] = (),
-    after_resources: tuple[Resource, ...] = (),
-) -> RestoreResult:
-    """Write back ``diff``'s state registers on ``addr``, then re-read and verify.
+async def write_back(host: PciHost, addr: PciAddress, diff: Diff) -> tuple[int, tuple[Write, ...]]:
+    """Issue :func:`plan_writes` on ``addr``; returns (config writes issued, the planned writes).
 
-    Returns without touching the device unless ``diff.change`` is STATE.
-    Raises HostError if a write fails (the caller reports it per function).
+    Writes nothing unless ``diff.change`` is STATE. Raises HostError if a write fails.
     """
-    if diff.change is not Change.STATE:
-        return RestoreResult(0, diff.change is Change.NONE)
     writes = plan_writes(diff)
     count = 0
     for w in writes:
@@ -136,10 +126,41 @@ async def restore(
             count += 1
         if w.name == "SR-IOV Control" and w.value & regs.SRIOV_CTRL_VFE:
             await host.sleep(VF_ENABLE_DELAY)
+    return count, tuple(writes)
+
+
+async def verify(
+    host: PciHost,
+    addr: PciAddress,
+    before: bytes,
+    before_resources: tuple[Resource, ...] = (),
+    after_resources: tuple[Resource, ...] = (),
+) -> tuple[bool, tuple[RegisterDiff, ...]]:
+    """Re-read ``addr`` and diff against ``before``: (back to what it was?, registers still off)."""
     now = await host.read_config(addr, len(before))
     check = diff_config(before, now, before_resources, after_resources)
     remaining = tuple(r for r in check.registers if r.kind.value in ("state", "identity"))
     verified = check.change is Change.NONE
     if not verified:
         logger.warning("%s: restore did not verify: %s", addr, check.summary())
-    return RestoreResult(count, verified, tuple(writes), remaining)
+    return verified, remaining
+
+
+async def restore(
+    host: PciHost,
+    addr: PciAddress,
+    before: bytes,
+    diff: Diff,
+    before_resources: tuple[Resource, ...] = (),
+    after_resources: tuple[Resource, ...] = (),
+) -> RestoreResult:
+    """Write back ``diff``'s state registers on ``addr``, then re-read and verify.
+
+    Returns without touching the device unless ``diff.change`` is STATE.
+    Raises HostError if a write fails (the caller reports it per function).
+    """
+    if diff.change is not Change.STATE:
+        return RestoreResult(0, diff.change is Change.NONE)
+    count, writes = await write_back(host, addr, diff)
+    verified, remaining = await verify(host, addr, before, before_resources, after_resources)
+    return RestoreResult(count, verified, writes, remaining)
