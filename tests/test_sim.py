@@ -549,3 +549,56 @@ async def test_write_tree_sriov_links(tmp_path: Path) -> None:
     iov = (pf / "resource").read_text().splitlines()[7]
     start, end, _ = (int(x, 16) for x in iov.split())
     assert end - start + 1 == 16 * 1024 * 7  # VF BAR0 x TotalVFs
+
+
+# -- SR-IOV, Resizable BAR, remove/rescan ---------------------------------------------------------------
+
+
+async def test_pf_flr_resets_its_vfs_without_restoring_them() -> None:
+    host = sim("sriov")
+    pf, vf0 = host.address_of("pf"), host.address_of("pf.vf0")
+    vf_before = parse_config(await host.read_config(vf0))
+    assert vf_before.command & regs.COMMAND_MASTER
+    await host.reset_function(pf, "flr")
+    assert host.reset_log[-1].affected == frozenset([pf, *(await host.info(pf)).virtfns])
+    vf_after = parse_config(await host.read_config(vf0))
+    assert vf_after.present  # VF Enable restored with the PF's state...
+    assert vf_after.command == 0  # ...but the VF itself is at power-on defaults
+
+
+async def test_resizable_bar_resize_changes_the_sizing_mask() -> None:
+    host = sim("switch")
+    gpu = host.address_of("gpu3")
+    raw = await host.read_config(gpu)
+    rebar = parse_config(raw).find_ext_cap(regs.EXT_CAP_ID_REBAR)
+    assert rebar is not None
+    ctrl = u32(raw, rebar.offset + regs.REBAR_CTRL)
+    assert (ctrl >> 8) & 0x3F == 8  # 256M = 2^(20+8)
+    await host.write_config(gpu, rebar.offset + regs.REBAR_CTRL + 1, bytes([10]))  # 1G
+    assert u32(await host.read_config(gpu), regs.BASE_ADDRESS_0) & ~0xF == 0  # address undefined
+    await host.write_config(gpu, regs.BASE_ADDRESS_0, b"\xff\xff\xff\xff")
+    assert u32(await host.read_config(gpu), regs.BASE_ADDRESS_0) == 0xC000000C
+    await host.write_config(gpu, rebar.offset + regs.REBAR_CTRL + 1, bytes([30]))  # unsupported
+    assert (u32(await host.read_config(gpu), rebar.offset + regs.REBAR_CTRL) >> 8) & 0x3F == 10
+    # A conventional reset puts the power-on size back.
+    await user_sbr(host, host.address_of("dp3"))
+    await host.sleep(0.05)
+    await host.write_config(gpu, regs.BASE_ADDRESS_0, b"\xff\xff\xff\xff")
+    assert u32(await host.read_config(gpu), regs.BASE_ADDRESS_0) == 0xF000000C
+
+
+async def test_remove_and_rescan_a_subtree_after_user_sbr() -> None:
+    host = sim("switch")
+    rp, up, nvme = host.address_of("rp1"), host.address_of("up"), host.address_of("nvme1")
+    await host.remove(up)
+    assert not {up, nvme} & set(await host.functions())
+    with pytest.raises(NoSuchFunction):
+        await host.info(nvme)
+    await user_sbr(host, rp)
+    await host.sleep(0.05)
+    await host.rescan(rp)  # bridges get bus numbers again, endpoints come back
+    assert {up, nvme} <= set(await host.functions())
+    cfg = parse_config(await host.read_config(nvme))
+    assert cfg.present
+    assert cfg.bars[0] & ~0xF != 0
+    assert (await host.info(nvme)).driver == "vfio-pci"

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from qreset.errors import HostError, NoSuchFunction, ResetFailed
+from qreset.errors import ConfigError, HostError, NoSuchFunction, ResetFailed
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
 from qreset.pci.host import (
@@ -378,7 +378,8 @@ class SimHost(PciHost):
                 vf = _Fn(vspec, PciAddress(pf.addr.domain, rid >> 8, (rid >> 3) & 0x1F, rid & 7),
                          pf.parent, False, img, physfn=pf, vf_index=i)
                 if vf.addr in self._fns:
-                    raise HostError(self.source, f"VF {vf.addr} of {pf.spec.name!r} collides with a function")
+                    raise ConfigError(f"{self.source}:function ({pf.spec.name!r}).sriov",
+                                      f"VF{i} at {vf.addr} collides with another function")
                 pf.virtfns.append(vf)
                 if pf.parent is not None:
                     pf.parent.children.append(vf)
@@ -719,6 +720,13 @@ class SimHost(PciHost):
                 and data[af + regs.AF_CTRL - offset] & regs.AF_CTRL_FLR
                 and f.cfg[af + regs.AF_CAP] & regs.AF_CAP_FLR):
             self._user_reset(f, "af_flr-user", now)
+        rebar = f.img.ext_caps.get(regs.EXT_CAP_ID_REBAR)
+        if rebar is not None and touched(rebar + regs.REBAR_CTRL, 4):
+            field = (get(f.cfg, rebar + regs.REBAR_CTRL, 4) >> 8) & 0x3F
+            if not get(f.cfg, rebar + regs.REBAR_CAP, 4) & (1 << (field + 4)):
+                f.cfg[rebar + regs.REBAR_CTRL + 1] = old[rebar + regs.REBAR_CTRL + 1]  # unsupported size
+            else:
+                self._apply_rebar(f, clear=True)
         pm = f.cap(regs.CAP_ID_PM)
         if pm is not None and touched(pm + regs.PM_CTRL):
             before = get(old, pm + regs.PM_CTRL, 2)
@@ -726,10 +734,18 @@ class SimHost(PciHost):
             if (before & 3) == 3 and (after & 3) == 0 and not after & regs.PM_CTRL_NO_SOFT_RESET:
                 self._user_reset(f, "pm-user", now)
 
-    def _user_reset(self, f: _Fn, method: str, now: float) -> None:
+    def _function_reset(self, f: _Fn) -> list[_Fn]:
+        """A function-level reset of f. A PF's reset clears VF Enable, so its VFs
+        go through reset too (SR-IOV spec r1.1 sec 2.2.2) and the kernel, which
+        saves only f, does not restore them."""
+        now = self._now()
         hit = [f, *[v for v in f.virtfns if v.present]]
         for g in hit:
             self._power_on(g, now)
+        return hit
+
+    def _user_reset(self, f: _Fn, method: str, now: float) -> None:
+        hit = self._function_reset(f)
         self.reset_log.append(ResetRecord(method, f.addr, frozenset(g.addr for g in hit), now, now))
 
     # -- resets -----------------------------------------------------------------------
@@ -750,6 +766,8 @@ class SimHost(PciHost):
                 extra += fault.seconds or 0.0
             else:
                 self._new_identity(f, fault)
+        if f.spec.rebar is not None:  # a resized BAR goes back to its power-on size
+            f.img = build_image(f.spec, multifunction=f.multifunction)
         f.cfg = bytearray(f.img.por)
         f.ready_at = now + (f.spec.ready_ms / 1000.0 + extra) * self.time_scale
 
@@ -804,9 +822,32 @@ class SimHost(PciHost):
         """pci_restore_state(): write the saved state back; read-only bits keep their new value."""
         if not self._ready(f):
             return
+        rebar = f.img.ext_caps.get(regs.EXT_CAP_ID_REBAR)
+        if rebar is not None:  # pci_restore_rebar_state() resizes before the BARs are written
+            f.cfg[rebar + regs.REBAR_CTRL + 1] = saved[rebar + regs.REBAR_CTRL + 1] & 0x3F
+            self._apply_rebar(f, clear=False)
         for o in range(min(len(saved), f.img.size)):
             wm = f.img.wmask[o]
             f.cfg[o] = (f.cfg[o] & ~wm) | (saved[o] & wm)
+
+    def _apply_rebar(self, f: _Fn, clear: bool) -> None:
+        """Make the BAR's size follow the Resizable BAR Control size field (PCIe r6.0 sec 7.8.6)."""
+        o = f.img.ext_caps[regs.EXT_CAP_ID_REBAR]
+        ctrl = get(f.cfg, o + regs.REBAR_CTRL, 4)
+        size = 1 << (20 + ((ctrl >> 8) & 0x3F))
+        for slot in f.img.bars:
+            if slot.index != ctrl & 7 or slot.size == size:
+                continue
+            slot.size = size
+            off = regs.BASE_ADDRESS_0 + 4 * slot.index
+            mask = ~(size - 1)
+            f.img.wmask[off:off + 4] = (mask & 0xFFFFFFF0).to_bytes(4, "little")
+            if slot.type == "mem64":
+                f.img.wmask[off + 4:off + 8] = ((mask >> 32) & 0xFFFFFFFF).to_bytes(4, "little")
+            if clear:  # the BAR's address is undefined after a resize; read it as 0
+                f.cfg[off:off + 4] = slot.low_bits.to_bytes(4, "little")
+                if slot.type == "mem64":
+                    f.cfg[off + 4:off + 8] = bytes(4)
 
     def _check_eio(self, f: _Fn, attr: str) -> None:
         if self._take_faults(f, {"eio"}):
@@ -846,19 +887,19 @@ class SimHost(PciHost):
             if m == "flr" and not get(f.cfg, (f.cap(regs.CAP_ID_EXP) or 0) + regs.EXP_DEVCAP, 4) \
                     & regs.EXP_DEVCAP_FLR:
                 return None
-            self._power_on(f, self._now())
+            hit = self._function_reset(f)
             await self.sleep({"flr": FLR_WAIT, "af_flr": AF_FLR_WAIT}.get(m, DEVICE_SPECIFIC_WAIT) + slow)
             await self._wait_ready([f], m.upper() if m != "device_specific" else "device-specific reset")
-            return [f]
+            return hit
         if m == "pm":
             pm = f.cap(regs.CAP_ID_PM)
             if pm is None or get(f.cfg, pm + regs.PM_CTRL, 2) & regs.PM_CTRL_NO_SOFT_RESET:
                 return None
             await self.sleep(PM_D3HOT_DELAY)
-            self._power_on(f, self._now())  # D3hot -> D0 with No_Soft_Reset clear
+            hit = self._function_reset(f)  # D3hot -> D0 with No_Soft_Reset clear
             await self.sleep(PM_D3HOT_DELAY + slow)
             await self._wait_ready([f], "PM D3hot->D0")
-            return [f]
+            return hit
         if m == "bus":
             parent = f.parent
             if parent is None or f.is_bridge:
@@ -920,14 +961,20 @@ class SimHost(PciHost):
         for g in [f, *f.virtfns, *self._below(f)] if f.is_bridge else [f, *f.virtfns]:
             g.present = False
             g.driver = None
+            g.driver_override = None  # the struct pci_dev (and its override) is freed
 
     async def rescan(self, bridge: PciAddress | None = None) -> None:
-        if bridge is None:
-            scope = list(self._order)
-        else:
-            scope = self._below(self._get(bridge)) + [
-                g for g in self._order if g.parent is self._fns[bridge] and not g.present]
-        for g in sorted(set(scope), key=lambda x: x.order):
+        top = None if bridge is None else self._get(bridge)
+
+        def under(g: _Fn) -> bool:
+            p = g.parent
+            while p is not None and p is not top:
+                p = p.parent
+            return p is top
+
+        for g in self._order:
+            if top is not None and not under(g):
+                continue
             if g.present or (g.parent is not None and not g.parent.present):
                 continue
             if g.physfn is not None and not g.physfn.present:
@@ -935,6 +982,11 @@ class SimHost(PciHost):
             if not self._reachable(g) or not self._ready(g):
                 continue
             g.present = True
+            if g.is_bridge and g.cfg[regs.SECONDARY_BUS] == 0:
+                # pci_scan_bridge_extend(): a bridge without bus numbers gets them assigned.
+                g.cfg[regs.PRIMARY_BUS] = g.asg.primary
+                g.cfg[regs.SECONDARY_BUS] = g.asg.secondary
+                g.cfg[regs.SUBORDINATE_BUS] = g.asg.subordinate
             # A new struct pci_dev: IDs re-read, unassigned BARs get their addresses back.
             for slot in g.img.bars:
                 off = regs.BASE_ADDRESS_0 + 4 * slot.index
