@@ -181,3 +181,27 @@ def test_cli_refused_exits_1(sim_dir: Path, capsys: pytest.CaptureFixture[str]) 
     out = capsys.readouterr().out
     assert rc == 1
     assert "refused" in out
+
+
+async def test_engine_on_a_sysfs_tree(sim_dir: Path, tmp_path: Path) -> None:
+    """The same cycle through SysfsHost (files written by the sim): static files, so no change."""
+    from qreset.pci.sysfs import SysfsHost
+
+    simhost = sim(sim_dir, "gpu-audio")
+    simhost.write_tree(tmp_path)
+    gpu, audio, rp = (simhost.address_of(n) for n in ("gpu", "gpu-audio", "rp1"))
+    configs = {a: (tmp_path / "bus/pci/devices" / str(a) / "config").read_bytes() for a in (gpu, audio)}
+    host = SysfsHost(tmp_path)
+    try:
+        report = await Engine(host, EngineSettings(poll_timeout=0.5)).reset(
+            "vm1", [gpu], {"vm1": [gpu]}, Policy())
+    finally:
+        await host.close()
+    assert report.ok, [d.error for d in report.domains]
+    [dom] = report.domains
+    assert dom.domain.method is Method.USER_SBR
+    assert [f.change for f in dom.functions] == ["none", "none"]
+    for a, raw in configs.items():
+        assert (tmp_path / "bus/pci/devices" / str(a) / "config").read_bytes() == raw
+    bridge = (tmp_path / "bus/pci/devices" / str(rp) / "config").read_bytes()
+    assert not bridge[0x3E] & 0x40  # Secondary Bus Reset released
