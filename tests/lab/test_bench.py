@@ -1,0 +1,75 @@
+"""Benchmark: QEMU's own system_reset of 1, 2, 4 assigned FLR-capable devices vs `qreset reset`.
+
+QEMU resets its vfio-pci devices one after another inside ``qemu_system_reset``
+(hw/vfio/pci.c ``vfio_pci_reset`` per device), so its time grows with the
+device count; qreset resets independent domains (one FLR-capable device per
+root port) in parallel, so its time should stay flat. Printed side by side
+with the 4:1 ratio of each, and written to the results share (bench.json).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from typing import Any
+
+import pytest
+
+from qreset.pci.address import PciAddress
+from tests.lab.labhost import OUT, Roles, bind_group_vfio, qreset
+from tests.lab.nested import nested_qemu, timed_system_reset
+
+pytestmark = pytest.mark.lab
+
+ROLES = ("virtio1", "nvme1", "virtio2", "nvme2")  # each alone on its own root port
+REPEAT = 3
+
+
+async def qemu_time(devices: list[PciAddress]) -> float:
+    async with nested_qemu(f"bench{len(devices)}", devices) as client:
+        await timed_system_reset(client)  # warm-up: the first reset also pays one-time costs
+        return statistics.median([await timed_system_reset(client) for _ in range(REPEAT)])
+
+
+def qreset_time(devices: list[PciAddress]) -> tuple[float, list[dict[str, Any]]]:
+    times = []
+    domains: list[dict[str, Any]] = []
+    for _ in range(REPEAT):
+        proc = qreset("reset", *map(str, devices), "--json", check=True)
+        report = json.loads(proc.stdout)
+        assert report["ok"], report
+        times.append(float(report["duration"]))
+        domains = report["domains"]
+    return statistics.median(times), domains
+
+
+async def test_bench_qemu_vs_qreset(roles: Roles) -> None:
+    all_devices = [roles[r] for r in ROLES]
+    for d in all_devices:
+        bind_group_vfio(d)
+    rows = []
+    for n in (1, 2, 4):
+        devices = all_devices[:n]
+        q = await qemu_time(devices)
+        r, domains = qreset_time(devices)
+        assert len(domains) == n, [d["key"] for d in domains]
+        assert all(d["method"] == "flr" for d in domains), [d["method"] for d in domains]
+        rows.append({"devices": n, "qemu_system_reset_s": round(q, 4), "qreset_reset_s": round(r, 4),
+                     "domains": domains})
+    q_ratio = rows[2]["qemu_system_reset_s"] / rows[0]["qemu_system_reset_s"]
+    r_ratio = rows[2]["qreset_reset_s"] / rows[0]["qreset_reset_s"]
+    lines = [
+        "devices  QEMU system_reset->RESET  qreset reset (independent domains)",
+        *(f"{row['devices']:>7}  {row['qemu_system_reset_s'] * 1000:>20.1f} ms  "
+          f"{row['qreset_reset_s'] * 1000:>20.1f} ms" for row in rows),
+        f"    4:1  {q_ratio:>23.2f}  {r_ratio:>23.2f}",
+    ]
+    for row in rows:
+        lines.append(f"qreset phases with {row['devices']} device(s), per domain (ms): " + "; ".join(
+            " ".join(f"{k} {v * 1000:.0f}" for k, v in d["phases"].items() if v) for d in row["domains"]))
+    print("\n" + "\n".join(lines))
+    (OUT / "bench.json").write_text(json.dumps({"rows": rows, "qemu_4to1": q_ratio, "qreset_4to1": r_ratio},
+                                               indent=1))
+    (OUT / "bench.txt").write_text("\n".join(lines) + "\n")
+    # qreset's independent domains run in parallel: 4 devices cost about as much as 1.
+    assert r_ratio < 2.0, lines
