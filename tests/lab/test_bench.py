@@ -47,7 +47,7 @@ async def test_bench_qemu_vs_qreset(roles: Roles) -> None:
     all_devices = [roles[r] for r in ROLES]
     for d in all_devices:
         bind_group_vfio(d)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for n in (1, 2, 4):
         devices = all_devices[:n]
         q = await qemu_time(devices)
