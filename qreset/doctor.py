@@ -178,19 +178,28 @@ def _options(topo: Topology, addr: PciAddress) -> list[ResetOption]:
     methods = topo.function_methods(addr)
     if not methods and not _reset_method_exposed(topo):
         methods = topo.config_methods(addr)
-    for m in methods:
-        opts.append(ResetOption(ResetKind.FUNCTION, m, addr, (), (), f"echo 1 > reset (reset_method={m})"))
 
     def scoped(scope: ResetScope, method: str, note: str) -> ResetOption:
         hits = _hits(topo, scope.affected, addr)
-        return ResetOption(scope.kind, method, scope.target, hits,
-                           tuple(h for h in hits if _host_driver(h)), note)
+        blocked = [h for h in hits if _host_driver(h)]
+        if method == "vfio_hot_reset":
+            # The ioctl is issued on the device itself: it must be bound to vfio-pci too.
+            me = Hit(addr, topo.node(addr).info.driver, topo.node(addr).info.iommu_group)
+            if me.driver != VFIO_DRIVER:
+                blocked.insert(0, me)
+        return ResetOption(scope.kind, method, scope.target, hits, tuple(blocked), note)
+
+    fscope = topo.function_scope(addr)
+    for m in methods:
+        vfs = " (a PF reset also resets its VFs)" if len(fscope.affected) > 1 else ""
+        opts.append(scoped(fscope, m, f"echo 1 > reset (reset_method={m}){vfs}"))
 
     kbus = topo.kernel_bus_scope(addr)
     if kbus is not None and ("bus" in topo.node(addr).info.reset_methods or not _reset_method_exposed(topo)):
         how = f"hotplug slot {kbus.slot}" if kbus.kind is ResetKind.SLOT else f"alone below {kbus.target}"
         opts.append(scoped(kbus, "bus", f"kernel reset_method=bus ({how}): the kernel saves and restores"))
-    hot = topo.hot_reset_scope(addr)
+    # VFIO only binds endpoints; a bridge is never the device a hot reset is issued on.
+    hot = None if topo.is_bridge(addr) else topo.hot_reset_scope(addr)
     if hot is not None:
         opts.append(scoped(hot, "vfio_hot_reset",
                            "VFIO_DEVICE_PCI_HOT_RESET: every hit function must be bound to vfio-pci"))
@@ -269,6 +278,28 @@ def _problems(topo: Topology, addr: PciAddress, opts: list[ResetOption]) -> list
             "pm-only", Severity.INFO,
             "its only function-level reset is PM (D3hot to D0), which many devices implement as a no-op",
             "if the device keeps state across resets, prefer a bus reset of its bridge",
+        ))
+
+    if "bus" in info.reset_methods and topo.kernel_bus_scope(addr) is None:
+        # pci_init_reset_methods() probes at enumeration, before the function joins
+        # bus->devices: the "bus" entry can be stale (drivers/pci/probe.c, pci_device_add).
+        probs.append(Problem(
+            "stale-bus-method", Severity.INFO,
+            "reset_method lists bus, but the kernel refuses it at reset time: "
+            + ("it is a bridge" if topo.is_bridge(addr) else
+               f"it shares bus {addr.bus:02x} with {_names(topo.bus_of(addr) - {addr})}"),
+            "ignore the bus entry; reset the whole bus through its bridge instead",
+        ))
+
+    vfs = topo.vfs_of(addr)
+    if vfs:
+        hosted = [f"{v} ({topo.node(v).info.driver})" for v in sorted(vfs)
+                  if _host_driver(Hit(v, topo.node(v).info.driver, None))]
+        probs.append(Problem(
+            "pf-resets-vfs", Severity.BLOCKER if hosted else Severity.WARNING,
+            f"SR-IOV PF with {len(vfs)} VF(s): any reset of it (FLR included) also resets "
+            f"{_names(vfs)}" + (f", including host-driver VFs {', '.join(hosted)}" if hosted else ""),
+            "reset the VFs with their own FLR and leave the PF alone while VFs are in use",
         ))
 
     if parent is not None and topo.conventional_bus(parent):

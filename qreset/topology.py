@@ -245,6 +245,23 @@ class Topology:
         """The function-level reset methods of ``addr`` (reset_method ∩ FUNCTION_METHODS), in order."""
         return tuple(m for m in self.node(addr).info.reset_methods if m in FUNCTION_METHODS)
 
+    def vfs_of(self, addr: PciAddress) -> frozenset[PciAddress]:
+        """The SR-IOV VFs of ``addr`` present in the tree (empty unless it is a PF)."""
+        info = self.node(addr).info
+        vfs = {v for v in info.virtfns if v in self.functions}
+        vfs.update(a for a, n in self.functions.items() if n.info.physfn == addr)
+        return frozenset(vfs)
+
+    def function_scope(self, addr: PciAddress) -> ResetScope:
+        """What a function-level reset of ``addr`` hits: itself, and its VFs if it is a PF.
+
+        A PF's FLR resets its SR-IOV capability, clearing VF Enable, so every
+        VF goes through reset too (SR-IOV spec r1.1 sec 2.2.2); the kernel
+        saves and restores only the PF (``pci_reset_function`` ->
+        ``pci_restore_iov_state`` re-enables VFs but not their state).
+        """
+        return ResetScope(ResetKind.FUNCTION, addr, frozenset({addr}) | self.vfs_of(addr))
+
     def config_methods(self, addr: PciAddress) -> tuple[str, ...]:
         """Function-level methods config space advertises, probed like the kernel.
 

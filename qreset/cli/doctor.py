@@ -72,8 +72,8 @@ def render_function(f: FunctionReport) -> list[str]:
         also = "; ".join(_hit(h) for h in o.hits) or "nothing else"
         lines.append(f"    {o.method:<18} {o.kind.value} reset of {o.target}, also hits: {also}")
         if o.blocked_by:
-            lines.append("    " + " " * 18 + " blocked by host drivers: "
-                         + ", ".join(f"{h.address} ({h.driver})" for h in o.blocked_by))
+            lines.append("    " + " " * 18 + " blocked by: "
+                         + ", ".join(f"{h.address} ({h.driver or 'no driver'})" for h in o.blocked_by))
     if f.is_bridge:
         lines.append("  (bridge: not a device to assign; not diagnosed)")
     for p in f.problems:
