@@ -315,10 +315,16 @@ class _DomainRun:
     async def _cycle(self) -> None:
         d = self.domain
         with self.timed("save"):
-            for addr in d.covers:
-                raw = await self.host.read_config(addr, regs.CFG_SPACE_EXP_SIZE)
-                info = await self.host.info(addr)
-                self.saved[addr] = _Saved(bytes(raw), info)
+            try:
+                for addr in d.covers:
+                    raw = await self.host.read_config(addr, regs.CFG_SPACE_EXP_SIZE)
+                    info = await self.host.info(addr)
+                    self.saved[addr] = _Saved(bytes(raw), info)
+            except QResetError as err:
+                # Nothing has been touched yet: give up on this domain before resetting.
+                self.fail(f"save failed, nothing reset: {err}")
+                self.emit("save", f"failed: {err}")
+                return
         self.emit("save", f"saved {len(self.saved)} function(s)")
 
         try:

@@ -274,6 +274,17 @@ async def test_vfio_hot_reset_on_a_simulated_host_is_refused_cleanly(sim_dir: Pa
     assert [f.change for f in res.functions] == ["none", "none"]
 
 
+async def test_unreadable_function_fails_the_domain_before_any_reset(sim_dir: Path) -> None:
+    host = sim(sim_dir, "gpu-audio")
+    rp, gpu = host.address_of("rp1"), host.address_of("gpu")
+    ghost = PciAddress.parse("01:00.7")  # stale plan: no such function any more
+    [res] = await run(host, bus_domain(rp, [gpu, ghost]))
+    assert not res.ok
+    assert "save failed, nothing reset" in (res.error or "")
+    assert host.reset_log == []
+    assert host.write_count() == 0
+
+
 # -- concurrency and locks -----------------------------------------------------------------
 
 
