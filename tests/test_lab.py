@@ -1,0 +1,72 @@
+"""Host side of the real-kernel lab: boot it (scripts/lab/run) and check what ran inside.
+
+The lab VM runs ``pytest -m lab tests/lab`` against Debian's 6.1 kernel with an
+emulated IOMMU and writes a junit report to its results share; this test
+asserts the run exited 0 and that the lab tests that matter are listed as
+passed (a lab that silently skipped everything would not pass).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Lab tests that must have passed inside the VM (module::name, parametrized ids included).
+EXPECTED = (
+    "test_smoke::test_kernel_sees_iommu_groups",
+    "test_smoke::test_lab_topology_roles",
+    "test_doctor::test_reset_methods_equal_the_kernel",
+    "test_doctor::test_iommu_groups_equal_the_kernel",
+    "test_vfio::test_hot_reset_info_and_reset[virtio1]",
+    "test_vfio::test_hot_reset_info_and_reset[sw_e1000e]",
+    "test_vfio::test_hot_reset_info_and_reset[mf0]",
+    "test_vfio::test_hot_reset_refused_when_group_held",
+    "test_reset::test_flr_by_qreset_reset",
+    "test_reset::test_kernel_secondary_bus_reset_by_qreset_reset",
+    "test_reset::test_user_sbr_finds_and_restores_cleared_registers",
+    "test_bench::test_bench_qemu_vs_qreset",
+)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(1800),
+    pytest.mark.skipif(os.environ.get("QRESET_LAB") == "1", reason="already inside the lab"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="the lab installs Debian packages and needs root"),
+    pytest.mark.skipif(shutil.which("apt-get") is None, reason="the lab needs a Debian host (apt-get)"),
+]
+
+
+def junit_outcomes(path: Path) -> dict[str, str]:
+    """``module::test`` -> passed/failed/error/skipped from a pytest junit XML file."""
+    out = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        module = case.get("classname", "").rsplit(".", 1)[-1]
+        name = f"{module}::{case.get('name')}"
+        kinds = {child.tag for child in case}
+        outcome = next((k for k in ("failure", "error", "skipped") if k in kinds), "passed")
+        out[name] = outcome
+    return out
+
+
+def test_lab_runs_and_passes(tmp_path: Path) -> None:
+    out = tmp_path / "lab"
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "lab" / "run"), "--out", str(out)],
+        capture_output=True, text=True, check=False, timeout=1700,
+    )
+    tail = (proc.stdout[-6000:] + proc.stderr[-2000:])
+    assert (out / "rc").exists(), f"the lab VM reported no exit code:\n{tail}"
+    outcomes = junit_outcomes(out / "junit.xml")
+    bad = {k: v for k, v in outcomes.items() if v in ("failure", "error")}
+    assert not bad, f"lab tests failed: {bad}\n{tail}"
+    assert proc.returncode == 0, tail
+    missing = [name for name in EXPECTED if outcomes.get(name) != "passed"]
+    assert not missing, f"expected lab tests not passed: {[(m, outcomes.get(m)) for m in missing]}"
+    assert (out / "bench.txt").exists()
