@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qreset.diff import Change, RegKind, diff_config, layout_of, register_map
 from qreset.pci import regs
 from qreset.pci.host import IORESOURCE_MEM, IORESOURCE_MEM_64, IORESOURCE_PREFETCH, Resource
+from qreset.restore import plan_writes
 
 PM, MSI, EXP, MSIX = 0x40, 0x50, 0x70, 0xB0
 AER, DSN, LTR, ACS, SRIOV, REBAR = 0x100, 0x140, 0x150, 0x160, 0x170, 0x1B0
@@ -286,3 +289,34 @@ def test_to_json_is_plain() -> None:
     text = json.dumps(d.to_json())
     assert '"identity"' in text
     assert '"Command"' in text
+
+
+# -- never raises, on anything ------------------------------------------------------------
+
+def _mutate(base: bytes, edits: list[tuple[int, int]]) -> bytes:
+    b = bytearray(base)
+    for off, val in edits:
+        b[off % len(b)] = val
+    return bytes(b)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), max_size=40),
+       st.sampled_from([4096, 256, 64, 3, 0]))
+def test_diff_never_raises_and_writes_stay_in_their_dword(edits: list[tuple[int, int]], size: int) -> None:
+    after = _mutate(BASE, edits)[:size]
+    d = diff_config(BASE, after, RES, RES)
+    assert d.change in Change
+    for w in plan_writes(d):
+        assert w.size in (1, 2, 4)
+        assert w.offset % w.size == 0
+        assert w.offset // 4 == (w.offset + w.size - 1) // 4
+    if d.change is not Change.STATE:
+        assert plan_writes(d) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=0, max_size=4096), st.binary(min_size=0, max_size=4096))
+def test_diff_of_garbage_never_raises(before: bytes, after: bytes) -> None:
+    assert diff_config(before, after).change in Change
+    assert diff_config(before, before).change is Change.NONE
