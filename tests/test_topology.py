@@ -4,14 +4,19 @@ drivers/vfio/pci/vfio_pci_core.c), on a hand-made host and on every simulated on
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
-from qreset.errors import NoSuchFunction
+from qreset.errors import NoSuchFunction, ResetFailed
+from qreset.pci import regs
 from qreset.pci.address import PciAddress
-from qreset.pci.config import parse_config
+from qreset.pci.config import parse_config, u16
 from qreset.pci.host import FunctionInfo, PciHost, SlotInfo
+from qreset.pci.sim import SimHost
+from qreset.pci.sysfs import SysfsHost
 from qreset.topology import ResetKind, ResetScope, Topology
+from tests.conftest import SIM_DIR
 from tests.pcibuild import A, config, node, sample
 
 
@@ -143,8 +148,6 @@ def test_groups_acs_and_conventional() -> None:
 def test_acs_partial_capability_counts_as_hardwired() -> None:
     # pci_acs_flags_enabled: flags missing from the ACS Capability register
     # are hard-wired enabled, so a port that only advertises SV and enables it is isolated.
-    from qreset.pci import regs
-
     raw = config(bridge=True, secondary=1, subordinate=1, pcie_type=regs.EXP_TYPE_ROOT_PORT,
                  acs=(regs.ACS_SV, regs.ACS_SV))
     t = Topology({A("00:01.0"): node("00:01.0", raw)}, [], True)
@@ -232,3 +235,170 @@ async def test_load_reads_concurrently_and_matches() -> None:
         assert t.hot_reset_scope(a) == src.hot_reset_scope(a)
     assert t.host_name == "tree"
     assert t.iommu
+
+
+# -- the simulated hosts (configs/sim/*.toml) -----------------------------------------
+
+SIMS = sorted(SIM_DIR.glob("*.toml"))
+
+
+async def load_sim(name: str, time_scale: float = 0.001) -> tuple[SimHost, Topology]:
+    host = SimHost.from_toml(SIM_DIR / name, time_scale=time_scale)
+    return host, await Topology.load(host)
+
+
+def scope(kind: ResetKind, target: str, *affected: str, slot: str | None = None) -> ResetScope:
+    return ResetScope(kind, A(target), S(*affected), slot)
+
+
+BUS, SLOT = ResetKind.BUS, ResetKind.SLOT
+
+#: sim file -> {endpoint: (function methods, VFIO hot reset scope, kernel ``bus`` scope)}.
+#: Derived by hand from each file's comments and the kernel rules: slot when the
+#: port's slot is a hotplug slot (pci_probe_reset_slot), else the parent's bus
+#: (pci_probe_reset_bus); the kernel's ``bus`` method only alone or in a hotplug slot.
+EXPECTED: dict[str, dict[str, tuple[tuple[str, ...], ResetScope | None, ResetScope | None]]] = {
+    "gpu-audio.toml": {
+        "01:00.0": ((), scope(BUS, "00:01.0", "01:00.0", "01:00.1"), None),
+        "01:00.1": ((), scope(BUS, "00:01.0", "01:00.0", "01:00.1"), None),
+    },
+    "nic-flr.toml": {
+        "01:00.0": (("flr", "pm"), scope(SLOT, "00:1c.0", "01:00.0", slot="4"),
+                    scope(SLOT, "00:1c.0", "01:00.0", slot="4")),
+    },
+    "switch.toml": {
+        "03:00.0": (("flr", "pm"), scope(SLOT, "02:08.0", "03:00.0", slot="8"),
+                    scope(SLOT, "02:08.0", "03:00.0", slot="8")),
+        "04:00.0": (("flr", "pm"), scope(SLOT, "02:09.0", "04:00.0", slot="9"),
+                    scope(SLOT, "02:09.0", "04:00.0", slot="9")),
+        "05:00.0": (("pm",), scope(BUS, "02:10.0", "05:00.0"), scope(BUS, "02:10.0", "05:00.0")),
+        "06:00.0": (("pm",), scope(BUS, "02:11.0", "06:00.0"), scope(BUS, "02:11.0", "06:00.0")),
+    },
+    "conventional.toml": {
+        "02:01.0": (("pm",), scope(BUS, "01:00.0", "02:01.0", "02:02.0"), None),
+        "02:02.0": ((), scope(BUS, "01:00.0", "02:01.0", "02:02.0"), None),
+    },
+    "sriov.toml": {
+        a: (m, scope(BUS, "00:01.0", "01:00.0", "01:10.0", "01:10.4", "01:11.0", "01:11.4"), None)
+        for a, m in [("01:00.0", ("flr", "pm")), ("01:10.0", ("flr",)), ("01:10.4", ("flr",)),
+                     ("01:11.0", ("flr",)), ("01:11.4", ("flr",))]
+    },
+    "demo.toml": {
+        "01:00.0": (("flr", "pm"), scope(SLOT, "00:01.0", "01:00.0", slot="1"),
+                    scope(SLOT, "00:01.0", "01:00.0", slot="1")),
+        "02:00.0": (("flr", "pm"), scope(SLOT, "00:02.0", "02:00.0", slot="2"),
+                    scope(SLOT, "00:02.0", "02:00.0", slot="2")),
+        "03:00.0": ((), scope(BUS, "00:03.0", "03:00.0", "03:00.1"), None),
+        "03:00.1": ((), scope(BUS, "00:03.0", "03:00.0", "03:00.1"), None),
+        "04:00.0": (("flr", "pm"), scope(BUS, "00:04.0", "04:00.0"), scope(BUS, "00:04.0", "04:00.0")),
+        "06:01.0": ((), scope(BUS, "05:00.0", "06:01.0", "06:02.0"), None),
+        "06:02.0": (("pm",), scope(BUS, "05:00.0", "06:01.0", "06:02.0"), None),
+    },
+}
+
+
+def test_every_sim_file_has_expectations() -> None:
+    assert {p.name for p in SIMS} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+async def test_sim_endpoint_scopes(name: str) -> None:
+    host, t = await load_sim(name)
+    endpoints = {a for a in t.functions if not t.is_bridge(a) and t.node(a).info.class_code >> 8 != 0x0600}
+    assert endpoints == S(*EXPECTED[name])
+    for bdf, (methods, hot, kbus) in EXPECTED[name].items():
+        a = A(bdf)
+        assert t.function_methods(a) == methods, bdf
+        assert t.hot_reset_scope(a) == hot, bdf
+        assert t.kernel_bus_scope(a) == kbus, bdf
+    await host.close()
+
+
+async def test_sim_switch_tree() -> None:
+    host, t = await load_sim("switch.toml")
+    ports = S("02:08.0", "02:09.0", "02:10.0", "02:11.0")
+    assert t.below(A("01:00.0")) == ports | S("03:00.0", "04:00.0", "05:00.0", "06:00.0")
+    assert t.below(A("00:01.0")) == t.below(A("01:00.0")) | S("01:00.0")
+    for p in ports:
+        assert t.parent(p) == A("01:00.0")
+        assert t.bus_scope(p) == scope(BUS, "01:00.0", *map(str, t.below(A("01:00.0"))))
+    assert {p: t.acs_isolated(p) for p in ports} == {
+        A("02:08.0"): True, A("02:09.0"): True, A("02:10.0"): True, A("02:11.0"): False}
+    assert t.non_acs_ports([A("06:00.0")]) == (A("02:11.0"),)
+    assert not any(t.conventional_bus(b) for b in t.functions if t.is_bridge(b))
+    await host.close()
+
+
+async def test_sim_conventional_and_sriov() -> None:
+    host, t = await load_sim("conventional.toml")
+    assert t.conventional_bus(A("01:00.0")) is True
+    assert t.conventional_bus(A("00:1c.0")) is False
+    assert t.bus_scope(A("01:00.0")) == scope(BUS, "00:1c.0", "01:00.0", "02:01.0", "02:02.0")
+    await host.close()
+    host, t = await load_sim("sriov.toml")
+    vfs = S("01:10.0", "01:10.4", "01:11.0", "01:11.4")
+    assert t.vfs_of(A("01:00.0")) == vfs
+    assert t.function_scope(A("01:00.0")).affected == vfs | S("01:00.0")
+    assert t.function_scope(A("01:10.0")).affected == S("01:10.0")
+    await host.close()
+
+
+@pytest.mark.parametrize("path", SIMS, ids=[p.stem for p in SIMS])
+async def test_sim_resets_hit_exactly_the_predicted_functions(path: Path) -> None:
+    """Cross-check against the simulator's own reset model: the kernel ``bus``
+    method works exactly where kernel_bus_scope says and hits what it says;
+    a userspace SBR and reset_subordinate of every bridge hit ``below``; a
+    function reset hits ``function_scope``."""
+    host, t = await load_sim(path.name, time_scale=0.0001)
+    for a in t.functions:
+        node = t.node(a)
+        if "bus" in node.info.reset_methods:
+            kbus = t.kernel_bus_scope(a)
+            if kbus is None:
+                with pytest.raises(ResetFailed):
+                    await host.reset_function(a, "bus")
+            else:
+                await host.reset_function(a, "bus")
+                assert host.reset_log[-1].affected == kbus.affected, a
+        fm = t.function_methods(a)
+        if fm:
+            await host.reset_function(a, fm[0])
+            assert host.reset_log[-1].affected == t.function_scope(a).affected, a
+    await host.close()
+    for b in t.functions:
+        if not t.is_bridge(b) or not t.below(b):
+            continue
+        # A fresh host per bridge: a userspace SBR leaves bridges below at power-on
+        # defaults (bus numbers 0) until software restores them.
+        host = SimHost.from_toml(path, time_scale=0.0001)
+        bc = u16(await host.read_config(b, 64), regs.BRIDGE_CONTROL)
+        assert_sbr = (bc | regs.BRIDGE_CTL_BUS_RESET).to_bytes(2, "little")
+        await host.write_config(b, regs.BRIDGE_CONTROL, assert_sbr)
+        await host.write_config(b, regs.BRIDGE_CONTROL, bc.to_bytes(2, "little"))
+        assert host.reset_log[-1].method == "sbr"
+        assert host.reset_log[-1].affected == t.below(b), b
+        await host.close()
+        if t.node(b).info.has_reset_subordinate:
+            host = SimHost.from_toml(path, time_scale=0.0001)
+            await host.reset_subordinate(b)
+            assert host.reset_log[-1].affected == t.below(b), b
+            await host.close()
+
+
+@pytest.mark.parametrize("path", SIMS, ids=[p.stem for p in SIMS])
+async def test_sim_via_sysfs_tree_matches(path: Path, tmp_path: Path) -> None:
+    """The same host read through SysfsHost from the sysfs tree the simulator
+    writes (parents from directory nesting, not bus numbers) gives the same
+    topology: a check of Topology.load over real-file parsing."""
+    host, t = await load_sim(path.name)
+    host.write_tree(tmp_path)
+    sysfs = SysfsHost(tmp_path)
+    t2 = await Topology.load(sysfs)
+    await sysfs.close()
+    await host.close()
+    assert set(t2.functions) == set(t.functions)
+    assert t2.iommu == t.iommu
+    for a in t.functions:
+        assert t2.describe(a) == t.describe(a), a
+        assert t2.parent(a) == t.parent(a)
+        assert t2.below(a) == t.below(a)
