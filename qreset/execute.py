@@ -489,7 +489,7 @@ class _DomainRun:
         return ready
 
     async def _wait_ready(self, addr: PciAddress) -> bool:
-        """pci_dev_wait: read Vendor ID until it is neither CRS (0x0001) nor all-ones."""
+        """pci_dev_wait: poll until Vendor ID is neither CRS (0x0001) nor all-ones and Command is not ~0."""
         out = self.outcomes[addr]
         delay = self.settings.poll_interval
         waited = 0.0
@@ -497,7 +497,7 @@ class _DomainRun:
         while True:
             out.polls += 1
             try:
-                data = await self.host.read_config(addr, 4)
+                data = await self.host.read_config(addr, 8)
             except NoSuchFunction:
                 out.error = "disappeared from the host during the reset"
                 return False
@@ -505,7 +505,11 @@ class _DomainRun:
                 data = b""
                 logger.debug("%s: poll read failed: %s", addr, err)
             vendor = u16(data, regs.VENDOR_ID)
-            if vendor not in (0xFFFF, regs.CRS_VENDOR_ID):
+            # pci_dev_wait reads Vendor ID when the Root Port has CRS Software
+            # Visibility, else the Command register until it is not ~0: a VF's
+            # Vendor ID is 0xFFFF in hardware (sysfs shows the cached one), so
+            # check both.
+            if vendor not in (0xFFFF, regs.CRS_VENDOR_ID) and u32(data, regs.COMMAND) != 0xFFFFFFFF:
                 return True
             if waited >= timeout:
                 what = "CRS" if vendor == regs.CRS_VENDOR_ID else "all-ones"
