@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import tomllib
 
-from qreset.doctor import Severity, diagnose, diagnose_function
+import pytest
+
+from qreset.doctor import Report, Severity, diagnose, diagnose_function
 from qreset.pci.address import PciAddress
-from qreset.topology import ResetKind
+from qreset.pci.sim import SimHost
+from qreset.topology import ResetKind, Topology
+from tests.conftest import SIM_DIR
 from tests.pcibuild import A, sample
 
 
@@ -129,3 +134,106 @@ def test_no_reset_method_attr_note_falls_back_to_config() -> None:
     f = next(f for f in rep.functions if f.address == A("03:00.0"))
     assert f.function_methods == ()
     assert f.options[0].method == "flr"  # from config space (DevCap FLR)
+
+
+# -- the simulated hosts ----------------------------------------------------------------
+
+#: sim file -> {endpoint: problem codes doctor must report}. Each is a kernel rule:
+#: no FLR + shared bus (pci_parent_bus_reset refuses); a stale "bus" entry
+#: (pci_init_reset_methods runs before the function joins its bus); conventional
+#: bus behind a PCIe-to-PCI bridge; group shared by a multifunction device or an
+#: aliasing bridge (pci_device_group); a PF's reset takes its VFs along.
+SIM_PROBLEMS: dict[str, dict[str, set[str]]] = {
+    "gpu-audio.toml": {
+        "01:00.0": {"no-flr-bus-reset", "iommu-group-shared", "stale-bus-method"},
+        "01:00.1": {"no-flr-bus-reset", "iommu-group-shared"},
+    },
+    "nic-flr.toml": {"01:00.0": set()},
+    "switch.toml": {
+        "03:00.0": set(), "04:00.0": {"host-driver"}, "05:00.0": {"pm-only"},
+        "06:00.0": {"pm-only", "host-driver"},
+    },
+    "conventional.toml": {
+        "02:01.0": {"pm-only", "conventional-bus", "iommu-group-shared", "stale-bus-method"},
+        "02:02.0": {"no-flr-bus-reset", "conventional-bus", "iommu-group-shared", "host-driver"},
+    },
+    "sriov.toml": {
+        "01:00.0": {"host-driver", "pf-resets-vfs", "stale-bus-method"},
+        "01:10.0": set(), "01:10.4": set(), "01:11.0": {"host-driver"}, "01:11.4": {"host-driver"},
+    },
+    "demo.toml": {
+        "01:00.0": set(), "02:00.0": set(), "04:00.0": set(),
+        "03:00.0": {"no-flr-bus-reset", "iommu-group-shared", "stale-bus-method"},
+        "03:00.1": {"no-flr-bus-reset", "iommu-group-shared"},
+        "06:01.0": {"no-flr-bus-reset", "conventional-bus", "iommu-group-shared", "stale-bus-method"},
+        "06:02.0": {"pm-only", "conventional-bus", "iommu-group-shared"},
+    },
+}
+
+
+async def sim_report(name: str) -> tuple[Topology, Report]:
+    host = SimHost.from_toml(SIM_DIR / name, time_scale=0.001)
+    topo = await Topology.load(host)
+    await host.close()
+    return topo, diagnose(topo)
+
+
+def test_every_sim_file_has_expectations() -> None:
+    assert {p.name for p in SIM_DIR.glob("*.toml")} == set(SIM_PROBLEMS)
+
+
+@pytest.mark.parametrize("name", sorted(SIM_PROBLEMS))
+async def test_sim_problems(name: str) -> None:
+    _topo, rep = await sim_report(name)
+    assert rep.notes == ()  # sims have IOMMU groups and reset_method
+    got = {str(f.address)[5:]: {p.code for p in f.problems} for f in rep.functions if not f.is_bridge
+           and f.class_code >> 8 != 0x0600}
+    assert got == SIM_PROBLEMS[name]
+
+
+async def test_sim_gpu_audio_details() -> None:
+    _topo, rep = await sim_report("gpu-audio.toml")
+    gpu = next(f for f in rep.functions if f.address == A("01:00.0"))
+    probs = {p.code: p.message for p in gpu.problems}
+    assert "0000:01:00.1" in probs["no-flr-bus-reset"]
+    assert "0000:00:01.0" in probs["no-flr-bus-reset"]
+    assert "multifunction" in probs["iommu-group-shared"]
+    assert "shares bus 01 with 0000:01:00.1" in probs["stale-bus-method"]
+    methods = {o.method: o for o in gpu.options}
+    assert set(methods) == {"vfio_hot_reset", "user_sbr"}  # no reset_subordinate on rp1, no kernel bus
+    assert {h.address for h in methods["vfio_hot_reset"].hits} == S("01:00.1")
+    assert methods["vfio_hot_reset"].blocked_by == ()  # both functions on vfio-pci
+
+
+async def test_sim_conventional_blocked_by_host_driver() -> None:
+    _topo, rep = await sim_report("conventional.toml")
+    fw = next(f for f in rep.functions if f.address == A("02:02.0"))
+    hot = next(o for o in fw.options if o.method == "vfio_hot_reset")
+    assert [h.address for h in hot.blocked_by] == [A("02:02.0")]  # itself: firewire_ohci, not vfio-pci
+    nic = next(f for f in rep.functions if f.address == A("02:01.0"))
+    sbr = next(o for o in nic.options if o.method == "user_sbr")
+    assert sbr.target == A("01:00.0")
+    assert [(h.address, h.driver) for h in sbr.blocked_by] == [(A("02:02.0"), "firewire_ohci")]
+    conv = next(p for p in nic.problems if p.code == "conventional-bus")
+    assert "0000:02:01.0, 0000:02:02.0" in conv.message
+
+
+async def test_sim_sriov_pf_blocker_names_host_vfs() -> None:
+    _topo, rep = await sim_report("sriov.toml")
+    pf = next(f for f in rep.functions if f.address == A("01:00.0"))
+    p = next(p for p in pf.problems if p.code == "pf-resets-vfs")
+    assert p.severity is Severity.BLOCKER
+    assert "0000:01:11.0 (igbvf)" in p.message
+    assert "0000:01:11.4 (igbvf)" in p.message
+    flr = next(o for o in pf.options if o.method == "flr")
+    assert {h.address for h in flr.hits} == S("01:10.0", "01:10.4", "01:11.0", "01:11.4")
+    assert {h.address for h in flr.blocked_by} == S("01:11.0", "01:11.4")
+
+
+async def test_sim_no_iommu_note() -> None:
+    data = tomllib.loads((SIM_DIR / "nic-flr.toml").read_text())
+    data.setdefault("host", {})["iommu"] = False
+    host = SimHost.from_dict(data, "nic-flr-noiommu", time_scale=0.001)
+    topo = await Topology.load(host)
+    await host.close()
+    assert [n.code for n in diagnose(topo).notes] == ["no-iommu"]
