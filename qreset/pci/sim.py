@@ -83,8 +83,16 @@ FLR_WAIT = 0.100            # pcie_flr(): msleep(100) after Initiate FLR
 AF_FLR_WAIT = 0.100         # pci_af_flr(): msleep(100)
 PM_D3HOT_DELAY = 0.010      # pci_pm_reset(): pci_dev_d3_sleep(), d3hot_delay default 10 ms
 SBR_ASSERT = 0.002          # pci_reset_secondary_bus(): "Trst of 1 ms, double this" -> msleep(2)
-SBR_WAIT_PCIE = 0.100       # pci_bridge_wait_for_secondary_bus(): PCIe r6.0 sec 6.6.1, 100 ms
-SBR_WAIT_CONVENTIONAL = 1.0  # same function: conventional PCI buses get 1000 ms (PCI_RESET_WAIT)
+# pci_bridge_wait_for_secondary_bus(): 100 ms after the link is up (PCIe r6.0 sec 6.6.1; the
+# delay is pci_bus_max_d3cold_delay(), PCI_PM_D3COLD_WAIT = 100 ms by default), then poll the
+# children up to PCI_RESET_WAIT (1000 ms) in total on links <= 5 GT/s, or up to
+# PCIE_RESET_READY_POLL_MS on faster ones. A bridge that is not PCIe waits Tpvrh + Trhfa =
+# 1000 ms + delay. (The kernel returns without waiting for a PCIe-to-PCI bridge, which is not a
+# "downstream port"; the sim, like the API it implements, gives every conventional secondary
+# bus the 1100 ms, because the devices on it need Trhfa whatever the kernel does.)
+SBR_WAIT_PCIE = 0.100
+SBR_WAIT_CONVENTIONAL = 1.100
+SBR_POLL_SLOW_LINK = 1.000  # PCI_RESET_WAIT
 DEVICE_SPECIFIC_WAIT = 0.100  # quirk resets mostly do an FLR-like 100 ms wait
 READY_POLL_LIMIT = 60.0     # PCIE_RESET_READY_POLL_MS = 60000
 
@@ -589,13 +597,14 @@ class SimHost(PciHost):
         except RuntimeError:
             return 0.0
 
-    def _below(self, bridge: _Fn) -> list[_Fn]:
-        """Every present function on bridge's secondary bus and below, in enumeration order."""
+    def _below(self, bridge: _Fn, physical: bool = False) -> list[_Fn]:
+        """Every function on bridge's secondary bus and below, in enumeration order:
+        the ones the kernel knows (present), or with ``physical`` also removed ones."""
         out: list[_Fn] = []
         stack = list(bridge.children)
         while stack:
             f = stack.pop()
-            if f.present:
+            if f.present or physical:
                 out.append(f)
             stack.extend(f.children)
         return sorted(out, key=lambda f: f.order)
@@ -704,7 +713,7 @@ class SimHost(PciHost):
             elif was and not now_set:
                 start = f.sbr_since if f.sbr_since is not None else now
                 f.sbr_since = None
-                hit = self._below(f)
+                hit = self._below(f, physical=True)
                 for g in hit:
                     self._power_on(g, now)
                 self.reset_log.append(ResetRecord("sbr", f.addr, frozenset(g.addr for g in hit), start, now))
@@ -798,15 +807,15 @@ class SimHost(PciHost):
         # The kernel's struct resource keeps the old start; the size follows the new BAR.
         f.resources = self._resources(f)
 
-    async def _wait_ready(self, funcs: Sequence[_Fn], what: str) -> None:
-        """pci_dev_wait(): poll until the function answers, up to PCIE_RESET_READY_POLL_MS."""
-        deadline = self._now() + READY_POLL_LIMIT * self.time_scale
+    async def _wait_ready(self, funcs: Sequence[_Fn], what: str, limit: float = READY_POLL_LIMIT) -> None:
+        """pci_dev_wait(): poll until the function answers, up to ``limit`` (spec seconds)."""
+        deadline = self._now() + limit * self.time_scale
         for f in funcs:
             while not self._ready(f):
                 now = self._now()
                 if now >= deadline:
                     raise ResetFailed(self._path(f.addr, "reset"),
-                                      f"not ready {int(READY_POLL_LIMIT * 1000)}ms after {what}; giving up")
+                                      f"not ready {round(limit * 1000)}ms after {what}; giving up")
                 target = deadline if f.never_ready else min(f.ready_at, deadline)
                 await asyncio.sleep(max(target - now, 0.0) + 1e-4)
 
@@ -868,51 +877,55 @@ class SimHost(PciHost):
             f.block_cfg()
             saved = bytes(f.cfg)
             start = self._now()
+            hit: list[_Fn] = []
+            done = ""
             try:
                 for m in methods:
-                    hit = await self._do_method(f, m)
-                    if hit is not None:
-                        self.reset_log.append(ResetRecord(
-                            m, f.addr, frozenset(g.addr for g in hit), start, self._now()))
+                    done = m
+                    if await self._do_method(f, m, hit):
                         return
                 raise ResetFailed(self._path(addr, "reset"), "Inappropriate ioctl for device")
             finally:
                 self._restore(f, saved)
                 f.unblock_cfg()
+                if hit:  # the device went through reset, even if it then failed to come back
+                    self.reset_log.append(ResetRecord(
+                        done, f.addr, frozenset(g.addr for g in hit), start, self._now()))
 
-    async def _do_method(self, f: _Fn, m: str) -> list[_Fn] | None:
-        """Run one reset method on f; None = ENOTTY (try the next one)."""
+    async def _do_method(self, f: _Fn, m: str, hit: list[_Fn]) -> bool:
+        """Run one reset method on f, filling ``hit`` as functions go through reset.
+        False = ENOTTY (the kernel tries the next method)."""
         slow = self._slow_extra([f])
         if m in ("flr", "af_flr", "device_specific"):
             if m == "flr" and not get(f.cfg, (f.cap(regs.CAP_ID_EXP) or 0) + regs.EXP_DEVCAP, 4) \
                     & regs.EXP_DEVCAP_FLR:
-                return None
-            hit = self._function_reset(f)
+                return False
+            hit.extend(self._function_reset(f))
             await self.sleep({"flr": FLR_WAIT, "af_flr": AF_FLR_WAIT}.get(m, DEVICE_SPECIFIC_WAIT) + slow)
             await self._wait_ready([f], m.upper() if m != "device_specific" else "device-specific reset")
-            return hit
+            return True
         if m == "pm":
             pm = f.cap(regs.CAP_ID_PM)
             if pm is None or get(f.cfg, pm + regs.PM_CTRL, 2) & regs.PM_CTRL_NO_SOFT_RESET:
-                return None
+                return False
             await self.sleep(PM_D3HOT_DELAY)
-            hit = self._function_reset(f)  # D3hot -> D0 with No_Soft_Reset clear
+            hit.extend(self._function_reset(f))  # D3hot -> D0 with No_Soft_Reset clear
             await self.sleep(PM_D3HOT_DELAY + slow)
             await self._wait_ready([f], "PM D3hot->D0")
-            return hit
+            return True
         if m == "bus":
             parent = f.parent
             if parent is None or f.is_bridge:
-                return None  # root bus, or dev->subordinate
+                return False  # root bus, or dev->subordinate
             slot = parent.spec.slot
             slot_ok = slot is not None and slot.hotplug and not f.multifunction
             alone = all(g is f or not g.present for g in parent.children)
             if not (slot_ok or alone):
-                return None
-            hit = self._below(parent)
+                return False
+            hit.extend(self._below(parent, physical=True))
             await self._secondary_bus_reset(parent, hit, slow)
-            return hit
-        return None
+            return True
+        return False
 
     async def _secondary_bus_reset(self, bridge: _Fn, hit: list[_Fn], slow: float) -> None:
         """pci_reset_secondary_bus() + pci_bridge_wait_for_secondary_bus()."""
@@ -924,8 +937,12 @@ class SimHost(PciHost):
         for g in hit:
             self._power_on(g, now)
         conventional = bridge.spec.type in ("pcie_pci_bridge", "pci_bridge")
-        await self.sleep((SBR_WAIT_CONVENTIONAL if conventional else SBR_WAIT_PCIE) + slow)
-        await self._wait_ready(hit, "bus reset")
+        wait = SBR_WAIT_CONVENTIONAL if conventional else SBR_WAIT_PCIE
+        await self.sleep(wait + slow)
+        limit = READY_POLL_LIMIT
+        if not conventional and bridge.spec.link_speed <= 2:  # <= 5 GT/s
+            limit = SBR_POLL_SLOW_LINK - wait
+        await self._wait_ready(hit, "bus reset", limit)
 
     async def reset_subordinate(self, bridge: PciAddress) -> None:
         b = self._get(bridge)
@@ -933,6 +950,7 @@ class SimHost(PciHost):
             raise HostError(self._path(bridge, "reset_subordinate"), "No such file or directory")
         self._check_eio(b, "reset_subordinate")
         hit = self._below(b)
+        physical = self._below(b, physical=True)  # removed functions are still wired to the bus
         locks = [g.lock for g in [b, *hit]]
         # __pci_reset_bus(): pci_bus_trylock(); contention is EAGAIN, not a wait.
         if any(lk.locked() for lk in locks):
@@ -944,15 +962,15 @@ class SimHost(PciHost):
         for g in hit:
             g.block_cfg()
         try:
-            await self._secondary_bus_reset(b, hit, self._slow_extra(hit))
+            await self._secondary_bus_reset(b, physical, self._slow_extra(hit))
         finally:
             for g in hit:  # pci_bus_restore_locked(): parents before children
                 self._restore(g, saved[g])
                 g.unblock_cfg()
             for lk in locks:
                 lk.release()
-        self.reset_log.append(ResetRecord("subordinate", b.addr, frozenset(g.addr for g in hit),
-                                          start, self._now()))
+            self.reset_log.append(ResetRecord("subordinate", b.addr, frozenset(g.addr for g in physical),
+                                              start, self._now()))
 
     # -- remove / rescan / bind ---------------------------------------------------------
 

@@ -19,7 +19,9 @@ shapes and formats of drivers/pci/pci-sysfs.c and drivers/pci/slot.c:
   ``iommu_group`` -> ``kernel/iommu_groups/N`` (with ``devices/<bdf>``),
   ``physfn``/``virtfnN`` links;
 * ``bus/pci/slots/NAME/address`` (``DDDD:BB:DD\\n``) and, for hotplug slots,
-  ``power``; ``bus/pci/rescan``.
+  ``power``; ``bus/pci/rescan``, ``bus/pci/drivers_probe`` and the drivers'
+  ``bind``/``unbind``/``new_id``/``remove_id`` (write-only in the kernel,
+  empty files here).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def write_tree(host: SimHost, root: Path) -> None:
     for d in (devices, drivers, slots):
         d.mkdir(parents=True, exist_ok=True)
     _text(root / "bus" / "pci" / "rescan", "")
+    _text(root / "bus" / "pci" / "drivers_probe", "")
     if host.iommu:
         groups.mkdir(parents=True, exist_ok=True)
     present = [f for f in host._order if f.present]
@@ -94,6 +97,8 @@ def write_tree(host: SimHost, root: Path) -> None:
         if f.driver:
             drv = drivers / f.driver
             drv.mkdir(parents=True, exist_ok=True)
+            for attr in ("bind", "unbind", "new_id", "remove_id"):
+                _text(drv / attr, "")
             _link(drv, d / "driver")
             _link(d, drv / str(f.addr))
         if host.iommu and f.group is not None:
