@@ -450,18 +450,18 @@ class _DomainRun:
 
     # -- readiness poll ------------------------------------------------------
 
+    def _up(self, addr: PciAddress) -> PciAddress | None:
+        """What ``addr`` depends on to answer: its PF for a VF (VF Enable, NumVFs), else its bridge."""
+        info = self.saved[addr].info
+        return info.physfn if info.physfn is not None else info.parent
+
     def _covered_ancestors(self, addr: PciAddress) -> set[PciAddress]:
-        """The bridges above ``addr`` that this domain also covers (from the saved ``parent``)."""
+        """The covered functions ``addr`` needs restored before it can answer (bridges above it, its PF)."""
         out: set[PciAddress] = set()
-        seen: set[PciAddress] = set()
-        cur = self.saved[addr].info.parent if addr in self.saved else None
-        while cur is not None and cur not in seen:
-            seen.add(cur)
-            if cur in self.saved:
-                out.add(cur)
-                cur = self.saved[cur].info.parent
-            else:
-                break
+        cur = self._up(addr) if addr in self.saved else None
+        while cur is not None and cur in self.saved and cur not in out:
+            out.add(cur)
+            cur = self._up(cur)
         return out
 
     def _levels(self) -> list[list[PciAddress]]:

@@ -162,6 +162,29 @@ async def test_children_of_a_bridge_that_changed_identity_are_not_waited_for(sim
     assert sum(host.write_count(a) for a in below) == 0
 
 
+async def test_bus_reset_of_an_sriov_pf_restores_vf_enable_before_polling_vfs(sim_dir: Path) -> None:
+    """After a bus reset the VFs exist only once the PF's VF Enable/NumVFs are written back."""
+    host = sim(sim_dir, "sriov", scale=0.001)
+    names = host.names()
+    covers = sorted(a for n, a in names.items() if n.startswith("pf"))
+    t0 = time.monotonic()
+    [res] = await run(host, bus_domain(names["rp"], covers))
+    assert time.monotonic() - t0 < 5.0
+    assert res.ok, (res.error, [(f.address, f.change, f.error) for f in res.functions])
+    by = {f.address: f for f in res.functions}
+    assert all(f.polls == 1 for f in res.functions)
+    pf = by[names["pf"]]
+    assert pf.diff is not None
+    assert {"SR-IOV Control", "SR-IOV NumVFs"} <= {r.name for r in pf.diff.state_registers}
+    # VF Enable was written before any VF was polled.
+    pf_ctrl = [w.t for w in host.config_writes if w.addr == names["pf"] and len(w.data) == 2
+               and w.offset > 0x100 and int.from_bytes(w.data, "little") & regs.SRIOV_CTRL_VFE]
+    vf_writes = [w.t for w in host.config_writes if w.addr in covers and w.addr != names["pf"]]
+    assert pf_ctrl
+    assert vf_writes
+    assert max(pf_ctrl) <= min(vf_writes)
+
+
 # -- faults ------------------------------------------------------------------------------
 
 
