@@ -227,12 +227,22 @@ class SysfsHost(PciHost):
 
     async def info(self, addr: PciAddress) -> FunctionInfo:
         d = self._devdir(addr)
+        try:
+            return self._info(addr, d)
+        except HostError as exc:
+            # Removed while we read it (hot unplug, a concurrent "remove"):
+            # report the function as gone rather than as a broken attribute.
+            if not isinstance(exc, NoSuchFunction) and not os.path.isdir(d):
+                raise NoSuchFunction(str(d), "removed while reading its attributes") from exc
+            raise
+
+    def _info(self, addr: PciAddress, d: Path) -> FunctionInfo:
         override = _read_optional(d / "driver_override")
         override = None if override is None else override.strip()
         methods_text = _read_optional(d / "reset_method")
         resources_text = _read_optional(d / "resource")
         group = _link_name(d / "iommu_group")
-        if group is not None and not group.isdigit():
+        if group is not None and not re.fullmatch(r"[0-9]+", group):
             raise HostError(str(d / "iommu_group"), f"link target {group!r} is not a group number")
         virtfns: list[tuple[int, PciAddress]] = []
         with contextlib.suppress(FileNotFoundError):
