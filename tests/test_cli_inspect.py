@@ -156,3 +156,40 @@ def test_sim_topology_and_doctor(sim: Path) -> None:
     assert text.returncode == 0
     for bdf in bdfs:
         assert bdf[5:] in text.stdout
+
+
+def test_sysfs_root_tree_equals_sim(tmp_path: Path) -> None:
+    """``--sysfs-root`` on the tree the simulator writes prints the same JSON as ``--sim``
+    (every sim is compared in-process in test_topology; here the biggest, end to end)."""
+    import asyncio
+
+    from qreset.pci.sim import SimHost
+
+    sim = SIM_DIR / "demo.toml"
+    host = SimHost.from_toml(sim)
+    host.write_tree(tmp_path)
+    asyncio.run(host.close())
+    assert ok_json("topology", "--sysfs-root", str(tmp_path)) == ok_json("topology", "--sim", str(sim))
+    doc_sys = ok_json("doctor", "--sysfs-root", str(tmp_path))
+    doc_sim = ok_json("doctor", "--sim", str(sim))
+    assert doc_sys["functions"] == doc_sim["functions"]
+    assert doc_sys["host"] != doc_sim["host"]
+
+
+def test_sim_doctor_text_names_blockers() -> None:
+    proc = qreset("doctor", "--sim", str(SIM_DIR / "conventional.toml"), "02:02.0")
+    assert proc.returncode == 0, proc.stderr
+    assert "blocked by: 0000:02:02.0 (firewire_ohci)" in proc.stdout
+    assert "[warning] behind a conventional (PCIe-to-PCI) bridge 0000:01:00.0" in proc.stdout
+    assert proc.stdout.count("\n0000:") == 1
+
+
+def test_bad_sim_file_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[function]]\nname = 'x'\ntype = 'nonsense'\n")
+    proc = qreset("topology", "--sim", str(bad))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("qreset: ")
+    assert "bad.toml" in lines[0]

@@ -15,7 +15,7 @@ from qreset.cli.common import (
 )
 from qreset.cli.topology import class_name
 from qreset.doctor import FunctionReport, Hit, Problem, Report, diagnose
-from qreset.errors import AddressError, QResetError
+from qreset.errors import AddressError, ConfigError, QResetError
 from qreset.pci.address import PciAddress
 from qreset.topology import ResetKind
 
@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         "severities: blocker = cannot be reset safely as things stand; warning = can, at a\n"
         "cost worth knowing; info = context. Each problem has a stable 'code' in --json.\n"
         "exit status: 0 when the host could be inspected (whatever was found), 1 when\n"
-        "reading the host failed, 2 on bad arguments (bad or unknown BDF, missing file)."
+        "reading the host failed, 2 on bad arguments (bad or unknown BDF, missing or invalid\n"
+        "--sim file, missing --sysfs-root)."
     )
     parser.add_argument("bdfs", nargs="*", metavar="BDF",
                         help="functions to examine (DDDD:BB:DD.F or BB:DD.F); default: all")
@@ -100,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(exc))
     try:
         topo = asyncio.run(load_topology(args))
+    except ConfigError as exc:  # a bad --sim file is bad input, not a failed inspection
+        return fail(str(exc), 2)
     except QResetError as exc:
         return fail(str(exc), 1)
     unknown = [a for a in wanted if a not in topo.functions]

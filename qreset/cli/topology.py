@@ -14,7 +14,7 @@ from qreset.cli.common import (
     load_topology,
     print_json,
 )
-from qreset.errors import QResetError
+from qreset.errors import ConfigError, QResetError
 from qreset.pci.address import PciAddress
 from qreset.topology import Topology
 
@@ -133,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         return fail(err)
     try:
         topo = asyncio.run(load_topology(args))
+    except ConfigError as exc:  # a bad --sim file is bad input, not a failed inspection
+        return fail(str(exc), 2)
     except QResetError as exc:
         return fail(str(exc), 1)
     if args.json:
