@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from qreset.errors import HostError, NoSuchFunction
+from qreset.errors import HostError, NoSuchFunction, QResetError
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
 from qreset.pci.config import ConfigSpace, parse_config, u16
@@ -79,6 +79,16 @@ class FunctionNode:
     @property
     def address(self) -> PciAddress:
         return self.info.address
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out.extend(_leaves(exc))
+        else:
+            out.append(exc)
+    return out
 
 
 #: PCIe port types that lead to a link below them (``pcie_downstream_port()`` in
@@ -143,12 +153,24 @@ class Topology:
                 raw = b""
             return FunctionNode(info, parse_config(raw))
 
-        async with asyncio.TaskGroup() as tg:
-            tasks = [
-                tg.create_task(read_one(a), name=f"topology[{host.name}].read[{a}]") for a in addrs
-            ]
-            slots_task = tg.create_task(host.slots(), name=f"topology[{host.name}].slots")
-            iommu_task = tg.create_task(host.has_iommu_groups(), name=f"topology[{host.name}].iommu")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(read_one(a), name=f"topology[{host.name}].read[{a}]") for a in addrs
+                ]
+                slots_task = tg.create_task(host.slots(), name=f"topology[{host.name}].slots")
+                iommu_task = tg.create_task(host.has_iommu_groups(), name=f"topology[{host.name}].iommu")
+        except BaseExceptionGroup as group:
+            # Callers catch QResetError and print one line: hand them the first
+            # structured error rather than a group (the rest are logged).
+            errors = _leaves(group)
+            first = next((e for e in errors if isinstance(e, QResetError)), None)
+            if first is None:
+                raise
+            for other in errors:
+                if other is not first:
+                    logger.warning("also failed while loading the topology: %s", other)
+            raise first from None
         nodes = {n.address: n for t in tasks if (n := t.result()) is not None}
         return cls(nodes, slots_task.result(), iommu_task.result(), host.name)
 

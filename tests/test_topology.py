@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qreset.errors import NoSuchFunction, ResetFailed
+from qreset.errors import HostError, NoSuchFunction, ResetFailed
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
 from qreset.pci.config import parse_config, u16
@@ -170,9 +170,12 @@ class _TreeHost(PciHost):
     """Serves a Topology's own nodes through the PciHost interface, with a
     delay per read, to check that load() reads concurrently."""
 
-    def __init__(self, topo: Topology, delay: float) -> None:
+    def __init__(self, topo: Topology, delay: float, broken: PciAddress | None = None,
+                 vanished: PciAddress | None = None) -> None:
         self.topo = topo
         self.delay = delay
+        self.broken = broken
+        self.vanished = vanished
         self.name = "tree"
         self.inflight = 0
         self.peak = 0
@@ -188,6 +191,10 @@ class _TreeHost(PciHost):
 
     async def info(self, addr: PciAddress) -> FunctionInfo:
         await self._tick()
+        if addr == self.broken:
+            raise HostError(f"/sys/bus/pci/devices/{addr}/vendor", "expected a 0x-prefixed hex number")
+        if addr == self.vanished:
+            raise NoSuchFunction(f"/sys/bus/pci/devices/{addr}", "missing")
         return self.topo.node(addr).info
 
     async def read_config(self, addr: PciAddress, size: int = 4096) -> bytes:
@@ -235,6 +242,20 @@ async def test_load_reads_concurrently_and_matches() -> None:
         assert t.hot_reset_scope(a) == src.hot_reset_scope(a)
     assert t.host_name == "tree"
     assert t.iommu
+
+
+async def test_load_raises_the_host_error_itself() -> None:
+    # Not an ExceptionGroup: callers catch QResetError and print its one line.
+    host = _TreeHost(sample(), delay=0.001, broken=A("04:00.1"))
+    with pytest.raises(HostError, match=r"0000:04:00\.1/vendor: expected"):
+        await Topology.load(host)
+
+
+async def test_load_skips_a_function_that_vanished() -> None:
+    host = _TreeHost(sample(), delay=0.001, vanished=A("06:02.0"))
+    t = await Topology.load(host)
+    assert A("06:02.0") not in t.functions
+    assert t.below(A("00:1e.0")) == S("06:01.0")
 
 
 # -- the simulated hosts (configs/sim/*.toml) -----------------------------------------
