@@ -193,3 +193,36 @@ def test_bad_sim_file_exit_2(tmp_path: Path) -> None:
     assert len(lines) == 1
     assert lines[0].startswith("qreset: ")
     assert "bad.toml" in lines[0]
+
+
+def test_tree_nests_like_lspci_t() -> None:
+    import asyncio
+
+    from qreset.cli.topology import render_tree
+    from qreset.pci.sim import SimHost
+    from qreset.topology import Topology
+
+    async def load() -> Topology:
+        host = SimHost.from_toml(SIM_DIR / "switch.toml")
+        try:
+            return await Topology.load(host)
+        finally:
+            await host.close()
+
+    lines = render_tree(asyncio.run(load()))
+    depth = {}
+    for line in lines[2:]:
+        m = re.match(r"^([|` -]*?)[|`]-- ([0-9a-f]{2}:[0-9a-f]{2}\.\d) ", line)
+        assert m is not None, line
+        depth[m[2]] = len(m[1]) // 4
+    assert depth == {
+        "00:00.0": 0, "00:01.0": 0, "01:00.0": 1,
+        "02:08.0": 2, "02:09.0": 2, "02:10.0": 2, "02:11.0": 2,
+        "03:00.0": 3, "04:00.0": 3, "05:00.0": 3, "06:00.0": 3,
+    }
+    line = next(ln for ln in lines if "06:00.0" in ln)
+    assert "driver=xhci_hcd" in line
+    assert "reset=pm,bus" in line
+    port = next(ln for ln in lines if "02:11.0" in ln)
+    assert "no-ACS" in port
+    assert "bus [06-06]" in port

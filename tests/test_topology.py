@@ -423,3 +423,23 @@ async def test_sim_via_sysfs_tree_matches(path: Path, tmp_path: Path) -> None:
         assert t2.describe(a) == t.describe(a), a
         assert t2.parent(a) == t.parent(a)
         assert t2.below(a) == t.below(a)
+
+
+def test_multifunction_hotplug_slot() -> None:
+    # A slot reset takes every function of the slot (vfio's slot walk), but the
+    # kernel's own bus method refuses multifunction devices in a slot
+    # (pci_dev_reset_slot_function) and then needs the function alone on its bus.
+    t = sample()
+    t2 = Topology(t.functions, [*t.slots, SlotInfo("5", "0000:04:00", True)], True)
+    assert t2.slot_scope(A("04:00.1")) == ResetScope(
+        ResetKind.SLOT, A("02:01.0"), S("04:00.0", "04:00.1"), "5")
+    assert t2.hot_reset_scope(A("04:00.0")) == t2.slot_scope(A("04:00.0"))
+    assert t2.kernel_bus_scope(A("04:00.0")) is None
+
+
+def test_root_bus_hotplug_slot_is_not_a_slot_reset() -> None:
+    # ACPI hotplug slots on a root bus have no reset_slot op: no slot scope.
+    t = sample()
+    t2 = Topology(t.functions, [SlotInfo("acpi2", "0000:00:02", True)], True)
+    assert t2.slot_scope(A("00:02.0")) is None
+    assert t2.hot_reset_scope(A("00:02.0")) is None
