@@ -71,5 +71,12 @@ async def test_bench_qemu_vs_qreset(roles: Roles) -> None:
     (OUT / "bench.json").write_text(json.dumps({"rows": rows, "qemu_4to1": q_ratio, "qreset_4to1": r_ratio},
                                                indent=1))
     (OUT / "bench.txt").write_text("\n".join(lines) + "\n")
-    # qreset's independent domains run in parallel: 4 devices cost about as much as 1.
-    assert r_ratio < 2.0, lines
+    # The ratios are printed, not asserted tightly: under nested software
+    # emulation one run can be 50% slower than the next. What must hold: QEMU
+    # resets its devices one after another, and qreset's four independent
+    # domains were all being reset at the same time (every domain started
+    # before the first one ended).
+    assert q_ratio > 1.5, lines
+    four = rows[2]["domains"]
+    assert max(d["start"] for d in four) < min(d["end"] for d in four), [
+        (d["key"], d["start"], d["end"]) for d in four]
