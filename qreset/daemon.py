@@ -1,0 +1,442 @@
+"""
+The daemon (``qreset run``): one engine, one journal, one monitor per VM.
+
+Shape (aiomqtt-like): :meth:`Daemon.run` opens the journal and the host,
+starts the control socket, then runs one named task per VM (``vm[NAME]``, a
+:class:`~qreset.vm.VmMonitor`) in an :class:`asyncio.TaskGroup` until
+:meth:`Daemon.request_stop` (SIGTERM/SIGINT). The single
+:class:`~qreset.engine.Engine` is shared by every VM: its domain locks are
+what keeps two VMs from resetting one domain at the same time, while
+independent VMs never wait for each other.
+
+Start-up reads the journal back: a cycle with no terminal record means a
+previous daemon died while a guest was parked or stopped, and that VM's
+monitor finishes it as soon as it connects (see ``VmMonitor._recover``).
+Shutdown lets cycles in progress complete, gives each QEMU its default
+actions back (``reboot=reset,shutdown=poweroff``: with no daemon a reset
+must not park the guest forever), and resumes anything parked meanwhile.
+
+The daemon is also the control socket's backend
+(:class:`qreset.control.ControlBackend`): ``query_*``, ``reset_vm``,
+``add_vm``, ``remove_vm``, ``doctor`` return JSON-safe dicts and raise
+:class:`~qreset.errors.QResetError` subclasses on bad input. Events go to
+the control socket's clients and to an in-memory ring that the tests (and
+``query_status``) read.
+
+Run states (explicit, like qemu.qmp's ``Runstate``): CREATED → STARTING →
+RUNNING → STOPPING → STOPPED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import signal
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pydantic
+
+from qreset.config import Config, Mode, VmSection
+from qreset.engine import CycleReport, Engine, EngineSettings, ProgressEvent
+from qreset.errors import ConfigError, QResetError
+from qreset.journal import Journal, finished_cycles, unfinished_cycles
+from qreset.pci.address import PciAddress
+from qreset.pci.host import PciHost
+from qreset.plan import Policy, Takeover
+from qreset.vm import MonitorSettings, VmError, VmMonitor
+
+if TYPE_CHECKING:
+    from qreset.control import ControlServer
+
+logger = logging.getLogger(__name__)
+
+#: Cycle summaries and latencies kept in memory for query_resets/query_status.
+HISTORY_MAX = 10_000
+#: Events kept in memory (for tests and late readers).
+EVENTS_MAX = 2_000
+
+
+class DaemonState(enum.Enum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class DaemonError(QResetError):
+    """The daemon cannot start or serve a request."""
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float | int | None]:
+    """Nearest-rank p50/p90/p99/max of ``values`` (None when empty)."""
+    data = sorted(values)
+    if not data:
+        return {"count": 0, "p50": None, "p90": None, "p99": None, "max": None}
+
+    def rank(p: float) -> float:
+        k = max(0, min(len(data) - 1, int(-(-p * len(data) // 100)) - 1))
+        return round(data[k], 3)
+
+    return {"count": len(data), "p50": rank(50), "p90": rank(90), "p99": rank(99),
+            "max": round(data[-1], 3)}
+
+
+class _Waiter:
+    __slots__ = ("fut", "name", "pred")
+
+    def __init__(self, name: str, pred: Callable[[dict[str, Any]], bool] | None,
+                 fut: asyncio.Future[dict[str, Any]]) -> None:
+        self.name, self.pred, self.fut = name, pred, fut
+
+
+class Daemon:
+    """``qreset run``: see the module docstring."""
+
+    def __init__(self, config: Config, *, host: PciHost | None = None, control: bool = True) -> None:
+        self.config = config
+        self.state = DaemonState.CREATED
+        self.policy = Policy(
+            takeover=Takeover(config.policy.takeover.value),
+            allow=frozenset(config.policy.allow),
+        )
+        self.journal = Journal(config.daemon.journal)
+        self.monitors: dict[str, VmMonitor] = {}
+        self.events: deque[tuple[float, str, dict[str, Any]]] = deque(maxlen=EVENTS_MAX)
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_MAX)
+        self.counters: Counter[str] = Counter()
+        self.latencies_ms: deque[float] = deque(maxlen=HISTORY_MAX)
+        self.stop_latencies_ms: deque[float] = deque(maxlen=HISTORY_MAX)
+        self.started = asyncio.Event()
+        self._host = host
+        self._own_host = host is None
+        self._engine: Engine | None = None
+        self._control = control
+        self._server: ControlServer | None = None
+        self._stop = asyncio.Event()
+        self._tg: asyncio.TaskGroup | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._waiters: list[_Waiter] = []
+        self._t_start = time.monotonic()
+        self._settings = MonitorSettings(
+            on_identity_change=config.policy.on_identity_change,
+            cycle_timeout=config.policy.cycle_timeout,
+            connect_backoff_max=config.policy.connect_backoff_max,
+        )
+
+    # ------------------------------------------------------------------
+    # life cycle
+
+    @property
+    def host(self) -> PciHost:
+        if self._host is None:
+            raise DaemonError("the daemon has not opened its host yet")
+        return self._host
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise DaemonError("the daemon has not started its engine yet")
+        return self._engine
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to finish (signal handlers call this)."""
+        if not self._stop.is_set():
+            logger.info("stop requested")
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+
+    def _open_host(self) -> PciHost:
+        sim = self.config.sim
+        if sim is not None:
+            from qreset.pci.sim import SimHost
+
+            return SimHost.from_toml(sim.topology, time_scale=sim.time_scale)
+        from qreset.pci.sysfs import SysfsHost
+
+        return SysfsHost(self.config.daemon.sysfs_root)
+
+    async def _start_control(self) -> None:
+        path = self.config.daemon.control_socket
+        if not self._control or path is None:
+            return
+        try:
+            from qreset.control import ControlServer
+        except ImportError as exc:  # the control socket is optional for the daemon's job
+            logger.warning("control socket disabled: qreset.control unavailable (%s)", exc)
+            return
+        server = ControlServer(path, backend=self)
+        await server.start()
+        self._server = server
+
+    async def run(self, *, signals: bool = False) -> None:
+        """Serve until :meth:`request_stop`. Raises QResetError if it cannot start."""
+        if self.state is not DaemonState.CREATED:
+            raise DaemonError(f"daemon already {self.state.value}")
+        self.state = DaemonState.STARTING
+        self._t_start = time.monotonic()
+        if signals:
+            self.install_signal_handlers()
+        records = self.journal.read()
+        self.history.extend(finished_cycles(records))
+        unfinished = unfinished_cycles(records)
+        await self.journal.open()
+        try:
+            if self._host is None:
+                self._host = self._open_host()
+            self._engine = Engine(self._host, EngineSettings(poll_timeout=self.config.policy.poll_timeout))
+            await self._start_control()
+            configured = {vm.name for vm in self.config.vm}
+            for name in sorted(set(unfinished) - configured):
+                logger.warning("journal: VM %s has an open cycle but is not configured; leaving it",
+                               name)
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                for vm in self.config.vm:
+                    self._start_monitor(vm.name, vm.qmp, self.config.mode_of(vm), vm.devices,
+                                        unfinished.get(vm.name))
+                self.state = DaemonState.RUNNING
+                self.started.set()
+                logger.info("running: %d VM(s), host %s, journal %s", len(self.monitors),
+                            self._host.name, self.journal.path)
+                from qreset import sdnotify
+
+                sdnotify.ready(f"serving {len(self.monitors)} VM(s)")
+                await self._stop.wait()
+                self.state = DaemonState.STOPPING
+                from qreset import sdnotify as _sd
+
+                _sd.notify("STOPPING=1")
+                for monitor in list(self.monitors.values()):
+                    await monitor.close()
+        finally:
+            self.state = DaemonState.STOPPING
+            self._tg = None
+            if self._server is not None:
+                with contextlib.suppress(Exception):
+                    await self._server.close()
+                self._server = None
+            await self.journal.close()
+            if self._own_host and self._host is not None:
+                with contextlib.suppress(Exception):
+                    await self._host.close()
+            for w in self._waiters:
+                if not w.fut.done():
+                    w.fut.cancel()
+            self.state = DaemonState.STOPPED
+            logger.info("stopped")
+
+    def _start_monitor(self, name: str, qmp: Path, mode: Mode, devices: Sequence[PciAddress],
+                       unfinished: list[dict[str, Any]] | None = None) -> VmMonitor:
+        if self._tg is None:
+            raise DaemonError("daemon is not running")
+        monitor = VmMonitor(name, qmp, mode, devices, self, unfinished)
+        self.monitors[name] = monitor
+        self._tasks[name] = self._tg.create_task(self._guard(monitor), name=f"vm[{name}]")
+        return monitor
+
+    async def _guard(self, monitor: VmMonitor) -> None:
+        """A VM's task: a bug in one VM's handling must not take the others down."""
+        attempt = 0
+        while True:
+            try:
+                await monitor.run()
+                return
+            except Exception:
+                attempt += 1
+                logger.exception("VM %s: monitor crashed; restarting it", monitor.name)
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** attempt))
+
+    # ------------------------------------------------------------------
+    # CycleContext (called by the monitors)
+
+    def settings(self) -> MonitorSettings:
+        return self._settings
+
+    def ownership(self) -> dict[str, list[PciAddress]]:
+        return {name: list(m.owned) for name, m in self.monitors.items()}
+
+    async def run_engine(self, vm: str, owned: Sequence[PciAddress]) -> CycleReport:
+        def progress(ev: ProgressEvent) -> None:
+            logger.debug("VM %s: %s", vm, ev.line())
+
+        return await self.engine.reset(vm, owned, self.ownership(), self.policy, progress)
+
+    def emit(self, name: str, data: dict[str, Any]) -> None:
+        self.events.append((time.time(), name, data))
+        if self._server is not None:
+            self._server.emit(name, data)
+        for w in list(self._waiters):
+            if w.name == name and not w.fut.done() and (w.pred is None or w.pred(data)):
+                w.fut.set_result(data)
+                self._waiters.remove(w)
+
+    def cycle_done(self, monitor: VmMonitor, summary: dict[str, Any]) -> None:
+        self.history.append(summary)
+        self.counters["cycles"] += 1
+        outcome = str(summary.get("outcome"))
+        self.counters[f"outcome:{outcome}"] += 1
+        if outcome != "resumed":
+            self.counters["failures"] += 1
+        report = summary.get("report")
+        if isinstance(report, dict):
+            for dom in report.get("domains") or []:
+                if isinstance(dom, dict):
+                    self.counters[f"method:{dom.get('method')}"] += 1
+        durations = summary.get("durations") or {}
+        if "total_ms" in durations:
+            self.latencies_ms.append(float(durations["total_ms"]))
+        if "event_to_stop_ms" in durations:
+            self.stop_latencies_ms.append(float(durations["event_to_stop_ms"]))
+
+    async def wait_event(self, name: str, pred: Callable[[dict[str, Any]], bool] | None = None,
+                         timeout: float = 30.0, *, past: bool = False) -> dict[str, Any]:
+        """Wait for the next event ``name`` matching ``pred`` (or one already seen if ``past``)."""
+        if past:
+            for _t, n, data in self.events:
+                if n == name and (pred is None or pred(data)):
+                    return data
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(name, pred, fut)
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    # ------------------------------------------------------------------
+    # ControlBackend
+
+    def _monitor(self, vm: str) -> VmMonitor:
+        try:
+            return self.monitors[vm]
+        except KeyError:
+            known = ", ".join(sorted(self.monitors)) or "none"
+            raise VmError(f"no VM named {vm!r} (known: {known})") from None
+
+    async def query_vms(self) -> list[dict[str, Any]]:
+        out = []
+        for m in self.monitors.values():
+            await m.refresh_status()
+            out.append(m.describe())
+        return out
+
+    async def query_devices(self, vm: str | None) -> list[dict[str, Any]]:
+        monitors = [self._monitor(vm)] if vm is not None else list(self.monitors.values())
+        topo = None
+        with contextlib.suppress(QResetError):
+            topo = await self.engine.topology()
+        out = []
+        for m in monitors:
+            for dev in m.devices:
+                entry: dict[str, Any] = {"vm": m.name, **dev.to_json()}
+                if topo is not None and dev.host in topo.functions:
+                    info = topo.functions[dev.host].info
+                    entry.update({
+                        "vendor": f"{info.vendor:04x}", "device": f"{info.device:04x}",
+                        "driver": info.driver, "iommu_group": info.iommu_group,
+                        "reset_methods": list(info.reset_methods),
+                    })
+                elif topo is not None:
+                    entry["error"] = f"{dev.host} does not exist on host {topo.host_name}"
+                out.append(entry)
+        return out
+
+    async def query_plan(self, vm: str) -> dict[str, Any]:
+        m = self._monitor(vm)
+        plan = await self.engine.plan(vm, m.owned, self.ownership(), self.policy)
+        return plan.to_json()
+
+    async def query_resets(self, vm: str | None, limit: int) -> list[dict[str, Any]]:
+        if vm is not None:
+            self._monitor(vm)
+        if limit <= 0:
+            raise DaemonError(f"limit must be positive, got {limit}")
+        rows = [r for r in self.history if vm is None or r.get("vm") == vm]
+        return rows[-limit:]
+
+    async def reset_vm(self, vm: str) -> dict[str, Any]:
+        return await self._monitor(vm).request_reset()
+
+    async def add_vm(self, name: str, qmp: str, devices: list[str], mode: str | None) -> dict[str, Any]:
+        where = f"add-vm {name!r}"
+        try:
+            section = VmSection.model_validate({
+                "name": name, "qmp": qmp, "mode": mode,
+                "device": [{"host": d} for d in devices],
+            })
+        except pydantic.ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            raise ConfigError(f"{where}: {key}", str(err["msg"]).removeprefix("Value error, ")) from None
+        if name in self.monitors:
+            raise ConfigError(f"{where}: name", f"a VM named {name!r} already exists")
+        qmp_path = Path(qmp)
+        for other in self.monitors.values():
+            if other.qmp == qmp_path:
+                raise ConfigError(f"{where}: qmp", f"socket {qmp} is already used by VM {other.name!r}")
+            clash = set(other.owned) & set(section.devices)
+            if clash:
+                taken = ", ".join(map(str, sorted(clash)))
+                raise ConfigError(f"{where}: devices", f"{taken} already assigned to VM {other.name!r}")
+        monitor = self._start_monitor(name, qmp_path, section.mode or self.config.policy.mode,
+                                      section.devices)
+        logger.info("VM %s added (qmp %s)", name, qmp)
+        return monitor.describe()
+
+    async def remove_vm(self, name: str, release: bool) -> dict[str, Any]:
+        monitor = self._monitor(name)
+        owned = list(monitor.owned)
+        await monitor.close()
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            await asyncio.wait({task}, timeout=self._settings.cycle_timeout + 15)
+        self.monitors.pop(name, None)
+        logger.info("VM %s removed", name)
+        result: dict[str, Any] = {"vm": name, "removed": True, "released": None}
+        if release and owned:
+            # The functions go back to the host: reset them now that no VM owns them.
+            report = await self.engine.reset(name, owned, self.ownership(), self.policy)
+            result["released"] = report.to_json()
+        return result
+
+    async def doctor(self, functions: list[str]) -> list[dict[str, Any]]:
+        from qreset.doctor import diagnose
+
+        addrs = [PciAddress.parse(f) for f in functions] if functions else None
+        topo = await self.engine.topology()
+        for a in addrs or []:
+            topo.node(a)  # NoSuchFunction names it
+        report = diagnose(topo, addrs).to_json()
+        rows: list[dict[str, Any]] = report["functions"]
+        return rows
+
+    async def query_status(self) -> dict[str, Any]:
+        methods = {k.split(":", 1)[1]: v for k, v in self.counters.items() if k.startswith("method:")}
+        outcomes = {k.split(":", 1)[1]: v for k, v in self.counters.items() if k.startswith("outcome:")}
+        return {
+            "state": self.state.value,
+            "host": self._host.name if self._host is not None else None,
+            "journal": str(self.journal.path),
+            "uptime_s": round(time.monotonic() - self._t_start, 3),
+            "vms": len(self.monitors),
+            "connected": sum(m.connected for m in self.monitors.values()),
+            "cycles": self.counters["cycles"],
+            "failures": self.counters["failures"],
+            "outcomes": outcomes,
+            "resets_by_method": methods,
+            "cycle_ms": percentiles(list(self.latencies_ms)),
+            "event_to_stop_ms": percentiles(list(self.stop_latencies_ms)),
+        }

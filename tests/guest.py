@@ -1,0 +1,56 @@
+"""
+The self-rebooting guest used by the daemon's tests, the demo and the bench.
+
+A 512-byte MBR boot sector that SeaBIOS loads at 0x7C00 and jumps to. It
+writes one byte ('B') to QEMU's debug console (``-debugcon``, I/O port 0xE9,
+``hw/char/debugcon.c``) so the test can count boots, then asks for a hard
+reset through the Reset Control register at I/O port 0xCF9 (value 0x06: SYS_RST
+| RST_CPU, Intel ICH9 datasheet 13.7.5; emulated by ``hw/isa/lpc_ich9.c`` on
+q35), which QEMU turns into a guest-initiated system reset (ShutdownCause
+``guest-reset``). The firmware issues a second reset of its own on the way
+back up, so a run of the boot sector is about two reset cycles
+(see /work/shared/reference/qmp-reset-flow.md): count boots and cycles apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BOOT_MARK = b"B"
+
+CODE = bytes([
+    0xB0, BOOT_MARK[0],   # mov al, 'B'
+    0xE6, 0xE9,           # out 0xE9, al      ; debug console
+    0xB0, 0x06,           # mov al, 0x06
+    0xBA, 0xF9, 0x0C,     # mov dx, 0x0CF9
+    0xEE,                 # out dx, al        ; ICH9/PIIX reset control: hard reset
+    0xFA, 0xF4,           # cli; hlt
+    0xEB, 0xFE,           # jmp $
+])
+
+
+def boot_sector() -> bytes:
+    """The 512-byte image: code, zero padding, and the 0x55 0xAA boot signature."""
+    image = CODE + bytes(510 - len(CODE)) + b"\x55\xaa"
+    assert len(image) == 512
+    return image
+
+
+#: Disk size. SeaBIOS refuses a one-sector disk ("Boot failed: could not read
+#: the boot disk", seen with QEMU 7.2's SeaBIOS 1.16): pad to 1 MiB (sparse).
+DISK_SIZE = 1 << 20
+
+
+def write_boot_image(path: Path) -> Path:
+    with path.open("wb") as f:
+        f.write(boot_sector())
+        f.truncate(DISK_SIZE)
+    return path
+
+
+def count_boots(debug_log: Path) -> int:
+    """How many times the boot sector ran (one mark per run on the debug console)."""
+    try:
+        return debug_log.read_bytes().count(BOOT_MARK)
+    except FileNotFoundError:
+        return 0

@@ -1,0 +1,164 @@
+"""
+Real QEMU guests for the daemon's tests, the demo and the bench.
+
+Each :class:`QemuGuest` is a ``qemu-system-x86_64 -machine q35 -accel tcg``
+process booting the self-rebooting boot sector (:mod:`tests.guest`), with two
+QMP monitors: ``qmp`` for the daemon (the one a configuration names) and
+``ctl`` for the test itself, so a test can watch and poke QEMU without
+sharing the daemon's connection (a QMP socket serves one client at a time).
+Sockets live in a short directory under /tmp: ``sun_path`` holds 108 bytes
+and pytest's tmp paths can be longer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+from tests.guest import count_boots, write_boot_image
+
+QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
+
+
+def have_qemu() -> bool:
+    return shutil.which("qemu-system-x86_64") is not None
+
+
+@contextlib.contextmanager
+def short_tmpdir(prefix: str = "qr") -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class QemuGuest:
+    """One QEMU process; :meth:`start` it, :meth:`stop` (or :meth:`kill`) it."""
+
+    name: str
+    workdir: Path
+    #: Start with -S (prelaunch, vCPUs stopped until someone sends ``cont``).
+    paused: bool = False
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def qmp_path(self) -> Path:
+        return self.workdir / f"{self.name}.qmp"
+
+    @property
+    def ctl_path(self) -> Path:
+        return self.workdir / f"{self.name}.ctl"
+
+    @property
+    def debug_log(self) -> Path:
+        return self.workdir / f"{self.name}.debug"
+
+    @property
+    def image(self) -> Path:
+        return self.workdir / f"{self.name}.img"
+
+    def argv(self) -> list[str]:
+        return [
+            QEMU, "-name", self.name,
+            "-machine", "q35", "-accel", "tcg", "-m", "64", "-smp", "1",
+            "-nodefaults", "-display", "none", "-no-user-config",
+            "-drive", f"file={self.image},format=raw,if=ide",
+            "-debugcon", f"file:{self.debug_log}",
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            "-chardev", f"socket,id=ctl,path={self.ctl_path},server=on,wait=off",
+            "-mon", "chardev=ctl,mode=control",
+            *(["-S"] if self.paused else []),
+        ]
+
+    def start(self) -> QemuGuest:
+        if not self.image.exists():
+            write_boot_image(self.image)
+        for p in (self.qmp_path, self.ctl_path):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        self.proc = subprocess.Popen(
+            self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(self.workdir / f"{self.name}.stderr", "ab"),  # noqa: SIM115 - owned by the child
+        )
+        return self
+
+    def wait_sockets(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not (self.qmp_path.exists() and self.ctl_path.exists()):
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"QEMU {self.name} exited with {self.proc.returncode}: "
+                                   f"{(self.workdir / f'{self.name}.stderr').read_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"QEMU {self.name}: no QMP socket after {timeout}s")
+            time.sleep(0.02)
+
+    async def await_sockets(self, timeout: float = 10.0) -> None:
+        await asyncio.to_thread(self.wait_sockets, timeout)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: QEMU dies without a word, as in a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(5)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def boots(self) -> int:
+        return count_boots(self.debug_log)
+
+    async def ctl(self) -> QMPClient:
+        """A connected client on the test's own monitor (disconnect it when done)."""
+        client = QMPClient(f"ctl-{self.name}")
+        await client.connect(str(self.ctl_path))
+        return client
+
+
+async def status(client: QMPClient) -> str:
+    reply = await client.execute("query-status")
+    assert isinstance(reply, dict)
+    return str(reply["status"])
+
+
+@contextlib.contextmanager
+def guests(workdir: Path, *names: str, paused: bool = False) -> Iterator[list[QemuGuest]]:
+    """Start QEMU guests; always stop them (even when the test fails)."""
+    started = [QemuGuest(n, workdir, paused=paused) for n in names]
+    try:
+        for g in started:
+            g.start()
+        for g in started:
+            g.wait_sockets()
+        yield started
+    finally:
+        for g in started:
+            g.stop()
+
+
+def cpu_count() -> int:
+    return os.cpu_count() or 1
