@@ -1,44 +1,30 @@
 """
-The daemon's counters: kept in memory, shown by ``qreset status``, served as Prometheus text.
+The daemon's counters as Prometheus text (the optional ``metrics`` extra).
 
-Two parts, so that the numbers have one source:
+The numbers have one source: the daemon's ``query-status`` reply, which
+``qreset status`` prints (cycles, failures, outcomes, resets by method,
+cycle and event-to-stop latency percentiles; see
+:meth:`qreset.daemon.Daemon.query_status`). :class:`MetricsServer` calls the
+same method at each scrape and renders the reply (:func:`render`), so a
+scrape and ``qreset status --json`` always agree and nothing is counted twice.
 
-- :class:`CycleStats` (no dependency): the daemon calls :meth:`CycleStats.observe`
-  once per finished reset cycle and merges :meth:`CycleStats.snapshot` into
-  its ``query-status`` reply. The snapshot is small, JSON-safe and flat
-  enough for ``qreset status`` to print as it is::
-
-      {"cycles": 40, "failures": 1, "identity_changes": 0,
-       "resets_by_method": {"flr": 38, "bus": 2},
-       "latency_ms": {"count": 40, "p50": 21.4, "p90": 30.2, "p99": 41.0, "max": 41.0, "sum": 890.1},
-       "per_vm": {"vm1": {"cycles": 20, "failures": 0}, ...}}
-
-  Latency is what the daemon measures per cycle (guest reset event to VM
-  resumed). Percentiles are nearest-rank over the last :data:`WINDOW`
-  cycles, so a long-running daemon reports the recent past, not its boot.
-
-- :class:`MetricsServer` (the optional ``metrics`` extra, ``prometheus-client``):
-  serves a ``query-status`` snapshot as Prometheus text on a unix socket or a
-  loopback TCP port (``[metrics] listen = "unix:/run/qreset/metrics.sock"``
-  or ``"127.0.0.1:9477"``). It renders whatever the status callable returns
-  at scrape time (:func:`render`), so ``qreset status --json`` and a scrape
-  always agree. Only loopback addresses are accepted: the metrics name VMs and
-  host PCI addresses, and qreset has no authentication beyond the peer uid of
-  its unix sockets.
+Where: ``[metrics] listen = "unix:/run/qreset/metrics.sock"`` (mode 0600,
+like the control socket) or ``"127.0.0.1:9477"``. Only loopback addresses
+are accepted: the metrics name VMs, and qreset has no authentication beyond
+the peer uid of its unix sockets; put a proxy in front to export further.
 
 The HTTP side is the minimum a scraper needs (``GET /metrics``, one request
 per connection, bounded request size and time); content negotiation and
-escaping are prometheus-client's (``choose_encoder``).
+escaping are prometheus-client's (``choose_encoder``), imported only when a
+scrape is rendered.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import ipaddress
 import logging
-import math
 import os
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -50,101 +36,15 @@ from qreset.errors import ConfigError
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from qreset.engine import CycleReport
-
 logger = logging.getLogger(__name__)
 
-#: Cycles kept for the latency percentiles.
-WINDOW = 1024
-#: The quantiles reported (as p50, p90, p99).
+#: The quantiles of the daemon's percentile blocks (keys p50, p90, p99).
 QUANTILES = (0.5, 0.9, 0.99)
 
 #: Bytes of request line + headers read before giving up on a client.
 MAX_REQUEST = 8192
 #: Seconds a client has to send its request.
 REQUEST_TIMEOUT = 5.0
-
-
-# --------------------------------------------------------------------------
-# Counters
-
-
-def percentile(ordered: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending, non-empty list (``q`` in 0..1)."""
-    rank = max(1, math.ceil(q * len(ordered)))
-    return ordered[rank - 1]
-
-
-class CycleStats:
-    """Counters of finished reset cycles (see the module docstring). Event-loop side only."""
-
-    def __init__(self, window: int = WINDOW) -> None:
-        self.cycles = 0
-        self.failures = 0
-        self.identity_changes = 0
-        self.resets_by_method: collections.Counter[str] = collections.Counter()
-        self.per_vm: dict[str, collections.Counter[str]] = {}
-        self._latencies: collections.deque[float] = collections.deque(maxlen=window)
-        self._latency_sum = 0.0
-        self._latency_count = 0
-
-    def observe(
-        self,
-        vm: str,
-        *,
-        ok: bool,
-        methods: Iterable[str] = (),
-        latency: float | None = None,
-        identity_changes: int = 0,
-    ) -> None:
-        """
-        Count one finished cycle of ``vm``: ``ok`` is its verdict, ``methods``
-        the reset method of each domain it ran (``Method.value``), ``latency``
-        seconds from the guest's reset event to the VM running again (None
-        when it did not resume), ``identity_changes`` functions that came back
-        as another device.
-        """
-        self.cycles += 1
-        vm_counts = self.per_vm.setdefault(vm, collections.Counter())
-        vm_counts["cycles"] += 1
-        if not ok:
-            self.failures += 1
-            vm_counts["failures"] += 1
-        self.identity_changes += identity_changes
-        self.resets_by_method.update(methods)
-        if latency is not None and math.isfinite(latency) and latency >= 0:
-            self._latencies.append(latency)
-            self._latency_sum += latency
-            self._latency_count += 1
-
-    def observe_report(self, report: CycleReport, latency: float | None = None) -> None:
-        """:meth:`observe` from an engine :class:`~qreset.engine.CycleReport`."""
-        self.observe(
-            report.plan.vm,
-            ok=report.ok,
-            methods=[d.domain.method.value for d in report.domains],
-            latency=latency,
-            identity_changes=len(report.identity_changed),
-        )
-
-    def snapshot(self) -> dict[str, Any]:
-        """JSON-safe counters for ``query-status`` (milliseconds for latency: read by people)."""
-        latency: dict[str, Any] = {"count": self._latency_count,
-                                   "sum": round(self._latency_sum * 1000, 3)}
-        if self._latencies:
-            ordered = sorted(self._latencies)
-            for q in QUANTILES:
-                latency[f"p{round(q * 100)}"] = round(percentile(ordered, q) * 1000, 3)
-            latency["max"] = round(ordered[-1] * 1000, 3)
-        return {
-            "cycles": self.cycles,
-            "failures": self.failures,
-            "identity_changes": self.identity_changes,
-            "resets_by_method": dict(sorted(self.resets_by_method.items())),
-            "latency_ms": latency,
-            "per_vm": {vm: {"cycles": c["cycles"], "failures": c["failures"]}
-                       for vm, c in sorted(self.per_vm.items())},
-        }
 
 
 # --------------------------------------------------------------------------
@@ -157,59 +57,56 @@ def _number(value: object) -> float | None:
     return float(value)
 
 
+def _percentile_summary(name: str, doc: str, block: object) -> Iterator[Metric]:
+    """A daemon percentile block ``{"count", "p50", "p90", "p99", "max"[, "sum"]}`` in ms → seconds."""
+    from prometheus_client.metrics_core import SummaryMetricFamily
+
+    if not isinstance(block, Mapping) or (count := _number(block.get("count"))) is None:
+        return
+    fam = SummaryMetricFamily(name, doc)
+    for q in QUANTILES:
+        if (v := _number(block.get(f"p{round(q * 100)}"))) is not None:
+            fam.add_sample(name, {"quantile": str(q)}, v / 1000)
+    fam.add_sample(f"{name}_count", {}, count)
+    if (total := _number(block.get("sum"))) is not None:
+        fam.add_sample(f"{name}_sum", {}, total / 1000)
+    yield fam
+
+
 def families(status: Mapping[str, Any]) -> Iterator[Metric]:
     """Prometheus metric families for a ``query-status`` reply (keys it lacks are skipped)."""
-    from prometheus_client.metrics_core import (
-        CounterMetricFamily,
-        GaugeMetricFamily,
-        SummaryMetricFamily,
-    )
+    from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 
-    def counter(key: str, name: str, doc: str) -> Iterator[Metric]:
-        value = _number(status.get(key))
-        if value is not None:
-            yield CounterMetricFamily(name, doc, value=value)
+    def scalar(kind: type[CounterMetricFamily | GaugeMetricFamily], key: str, name: str,
+               doc: str) -> Iterator[Metric]:
+        if (value := _number(status.get(key))) is not None:
+            yield kind(name, doc, value=value)
 
-    yield from counter("cycles", "qreset_cycles", "Reset cycles finished")
-    yield from counter("failures", "qreset_cycle_failures", "Reset cycles that did not come back clean")
-    yield from counter("identity_changes", "qreset_identity_changes",
-                       "Functions that came back from a reset as another device")
-    methods = status.get("resets_by_method")
-    if isinstance(methods, Mapping):
-        fam = CounterMetricFamily("qreset_resets", "Reset domains run, by reset method", labels=["method"])
-        for method, count in sorted(methods.items()):
-            if (n := _number(count)) is not None:
-                fam.add_metric([str(method)], n)
-        yield fam
-    per_vm = status.get("per_vm")
-    if isinstance(per_vm, Mapping):
-        cycles = CounterMetricFamily("qreset_vm_cycles", "Reset cycles finished, by VM", labels=["vm"])
-        fails = CounterMetricFamily("qreset_vm_cycle_failures", "Failed reset cycles, by VM", labels=["vm"])
-        for vm, counts in sorted(per_vm.items()):
-            if isinstance(counts, Mapping):
-                if (n := _number(counts.get("cycles"))) is not None:
-                    cycles.add_metric([str(vm)], n)
-                if (n := _number(counts.get("failures"))) is not None:
-                    fails.add_metric([str(vm)], n)
-        yield cycles
-        yield fails
-    latency = status.get("latency_ms")
-    if isinstance(latency, Mapping):
-        count, total = _number(latency.get("count")), _number(latency.get("sum"))
-        if count is not None and total is not None:
-            summary = SummaryMetricFamily(
-                "qreset_cycle_latency_seconds",
-                f"Guest reset event to VM resumed; quantiles over the last {WINDOW} cycles",
-                count_value=int(count), sum_value=total / 1000,
-            )
-            for q in QUANTILES:
-                if (v := _number(latency.get(f"p{round(q * 100)}"))) is not None:
-                    summary.add_sample("qreset_cycle_latency_seconds", {"quantile": str(q)}, v / 1000)
-            yield summary
-    vms = status.get("vms")
-    n_vms = len(vms) if isinstance(vms, list | Mapping) else _number(vms)
-    if n_vms is not None:
-        yield GaugeMetricFamily("qreset_vms", "VMs the daemon serves", value=float(n_vms))
+    def labelled(key: str, name: str, doc: str, label: str) -> Iterator[Metric]:
+        counts = status.get(key)
+        if isinstance(counts, Mapping):
+            fam = CounterMetricFamily(name, doc, labels=[label])
+            for what, count in sorted(counts.items(), key=lambda kv: str(kv[0])):
+                if (n := _number(count)) is not None:
+                    fam.add_metric([str(what)], n)
+            yield fam
+
+    yield from scalar(CounterMetricFamily, "cycles", "qreset_cycles", "Reset cycles finished")
+    yield from scalar(CounterMetricFamily, "failures", "qreset_cycle_failures",
+                      "Reset cycles that did not end with the VM resumed and its devices clean")
+    yield from labelled("outcomes", "qreset_cycle_outcomes", "Reset cycles finished, by outcome", "outcome")
+    yield from labelled("resets_by_method", "qreset_resets", "Reset domains run, by reset method", "method")
+    yield from _percentile_summary(
+        "qreset_cycle_seconds", "Reset cycle duration (recent cycles; quantiles by nearest rank)",
+        status.get("cycle_ms"))
+    yield from _percentile_summary(
+        "qreset_event_to_stop_seconds", "Stop-on-reset mode: guest RESET event to VM stopped",
+        status.get("event_to_stop_ms"))
+    yield from scalar(GaugeMetricFamily, "vms", "qreset_vms", "VMs the daemon serves")
+    yield from scalar(GaugeMetricFamily, "connected", "qreset_vms_connected",
+                      "VMs whose QMP monitor is connected")
+    yield from scalar(GaugeMetricFamily, "uptime_s", "qreset_uptime_seconds",
+                      "Seconds since the daemon started")
 
 
 class _StatusCollector:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,11 +10,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from qreset.engine import Engine
 from qreset.errors import ConfigError
-from qreset.metrics import CycleStats, Listen, MetricsServer, parse_listen, percentile, render
-from qreset.pci.sim import Fault, SimHost
-from qreset.plan import Policy
+from qreset.metrics import Listen, MetricsServer, parse_listen, render
 from tests.qemu_helpers import short_tmpdir
 
 
@@ -28,100 +24,45 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
-def test_counters_and_nearest_rank_percentiles() -> None:
-    stats = CycleStats()
-    latencies = [i / 1000 for i in range(1, 101)]  # 1..100 ms
-    random.Random(6).shuffle(latencies)
-    for i, lat in enumerate(latencies):
-        vm = "vm1" if i % 2 else "vm2"
-        stats.observe(vm, ok=i % 10 != 0, methods=["flr"] if i % 4 else ["flr", "bus"], latency=lat)
-    snap = stats.snapshot()
-    assert snap["cycles"] == 100
-    assert snap["failures"] == 10
-    assert snap["resets_by_method"] == {"bus": 25, "flr": 100}
-    assert snap["per_vm"] == {"vm1": {"cycles": 50, "failures": 0}, "vm2": {"cycles": 50, "failures": 10}}
-    lat = snap["latency_ms"]
-    assert (lat["p50"], lat["p90"], lat["p99"], lat["max"]) == (50.0, 90.0, 99.0, 100.0)
-    assert lat["count"] == 100
-    assert lat["sum"] == pytest.approx(5050.0)
-
-
-def test_percentile_window_forgets_old_cycles_but_sum_and_count_do_not() -> None:
-    stats = CycleStats(window=10)
-    for _ in range(50):
-        stats.observe("vm", ok=True, latency=1.0)
-    for _ in range(10):
-        stats.observe("vm", ok=True, latency=0.002)
-    lat = stats.snapshot()["latency_ms"]
-    assert lat["max"] == 2.0
-    assert lat["p99"] == 2.0
-    assert lat["count"] == 60
-    assert lat["sum"] == pytest.approx(50_020.0)
-
-
-def test_unresumed_and_nonsense_latencies_are_not_samples() -> None:
-    stats = CycleStats()
-    stats.observe("vm", ok=False, latency=None)
-    stats.observe("vm", ok=False, latency=float("nan"))
-    stats.observe("vm", ok=False, latency=-1.0)
-    snap = stats.snapshot()
-    assert snap["cycles"] == 3
-    assert snap["failures"] == 3
-    assert snap["latency_ms"] == {"count": 0, "sum": 0.0}
-
-
-def test_percentile_helper_edges() -> None:
-    assert percentile([5.0], 0.99) == 5.0
-    assert percentile([1.0, 2.0], 0.5) == 1.0
-    assert percentile([1.0, 2.0], 0.51) == 2.0
-
-
-async def test_observe_report_counts_the_engine_s_methods_and_identity_changes(sim_dir: Path) -> None:
-    host = SimHost.from_toml(sim_dir / "nic-flr.toml", time_scale=0.01)
-    nic = host.address_of("nic")
-    engine = Engine(host)
-    stats = CycleStats()
-    stats.observe_report(await engine.reset("vm1", [nic], {"vm1": [nic]}, Policy()), latency=0.01)
-    host.inject(nic, Fault.new_identity(device_id=0x1539))
-    stats.observe_report(await engine.reset("vm1", [nic], {"vm1": [nic]}, Policy()), latency=None)
-    snap = stats.snapshot()
-    assert snap["cycles"] == 2
-    assert snap["failures"] == 1
-    assert snap["identity_changes"] == 1
-    assert snap["resets_by_method"] == {"flr": 2}
-    assert snap["latency_ms"]["count"] == 1
-
-
 def _status() -> dict[str, Any]:
-    stats = CycleStats()
-    for lat in (0.010, 0.020, 0.030, 0.040):
-        stats.observe("vm1", ok=True, methods=["flr"], latency=lat)
-    stats.observe("vm-2", ok=False, methods=["bus", "flr"], latency=0.5, identity_changes=1)
-    return {"state": "running", "vms": [{"name": "vm1"}, {"name": "vm-2"}], **stats.snapshot()}
+    """A query-status reply as the daemon gives it (qreset.daemon.Daemon.query_status)."""
+    return {
+        "state": "running", "host": "sim:demo", "journal": "/var/lib/qreset/journal.jsonl",
+        "uptime_s": 12.5, "vms": 2, "connected": 1,
+        "cycles": 5, "failures": 1, "outcomes": {"resumed": 4, "stopped": 1},
+        "resets_by_method": {"flr": 5, "bus": 1},
+        "cycle_ms": {"count": 5, "p50": 30.0, "p90": 500.0, "p99": 500.0, "max": 500.0},
+        "event_to_stop_ms": {"count": 0, "p50": None, "p90": None, "p99": None, "max": None},
+    }
 
 
-def test_render_matches_the_snapshot() -> None:
+def test_render_matches_the_status() -> None:
     status = _status()
     body, ctype = render(status)
     assert ctype.startswith("text/plain")
     samples = _samples(body.decode())
-    assert samples[("qreset_cycles_total", ())] == 5
-    assert samples[("qreset_cycle_failures_total", ())] == 1
-    assert samples[("qreset_identity_changes_total", ())] == 1
-    assert samples[("qreset_resets_total", (("method", "flr"),))] == 5
-    assert samples[("qreset_resets_total", (("method", "bus"),))] == 1
-    assert samples[("qreset_vm_cycles_total", (("vm", "vm-2"),))] == 1
-    assert samples[("qreset_vm_cycle_failures_total", (("vm", "vm1"),))] == 0
-    assert samples[("qreset_cycle_latency_seconds_count", ())] == 5
-    assert samples[("qreset_cycle_latency_seconds_sum", ())] == pytest.approx(0.6)
-    assert samples[("qreset_cycle_latency_seconds", (("quantile", "0.5"),))] == pytest.approx(0.03)
-    assert samples[("qreset_cycle_latency_seconds", (("quantile", "0.99"),))] == pytest.approx(0.5)
-    assert samples[("qreset_vms", ())] == 2
+    assert samples == {
+        ("qreset_cycles_total", ()): 5,
+        ("qreset_cycle_failures_total", ()): 1,
+        ("qreset_cycle_outcomes_total", (("outcome", "resumed"),)): 4,
+        ("qreset_cycle_outcomes_total", (("outcome", "stopped"),)): 1,
+        ("qreset_resets_total", (("method", "bus"),)): 1,
+        ("qreset_resets_total", (("method", "flr"),)): 5,
+        ("qreset_cycle_seconds", (("quantile", "0.5"),)): pytest.approx(0.03),
+        ("qreset_cycle_seconds", (("quantile", "0.9"),)): pytest.approx(0.5),
+        ("qreset_cycle_seconds", (("quantile", "0.99"),)): pytest.approx(0.5),
+        ("qreset_cycle_seconds_count", ()): 5,
+        # No cycle in stop-on-reset mode yet: a count of 0 and no quantiles.
+        ("qreset_event_to_stop_seconds_count", ()): 0,
+        ("qreset_vms", ()): 2,
+        ("qreset_vms_connected", ()): 1,
+        ("qreset_uptime_seconds", ()): 12.5,
+    }
 
 
 def test_render_skips_what_a_status_lacks_or_garbles() -> None:
     body, _ = render({"cycles": "many", "failures": True, "resets_by_method": {"flr": None, "bus": 2},
-                      "latency_ms": {"count": 1}, "per_vm": ["x"]})
+                      "cycle_ms": {"p50": 3}, "outcomes": ["x"], "vms": [1, 2]})
     samples = _samples(body.decode())
     assert samples == {("qreset_resets_total", (("method", "bus"),)): 2}
 
