@@ -109,13 +109,14 @@ class FunctionReport:
     @property
     def summary(self) -> str:
         """The cheapest way to reset it, in a few words."""
-        if self.function_methods:
-            return f"function reset ({self.function_methods[0]})"
         for opt in self.options:
-            if opt.kind is not ResetKind.FUNCTION and not opt.blocked_by:
-                others = len(opt.hits)
-                also = f", also hits {others} other function{'s' * (others != 1)}" if others else ""
-                return f"{opt.kind.value} reset of {opt.target} via {opt.method}{also}"
+            if opt.blocked_by:
+                continue
+            others = len(opt.hits)
+            also = f", also hits {others} other function{'s' * (others != 1)}" if others else ""
+            if opt.kind is ResetKind.FUNCTION:
+                return f"function reset ({opt.method}){also}"
+            return f"{opt.kind.value} reset of {opt.target} via {opt.method}{also}"
         if self.options:
             return "only resets that hit host-driver functions"
         return "no reset method"

@@ -226,3 +226,20 @@ def test_tree_nests_like_lspci_t() -> None:
     port = next(ln for ln in lines if "02:11.0" in ln)
     assert "no-ACS" in port
     assert "bus [06-06]" in port
+
+
+def test_closed_pipe_is_not_a_traceback() -> None:
+    # `qreset doctor | head -1`: the reader goes away before we write.
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for cmd in (["doctor"], ["topology", "--json"]):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qreset", *cmd, "--sim", str(SIM_DIR / "demo.toml")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env,
+        )
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+        assert proc.wait(timeout=60) == 0
+        assert "Traceback" not in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,8 +44,21 @@ def open_host(args: argparse.Namespace, time_scale: float = 1.0) -> PciHost:
 
 
 def print_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, sort_keys=False, default=str)
-    sys.stdout.write("\n")
+    print_text(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+def print_text(text: str) -> None:
+    """Write ``text`` and a newline to stdout; a reader that went away (``| head``) is not an error.
+
+    Python's recipe for SIGPIPE-less programs: point stdout at /dev/null so the
+    interpreter's final flush does not raise again.
+    """
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def fail(message: str, code: int = 2) -> int:

@@ -12,6 +12,7 @@ from qreset.cli.common import (
     host_argument_error,
     load_topology,
     print_json,
+    print_text,
 )
 from qreset.cli.topology import class_name
 from qreset.doctor import FunctionReport, Hit, Problem, Report, diagnose
@@ -67,11 +68,9 @@ def render_function(f: FunctionReport) -> list[str]:
     if f.options:
         lines.append("  options:")
     for o in f.options:
-        if o.kind is ResetKind.FUNCTION:
-            lines.append(f"    {o.method:<18} function-level, hits nothing else")
-            continue
         also = "; ".join(_hit(h) for h in o.hits) or "nothing else"
-        lines.append(f"    {o.method:<18} {o.kind.value} reset of {o.target}, also hits: {also}")
+        what = "function-level" if o.kind is ResetKind.FUNCTION else f"{o.kind.value} reset of {o.target}"
+        lines.append(f"    {o.method:<18} {what}, also hits: {also}")
         if o.blocked_by:
             lines.append("    " + " " * 18 + " blocked by: "
                          + ", ".join(f"{h.address} ({h.driver or 'no driver'})" for h in o.blocked_by))
@@ -113,5 +112,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report.to_json())
     else:
-        print("\n".join(render(report)))
+        print_text("\n".join(render(report)))
     return 0

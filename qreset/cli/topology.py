@@ -13,6 +13,7 @@ from qreset.cli.common import (
     host_argument_error,
     load_topology,
     print_json,
+    print_text,
 )
 from qreset.errors import ConfigError, QResetError
 from qreset.pci.address import PciAddress
@@ -140,5 +141,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json([topo.describe(a) for a in topo.functions])
     else:
-        print("\n".join(render_tree(topo)))
+        print_text("\n".join(render_tree(topo)))
     return 0
