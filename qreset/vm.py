@@ -650,7 +650,13 @@ def _report_error(report: EngineReport) -> str:
     if plan:
         for r in plan.get("refusals") or []:
             parts.append(f"refused: {r if isinstance(r, str) else _fmt_refusal(r)}")
+    changed = data.get("identity_changed") or []
+    if changed:
+        parts.append("identity changed: " + ", ".join(map(str, changed))
+                     + " (config space not restored: escalated)")
     for d in data.get("domains") or []:
+        if changed and isinstance(d, dict) and not d.get("error"):
+            continue  # already said why
         if isinstance(d, dict) and not d.get("ok", True):
             parts.append(f"{d.get('domain', d.get('key', '?'))}: {d.get('error') or 'failed'}")
     return "; ".join(parts) or "engine reported failure"
