@@ -22,7 +22,9 @@ How a plan is made (each step says why):
 2. *Least disruptive reset per target.* A function-level method (the first
    of ``reset_method`` ∩ device_specific/acpi/flr/af_flr/pm, the kernel's
    order) when it has one; else the slot reset of its hotplug slot; else the
-   secondary bus reset of its parent bridge. Resetting an SR-IOV PF also
+   secondary bus reset of its parent bridge. With ``Policy.pm_suffices``
+   off, a function whose only function-level method is PM is treated like a
+   PM gap above (slot/bus reset, PM if that is refused). Resetting an SR-IOV PF also
    resets its VFs (VF Enable is cleared by FLR), so a PF's function domain
    covers them.
 3. *Merge.* Domains whose covered sets overlap become one: the wider one
@@ -115,6 +117,12 @@ class Policy:
     #: functions (VFIO group files open once: EBUSY while a QEMU has them), so
     #: VFIO_DEVICE_PCI_HOT_RESET is possible for qreset. Off by default.
     vfio_ioctl_ok: bool = False
+    #: Whether a PM reset (D3hot -> D0) counts as a function-level reset for a
+    #: function that has no other (takeover=all). True follows the kernel's
+    #: method order. False does what QEMU does (``vfio_pci_reset``: PM reset
+    #: "if nothing else works"): the slot/bus reset, falling back to PM only
+    #: when that reset is refused. takeover=gaps always treats PM that way.
+    pm_suffices: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +212,7 @@ class Plan:
                 "allow": sorted(str(a) for a in self.policy.allow),
                 "bus_methods": [m.value for m in self.policy.bus_methods],
                 "vfio_ioctl_ok": self.policy.vfio_ioctl_ok,
+                "pm_suffices": self.policy.pm_suffices,
             },
             "domains": [dom(d) for d in self.domains],
             "refusals": [
@@ -328,6 +337,7 @@ class _Planner:
 
     def candidates(
         self, targets: Iterable[PciAddress], wide: frozenset[PciAddress],
+        fallback: Mapping[PciAddress, str],
     ) -> tuple[list[_Candidate], list[Blocker]]:
         cands: list[_Candidate] = []
         blockers: list[Blocker] = []
@@ -337,9 +347,11 @@ class _Planner:
             if methods and t not in wide:
                 # Resetting a PF clears VF Enable (PCIe SR-IOV 1.1, 3.3.3.1): its VFs go too.
                 affected = {t} | {v for v in node.info.virtfns if v in self.topo.functions}
+                notes = [f"{methods[0]}: first function-level reset method of {t}"]
+                if t in fallback:
+                    notes.append(f"the wider reset is refused: {fallback[t]}")
                 cands.append(_Candidate(
-                    ResetKind.FUNCTION, t, affected, {t}, Method(methods[0]),
-                    notes=[f"{methods[0]}: first function-level reset method of {t}"],
+                    ResetKind.FUNCTION, t, affected, {t}, Method(methods[0]), notes=notes,
                 ))
                 continue
             scope: ResetScope | None = self.topo.slot_scope(t) or self.topo.bus_scope(t)
@@ -351,7 +363,7 @@ class _Planner:
                 continue
             why = (
                 "no function-level reset method" if not methods
-                else "QEMU would fall back to a PM reset; doing the slot/bus reset it could not"
+                else "PM reset is the last resort (QEMU's order); doing the slot/bus reset"
             )
             cands.append(_Candidate(
                 scope.kind, scope.target, set(scope.affected) | {t}, {t}, slot=scope.slot,
@@ -398,7 +410,8 @@ class _Planner:
             ):
                 wide.needs |= narrow.needs
                 wide.notes.extend(narrow.notes)
-                wide.notes.append(f"subsumes {narrow.describe()}")
+                if narrow.key != wide.key:
+                    wide.notes.append(f"subsumes {narrow.describe()}")
                 return wide
         # Neither contains the other: escalate to the nearest bridge above
         # both whose secondary bus reset reaches everything either hits.
@@ -447,7 +460,7 @@ class _Planner:
         rejected: list[str] = []
         for m in self.policy.bus_methods:
             if m is Method.KERNEL_BUS:
-                if len(covers) == 1 and "bus" in self.topo.node(covers[0]).info.reset_methods:
+                if self._kernel_bus_ok(covers):
                     return m, f"{covers[0]} is alone below {cand.target} and lists the kernel's bus method"
                 rejected.append("bus: needs one function alone below the bridge listing 'bus'")
             elif m is Method.RESET_SUBORDINATE:
@@ -463,6 +476,18 @@ class _Planner:
                 why = "secondary bus reset from userspace; the executor restores state"
                 return m, why + (f" (not {'; not '.join(rejected)})" if rejected else "")
         return None, "; ".join(rejected) or "policy bus_methods names no slot/bus method"
+
+    def _kernel_bus_ok(self, covers: tuple[PciAddress, ...]) -> bool:
+        """reset_method=bus would hit exactly ``covers``: one function, probed and usable now.
+
+        ``reset_method`` lists ``bus`` on function 0 of a multifunction device
+        probed before its siblings appeared; ``pci_parent_bus_reset`` refuses
+        it at reset time, so the scope is checked again here.
+        """
+        if len(covers) != 1 or "bus" not in self.topo.node(covers[0]).info.reset_methods:
+            return False
+        scope = self.topo.kernel_bus_scope(covers[0])
+        return scope is not None and scope.affected == frozenset(covers)
 
     def _vfio_hot_reset_refusal(self, covers: tuple[PciAddress, ...]) -> str | None:
         if not self.policy.vfio_ioctl_ok:
@@ -499,9 +524,10 @@ class _Planner:
 
     def plan_targets(
         self, targets: Iterable[PciAddress], wide: frozenset[PciAddress],
+        fallback: Mapping[PciAddress, str],
     ) -> tuple[list[Domain], list[Domain], list[Blocker], dict[str, list[PciAddress]]]:
         """Domains, refused domains, blockers, and each refused key's needing targets."""
-        cands, blockers = self.candidates(targets, wide)
+        cands, blockers = self.candidates(targets, wide, fallback)
         merged, more = self.merge(cands)
         blockers.extend(more)
         domains: list[Domain] = []
@@ -528,13 +554,19 @@ def make_plan(
     """Plan the resets of ``owned`` (see module docstring). Pure."""
     owned_t = tuple(sorted(set(owned)))
     planner = _Planner(vm, owned_t, topo, owners, policy)
-    qemu = predict(topo, owned_t)
+    elsewhere = frozenset(
+        a for a, o in owners.items() if o.kind is OwnerKind.OTHER_VM and a not in planner.owned_set
+    )
+    qemu = predict(topo, owned_t, elsewhere)
     missing = [a for a in owned_t if a not in topo.functions]
     present = [a for a in owned_t if a in topo.functions]
     left: dict[PciAddress, str] = {}
-    pm_gaps: set[PciAddress] = set()
+    # Targets planned as a slot/bus reset although they have PM (see Policy.pm_suffices).
+    wide: set[PciAddress] = set()
     if policy.takeover is Takeover.ALL:
         targets = list(present)
+        if not policy.pm_suffices:
+            wide = {a for a in present if topo.function_methods(a) == ("pm",)}
     else:
         targets = []
         for q in qemu:
@@ -544,22 +576,27 @@ def make_plan(
                 targets.append(q.function)
             elif q.action is QemuAction.PM_RESET:
                 targets.append(q.function)
-                pm_gaps.add(q.function)
+                wide.add(q.function)
             else:
                 left[q.function] = f"QEMU does a {q.action.value}: {q.detail}"
+    fallback: dict[PciAddress, str] = {}
     while True:
-        domains, refused, blockers, needs = planner.plan_targets(targets, frozenset(pm_gaps))
-        # A PM gap whose wider reset is refused stays with QEMU's PM reset.
+        domains, refused, blockers, needs = planner.plan_targets(targets, frozenset(wide), fallback)
+        # A PM function whose wider reset is refused falls back to PM: QEMU's
+        # (gaps, so it is left to QEMU) or ours (all).
         moved = False
         for d in refused:
-            pm_here = [a for a in needs[d.key] if a in pm_gaps]
-            if not pm_here:
+            widened = [a for a in needs[d.key] if a in wide]
+            if not widened:
                 continue
             why = "; ".join(b.reason for b in blockers if b.function in d.covers or b.function == d.target)
-            for a in pm_here:
-                targets.remove(a)
-                pm_gaps.discard(a)
-                left[a] = f"QEMU falls back to a PM reset; the wider reset is refused: {why}"
+            for a in widened:
+                wide.discard(a)
+                if policy.takeover is Takeover.GAPS:
+                    targets.remove(a)
+                    left[a] = f"QEMU falls back to a PM reset; the wider reset is refused: {why}"
+                else:
+                    fallback[a] = why
             moved = True
         if not moved:
             break

@@ -8,8 +8,12 @@ can see *why* qreset is needed for a device. The model follows QEMU
 
 * ``vfio_populate_device``: ``reset_works`` is ``VFIO_DEVICE_FLAGS_RESET``,
   which the kernel sets when ``pci_try_reset_function`` succeeded at open
-  (``vfio_pci_core_enable``): i.e. the function has *any* kernel reset
-  method, ``bus`` included (sysfs ``reset_method`` non-empty).
+  (``vfio_pci_core_enable``): i.e. some kernel reset method works *now*. A
+  function-level method counts; ``bus`` only when ``pci_reset_bus_function``
+  would succeed (:meth:`Topology.kernel_bus_scope`). Sysfs ``reset_method``
+  alone is not enough: function 0 of a multifunction device is probed at
+  enumeration before its siblings exist (``pci_scan_slot``), so it lists
+  ``bus`` although ``pci_parent_bus_reset`` refuses once they are there.
 * ``vfio_check_pcie_flr`` / ``vfio_check_af_flr`` set ``has_flr`` from the
   PCIe DevCap FLR bit or the AF capability (TP and FLR);
   ``vfio_check_pm_reset`` sets ``has_pm_reset`` when the PM capability does
@@ -34,7 +38,7 @@ observations.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from qreset.pci.address import PciAddress
@@ -67,14 +71,18 @@ class VfioResetFlags:
     reset_works: bool
     has_flr: bool
     has_pm_reset: bool
+    #: The kernel reset methods that work now, in its order (what VFIO_DEVICE_RESET runs).
+    working: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, node: FunctionNode) -> VfioResetFlags:
+    def of(cls, topo: Topology, node: FunctionNode) -> VfioResetFlags:
         cfg = node.config
+        working = working_methods(topo, node)
         return cls(
-            reset_works=bool(node.info.reset_methods),
+            reset_works=bool(working),
             has_flr=cfg.has_flr or cfg.has_af_flr,
             has_pm_reset=cfg.has_pm_reset,
+            working=working,
         )
 
     @property
@@ -83,11 +91,27 @@ class VfioResetFlags:
         return self.reset_works and (self.has_flr or not self.has_pm_reset)
 
 
-def hot_reset_refusal(topo: Topology, addr: PciAddress, owned: Iterable[PciAddress]) -> str | None:
+def working_methods(topo: Topology, node: FunctionNode) -> tuple[str, ...]:
+    """``reset_method`` minus a ``bus`` the kernel would refuse now (see the module docstring)."""
+    addr = node.address
+    out: list[str] = []
+    for m in node.info.reset_methods:
+        if m == "bus" and topo.kernel_bus_scope(addr) is None:
+            continue
+        out.append(m)
+    return tuple(out)
+
+
+def hot_reset_refusal(
+    topo: Topology, addr: PciAddress, owned: Iterable[PciAddress],
+    held_elsewhere: Collection[PciAddress] = (),
+) -> str | None:
     """Why QEMU's hot reset of ``addr`` would fail, or None when it would work.
 
     ``owned`` are the functions assigned to the QEMU in question; the groups
-    it has open are theirs.
+    it has open are theirs. ``held_elsewhere`` are functions other VMs hold:
+    their groups cannot be open here too (a group has one user), and with
+    iommufd cdevs the kernel reports them as not owned either.
     """
     scope = topo.hot_reset_scope(addr)
     if scope is None:
@@ -99,6 +123,8 @@ def hot_reset_refusal(topo: Topology, addr: PciAddress, owned: Iterable[PciAddre
         node = topo.functions.get(other)
         if node is None:
             continue
+        if other in held_elsewhere:
+            return f"Cannot reset device {addr}, depends on device {other} which is not owned (another VM's)"
         group = node.info.iommu_group
         if group is None or group not in groups:
             # vfio_pci_hot_reset: QEMU checks group ownership itself first.
@@ -114,40 +140,48 @@ def hot_reset_refusal(topo: Topology, addr: PciAddress, owned: Iterable[PciAddre
     return None
 
 
-def predict(topo: Topology, owned: Iterable[PciAddress]) -> tuple[QemuPrediction, ...]:
-    """One prediction per function of ``owned`` present in ``topo``, sorted."""
+def predict(
+    topo: Topology, owned: Iterable[PciAddress], held_elsewhere: Collection[PciAddress] = (),
+) -> tuple[QemuPrediction, ...]:
+    """One prediction per function of ``owned``, sorted (see :func:`hot_reset_refusal`)."""
     owned_list = sorted(set(owned))
+    elsewhere = frozenset(held_elsewhere) - set(owned_list)
     out: list[QemuPrediction] = []
     for addr in owned_list:
         node = topo.functions.get(addr)
         if node is None:
             out.append(QemuPrediction(addr, QemuAction.NONE, f"{addr} is not on the host"))
             continue
-        out.append(predict_one(topo, node, owned_list))
+        out.append(predict_one(topo, node, owned_list, elsewhere))
     return tuple(out)
 
 
-def predict_one(topo: Topology, node: FunctionNode, owned: Iterable[PciAddress]) -> QemuPrediction:
+def predict_one(
+    topo: Topology, node: FunctionNode, owned: Iterable[PciAddress],
+    held_elsewhere: Collection[PciAddress] = (),
+) -> QemuPrediction:
     """QEMU's reset of ``node`` if it is assigned to the QEMU holding ``owned``."""
-    pred = _predict_one(topo, node, owned)
+    pred = _predict_one(topo, node, owned, held_elsewhere)
     if node.info.driver != VFIO_DRIVER:
         detail = f"not bound to vfio-pci, so QEMU cannot assign it; if it were: {pred.detail}"
         return QemuPrediction(pred.function, pred.action, detail)
     return pred
 
 
-def _predict_one(topo: Topology, node: FunctionNode, owned: Iterable[PciAddress]) -> QemuPrediction:
+def _predict_one(
+    topo: Topology, node: FunctionNode, owned: Iterable[PciAddress],
+    held_elsewhere: Collection[PciAddress],
+) -> QemuPrediction:
     addr = node.address
-    flags = VfioResetFlags.of(node)
-    methods = node.info.reset_methods
+    flags = VfioResetFlags.of(topo, node)
     if flags.function_reset_first:
-        first = methods[0] if methods else "?"
+        first = flags.working[0] if flags.working else "?"
         why = "has FLR" if flags.has_flr else "no PM reset to avoid"
         return QemuPrediction(
             addr, QemuAction.FUNCTION_RESET,
             f"VFIO_DEVICE_RESET ({why}; kernel's first method: {first})",
         )
-    refusal = hot_reset_refusal(topo, addr, owned)
+    refusal = hot_reset_refusal(topo, addr, owned, held_elsewhere)
     if refusal is None:
         scope = topo.hot_reset_scope(addr)
         assert scope is not None  # hot_reset_refusal returned None only with a scope

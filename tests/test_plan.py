@@ -270,7 +270,7 @@ def test_audio_of_another_vm_blocks_and_qemu_cannot_either() -> None:
     # vm1 has the audio function only; vm2 has the GPU.
     plan = plan_for(topo, ["01:00.1"], {"vm2": ["01:00.0"]})
     assert predictions(plan) == {"0000:01:00.1": QemuAction.NONE}
-    assert "depends on group 11 which is not owned" in plan.qemu[0].detail
+    assert "depends on device 0000:01:00.0 which is not owned" in plan.qemu[0].detail
     assert not plan.ok
     [b] = plan.refusals
     assert (b.function, b.owner) == (A("01:00.0"), Owner(OwnerKind.OTHER_VM, "vm2"))
@@ -377,6 +377,20 @@ def test_gaps_pm_fallback_gets_the_bus_reset_qemu_could_not_do() -> None:
     assert addr == A("01:00.0")
     assert "PM reset" in why
     assert "0000:01:00.1 owned by VM vm2" in why
+
+
+def test_pm_suffices_false_prefers_the_bus_reset_and_falls_back_to_pm() -> None:
+    topo = host()
+    strict = Policy(pm_suffices=False)
+    [d] = plan_for(topo, ["01:00.0"], policy=strict).domains
+    assert (d.key, d.method) == ("bus:0000:00:01.0", Method.USER_SBR)
+    assert "PM reset is the last resort" in d.reason
+    # The audio is another VM's: the bus reset is refused, the GPU gets its PM reset.
+    plan = plan_for(topo, ["01:00.0"], {"vm2": ["01:00.1"]}, strict)
+    assert plan.ok
+    [d] = plan.domains
+    assert (d.key, d.method) == ("function:0000:01:00.0", Method.PM)
+    assert "the wider reset is refused: bus reset of 0000:00:01.0 would hit 0000:01:00.1" in d.reason
 
 
 # -- the simulated topologies -----------------------------------------------
@@ -577,3 +591,81 @@ def test_cli_sim_gpu_audio(capsys: pytest.CaptureFixture[str]) -> None:
     rc, text, _ = cli(capsys, *card, "--sim", sim)
     assert rc == 0
     assert bus[0]["key"] in text
+
+
+def _sim(name: str) -> Topology:
+    path = SIM_DIR / name
+    if not path.is_file():
+        pytest.skip(f"configs/sim/{name} not there")
+    return _load_sim(path)
+
+
+def test_sim_gpu_function0_lists_bus_but_qemu_cannot_use_it() -> None:
+    """fn 0 is probed before fn 1 exists (pci_scan_slot): 'bus' is listed but refused."""
+    topo = _sim("gpu-audio.toml")
+    gpu, audio = A("01:00.0"), A("01:00.1")
+    assert "bus" in topo.node(gpu).info.reset_methods
+    plan = plan_for(topo, ["01:00.0"])
+    assert predictions(plan) == {"0000:01:00.0": QemuAction.HOT_RESET}
+    [d] = plan.domains
+    assert d.covers == (gpu, audio)
+    assert d.method is Method.USER_SBR  # not 'bus': it would hit the audio too
+    gaps = plan_for(topo, ["01:00.0", "01:00.1"], policy=Policy(takeover=Takeover.GAPS))
+    assert not gaps.domains
+    assert {a for a, _ in gaps.left_to_qemu} == {gpu, audio}
+
+
+def test_sim_demo_conventional_bus_shared_by_two_vms() -> None:
+    topo = _sim("demo.toml")
+    mine, theirs = A("06:01.0"), A("06:02.0")
+    plan = plan_for(topo, ["06:01.0"], {"vm2": ["06:02.0"]})
+    assert not plan.ok
+    assert [(b.function, b.owner) for b in plan.refusals] == [(theirs, Owner(OwnerKind.OTHER_VM, "vm2"))]
+    assert predictions(plan) == {"0000:06:01.0": QemuAction.NONE}
+    assert f"depends on device {theirs} which is not owned" in plan.qemu[0].detail
+    allowed = plan_for(topo, ["06:01.0"], {"vm2": ["06:02.0"]}, Policy(allow=frozenset({theirs})))
+    [d] = allowed.domains
+    assert d.key == "bus:0000:05:00.0"
+    assert d.covers == (mine, theirs)
+    assert d.owned == (mine,)
+    assert d.method is Method.RESET_SUBORDINATE
+    # vm2's audio card has PM: its own plan stays a function reset that hits nothing of vm1.
+    other = make_plan("vm2", [theirs], topo, owners_of(topo, {"vm1": [mine], "vm2": [theirs]}, "vm2"),
+                      Policy())
+    assert [(x.key, x.method, x.covers) for x in other.domains] == [
+        ("function:0000:06:02.0", Method.PM, (theirs,))]
+
+
+def test_sim_demo_two_vms_never_hit_each_other() -> None:
+    topo = _sim("demo.toml")
+    vms = {"vm1": [A("01:00.0"), A("03:00.0"), A("03:00.1"), A("06:01.0")],
+           "vm2": [A("02:00.0"), A("04:00.0"), A("06:02.0")]}
+    plans = {}
+    for vm, mine in vms.items():
+        owners = owners_of(topo, vms, vm)
+        plans[vm] = make_plan(vm, mine, topo, owners, Policy())
+        check_invariants(plans[vm], topo, owners)
+    one = {d.key: d for d in plans["vm1"].domains}
+    assert [d.key for d in plans["vm1"].refused_domains] == ["bus:0000:05:00.0"]
+    assert one["bus:0000:00:03.0"].covers == (A("03:00.0"), A("03:00.1"))
+    assert one["function:0000:01:00.0"].method is Method.FLR
+    assert plans["vm2"].ok
+    assert {d.method for d in plans["vm2"].domains} == {Method.FLR, Method.PM}
+    # No function is covered by both VMs' plans.
+    assert not ({a for d in plans["vm1"].domains for a in d.covers}
+                & {a for d in plans["vm2"].domains for a in d.covers})
+
+
+def test_sim_sriov_vf_flr_and_pf_on_host_driver() -> None:
+    topo = _sim("sriov.toml")
+    pf = A("01:00.0")
+    vfs = topo.node(pf).info.virtfns
+    assert vfs
+    plan = plan_for(topo, [str(vfs[0])])
+    [d] = plan.domains
+    assert (d.kind, d.method, d.covers) == (ResetKind.FUNCTION, Method.FLR, (vfs[0],))
+    # The PF's FLR would take every VF with it, some on igbvf in the host.
+    pf_plan = plan_for(topo, ["01:00.0"])
+    assert not pf_plan.ok
+    assert {b.function for b in pf_plan.refusals} == {
+        v for v in vfs if topo.node(v).info.driver not in ("vfio-pci", None)}
