@@ -669,3 +669,33 @@ def test_sim_sriov_vf_flr_and_pf_on_host_driver() -> None:
     assert not pf_plan.ok
     assert {b.function for b in pf_plan.refusals} == {
         v for v in vfs if topo.node(v).info.driver not in ("vfio-pci", None)}
+
+
+def test_cli_sim_demo_other_allow_and_pm_last(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    sim = str(_sim_path("demo.toml"))
+    rc, out, _ = cli(capsys, "06:01.0", "--other", "vm2=06:02.0", "--sim", sim)
+    assert rc == 1
+    assert "refused: 0000:06:02.0 (other-vm:vm2): bus reset of 0000:05:00.0 would hit 0000:06:02.0" in out
+    assert "held by vm2" in out
+    rc, out, _ = cli(capsys, "06:01.0", "--other", "vm2=06:02.0", "--allow", "06:02.0", "--sim", sim,
+                     "--json")
+    assert rc == 0
+    assert [d["key"] for d in json.loads(out)["domains"]] == ["bus:0000:05:00.0"]
+    # 06:02.0 has PM only: --pm-last asks for its bus reset, which would hit 06:01.0 of vm1.
+    rc, out, _ = cli(capsys, "06:02.0", "--vm", "vm2", "--other", "vm1=06:01.0", "--pm-last",
+                     "--sim", sim, "--json")
+    doc = json.loads(out)
+    assert rc == 0
+    assert doc["policy"]["pm_suffices"] is False
+    [d] = doc["domains"]
+    assert (d["key"], d["method"]) == ("function:0000:06:02.0", "pm")
+    assert "wider reset is refused" in d["reason"]
+
+
+def _sim_path(name: str) -> Path:
+    path = SIM_DIR / name
+    if not path.is_file():
+        pytest.skip(f"configs/sim/{name} not there")
+    return path

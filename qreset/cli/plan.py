@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                         help="functions held by another VM (repeatable)")
     parser.add_argument("--vfio-ioctl-ok", action="store_true",
                         help="the VFIO groups are idle: VFIO hot reset may be planned")
+    parser.add_argument("--pm-last", action="store_true",
+                        help="like QEMU, use a PM reset only when no slot/bus reset is allowed")
     add_host_arguments(parser)
     add_json_argument(parser)
 
@@ -147,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
                if a not in topo.functions]
     if unknown:
         return fail(f"no such PCI function on {topo.host_name}: {', '.join(unknown)}")
-    policy = Policy(takeover=Takeover(args.policy), allow=allow, vfio_ioctl_ok=args.vfio_ioctl_ok)
+    policy = Policy(takeover=Takeover(args.policy), allow=allow, vfio_ioctl_ok=args.vfio_ioctl_ok,
+                    pm_suffices=not args.pm_last)
     vms = {args.vm: mine, **others}
     owners = owners_of(topo, vms, args.vm)
     plan = make_plan(args.vm, mine, topo, owners, policy)
