@@ -1,0 +1,450 @@
+"""
+``qreset launch [OPTIONS] -- qemu-system-x86_64 ARGS...``: run QEMU with qreset beside it.
+
+For hosts without libvirt: one command starts QEMU and makes sure its guest
+resets are coordinated from the first instruction on.
+
+1. QEMU gets two extra QMP monitors (``-chardev socket,...,server=on,wait=off
+   -mon chardev=...,mode=control``): ``NAME.qmp`` for the daemon and
+   ``NAME.launch.qmp`` for this command, and ``-S`` (unless given) so the
+   guest does not run before qreset watches it.
+2. The VM is registered with the running daemon (``add-vm`` on its control
+   socket) with its assigned devices: every ``-device vfio-pci,host=BDF``
+   (or ``sysfsdev=/sys/bus/pci/devices/BDF``) in the QEMU arguments plus
+   each ``--device BDF``. When no daemon answers, an embedded one is run in
+   this process for this VM alone, from ``--config`` (or
+   ``/etc/qreset/qreset.toml`` if it exists, else the built-in defaults),
+   with its control socket at ``NAME.control.sock`` beside the QMP sockets
+   (``qreset status --socket ...`` works) so it never takes the place of
+   the host's daemon.
+3. Once the daemon reports the VM's monitor connected, ``cont`` starts the
+   guest (only when ``-S`` was added here).
+4. SIGINT/SIGTERM/SIGHUP are forwarded to QEMU (which exits cleanly on them);
+   when QEMU exits the VM is deregistered (``remove-vm``; with ``release``
+   unless ``--no-release``: its devices are reset for the host) and this
+   command exits with QEMU's exit code (128+N when QEMU died of signal N).
+
+qreset's messages go to stderr; stdout and stdin stay QEMU's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from qreset.config import Config
+    from qreset.daemon import Daemon
+
+logger = logging.getLogger(__name__)
+
+RUN_DIR = Path("/run/qreset")
+DEFAULT_CONFIG = Path("/etc/qreset/qreset.toml")
+#: Seconds to wait for QEMU's sockets, and then for the daemon to connect to the VM.
+START_TIMEOUT = 30.0
+#: sockaddr_un.sun_path (Linux include/uapi/linux/un.h UNIX_PATH_MAX, NUL included).
+_UNIX_PATH_MAX = 108
+#: What VmSection accepts as a name (qreset.config).
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:+-]{1,64}$")
+
+
+class LaunchError(Exception):
+    """A one-line reason ``qreset launch`` cannot go on (exit 2 before QEMU starts)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = __doc__.split("\n\n")[1] if __doc__ else None
+    parser.usage = "qreset launch [OPTIONS] -- QEMU [QEMU ARGS...]"
+    parser.epilog = (
+        "example:\n"
+        "  qreset launch --name vm1 -- qemu-system-x86_64 -machine q35,accel=kvm -m 4G \\\n"
+        "      -device vfio-pci,host=0000:01:00.0 -device vfio-pci,host=0000:01:00.1 ..."
+    )
+    parser.add_argument("--config", type=Path, default=None,
+                        help=f"configuration for an embedded daemon (default: {DEFAULT_CONFIG} if present)")
+    parser.add_argument("--socket", default=None,
+                        help="the daemon's control socket (default: $QRESET_SOCKET, else the config's)")
+    parser.add_argument("--name", default=None,
+                        help="VM name (default: QEMU's -name, else qemu-PID)")
+    parser.add_argument("--mode", choices=("park", "stop-on-reset"), default=None,
+                        help="how guest resets are caught (default: the daemon's policy, park)")
+    parser.add_argument("--device", action="append", default=[], metavar="BDF",
+                        help="a host PCI function the VM uses that QEMU's arguments do not name")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help=f"where the QMP sockets go (default: {RUN_DIR} if writable, else a temp dir)")
+    parser.add_argument("--no-release", dest="release", action="store_false",
+                        help="do not reset the VM's devices for the host when QEMU exits")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (stderr)")
+    parser.add_argument("qemu", nargs=argparse.REMAINDER, help="-- then the QEMU command line")
+
+
+# --------------------------------------------------------------------------
+# QEMU's command line
+
+
+def _opts(value: str) -> dict[str, str]:
+    """QEMU's ``key=value,...`` option string (``,,`` is a literal comma); a bare first word is ''."""
+    out: dict[str, str] = {}
+    parts = re.split(r"(?<!,),(?!,)", value)
+    for i, raw in enumerate(parts):
+        key, eq, val = raw.replace(",,", ",").partition("=")
+        if eq:
+            out[key] = val
+        elif i == 0:
+            out[""] = key
+    return out
+
+
+def _option_values(argv: Sequence[str], flag: str) -> list[str]:
+    """Values of ``-flag V``, ``--flag V`` and ``-flag=V`` (QEMU accepts all three)."""
+    values = []
+    for i, arg in enumerate(argv):
+        for spelling in (f"-{flag}", f"--{flag}"):
+            if arg == spelling and i + 1 < len(argv):
+                values.append(argv[i + 1])
+            elif arg.startswith(spelling + "="):
+                values.append(arg[len(spelling) + 1:])
+    return values
+
+
+def vfio_devices(argv: Sequence[str]) -> list[str]:
+    """Host PCI addresses of the ``-device vfio-pci`` options (``host=`` or ``sysfsdev=``)."""
+    found = []
+    for value in _option_values(argv, "device"):
+        opts = _opts(value)
+        if (opts.get("driver") or opts.get("")) != "vfio-pci":
+            continue
+        if "host" in opts:
+            found.append(opts["host"])
+        elif "sysfsdev" in opts:
+            found.append(Path(opts["sysfsdev"]).name)
+    return found
+
+
+def qemu_name(argv: Sequence[str]) -> str | None:
+    """The guest name of ``-name NAME`` or ``-name guest=NAME,...``."""
+    for value in _option_values(argv, "name"):
+        opts = _opts(value)
+        return opts.get("guest") or opts.get("") or None
+    return None
+
+
+def has_flag(argv: Sequence[str], flag: str) -> bool:
+    return f"-{flag}" in argv or f"--{flag}" in argv
+
+
+def monitor_args(chardev_id: str, path: Path) -> list[str]:
+    """The options that give QEMU one more QMP monitor on a unix socket it listens on."""
+    return ["-chardev", f"socket,id={chardev_id},path={path},server=on,wait=off",
+            "-mon", f"chardev={chardev_id},mode=control"]
+
+
+# --------------------------------------------------------------------------
+# Paths
+
+
+def _socket_ok(path: Path) -> None:
+    if len(os.fsencode(str(path))) >= _UNIX_PATH_MAX:
+        raise LaunchError(f"socket path {path} is longer than {_UNIX_PATH_MAX - 1} bytes; use --run-dir")
+
+
+def run_dir(given: Path | None) -> Path:
+    """--run-dir, else /run/qreset when we can write there, else a private temp dir."""
+    if given is not None:
+        try:
+            given.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LaunchError(f"--run-dir {given}: {exc.strerror or exc}") from None
+        return given
+    try:
+        RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if os.access(RUN_DIR, os.W_OK | os.X_OK):
+            return RUN_DIR
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="qreset-"))
+
+
+def _in_use(path: Path) -> bool:
+    """Whether something listens on the unix socket ``path`` (a stale file does not count)."""
+    import socket
+
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------
+# Who coordinates: the host's daemon, or one embedded here
+
+
+class Coordinator(Protocol):
+    """The daemon as launch needs it: remote (control socket) or embedded (in this process)."""
+
+    @property
+    def where(self) -> str: ...
+
+    async def add(self, name: str, qmp: Path, devices: list[str], mode: str | None) -> None: ...
+
+    async def connected(self, name: str) -> bool: ...
+
+    async def remove(self, name: str, release: bool) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class RemoteDaemon:
+    """The host's daemon, over its control socket (synchronous QMP in a worker thread)."""
+
+    socket: str
+
+    @property
+    def where(self) -> str:
+        return f"daemon at {self.socket}"
+
+    async def _call(self, command: str, timeout: float = 30.0, **arguments: Any) -> Any:
+        from qreset.qmpsync import call
+
+        return await asyncio.to_thread(call, self.socket, command, timeout, **arguments)
+
+    async def add(self, name: str, qmp: Path, devices: list[str], mode: str | None) -> None:
+        args: dict[str, Any] = {"name": name, "qmp": str(qmp), "devices": devices}
+        if mode is not None:
+            args["mode"] = mode
+        await self._call("add-vm", **args)
+
+    async def connected(self, name: str) -> bool:
+        vms = await self._call("query-vms")
+        return any(isinstance(v, dict) and v.get("name") == name and v.get("connected") for v in vms or [])
+
+    async def remove(self, name: str, release: bool) -> dict[str, Any]:
+        result = await self._call("remove-vm", 300.0, name=name, release=release)
+        return result if isinstance(result, dict) else {}
+
+    async def close(self) -> None:
+        return None
+
+
+class EmbeddedDaemon:
+    """A :class:`qreset.daemon.Daemon` run in this process for one VM."""
+
+    def __init__(self, daemon: Daemon, control: Path | None) -> None:
+        self.daemon = daemon
+        self.where = f"embedded daemon (control socket {control})" if control else "embedded daemon"
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self.daemon.run(), name="qreset.launch.daemon")
+        started = asyncio.create_task(self.daemon.started.wait(), name="qreset.launch.started")
+        await asyncio.wait({self._task, started}, return_when=asyncio.FIRST_COMPLETED)
+        if self._task.done():
+            started.cancel()
+            self._task.result()  # raises why it could not start
+            raise LaunchError("the embedded daemon stopped at once")
+
+    async def add(self, name: str, qmp: Path, devices: list[str], mode: str | None) -> None:
+        await self.daemon.add_vm(name, str(qmp), devices, mode)
+
+    async def connected(self, name: str) -> bool:
+        monitor = self.daemon.monitors.get(name)
+        return monitor is not None and monitor.connected
+
+    async def remove(self, name: str, release: bool) -> dict[str, Any]:
+        return await self.daemon.remove_vm(name, release)
+
+    async def close(self) -> None:
+        if self._task is None:
+            return
+        self.daemon.request_stop()
+        with contextlib.suppress(Exception):
+            await self._task
+
+
+def _load_config(path: Path | None) -> Config:
+    from qreset.config import Config, load_config
+
+    if path is not None:
+        return load_config(path)
+    if DEFAULT_CONFIG.exists():
+        return load_config(DEFAULT_CONFIG)
+    return Config()
+
+
+async def _coordinator(args: argparse.Namespace, cfg: Config | None, rundir: Path,
+                       name: str) -> Coordinator:
+    """The host's daemon if one answers on the control socket, else an embedded one."""
+    from qreset.qmpsync import DaemonUnreachable, call
+
+    socket = args.socket or os.environ.get("QRESET_SOCKET")
+    if socket is None and cfg is not None and cfg.daemon.control_socket is not None:
+        socket = str(cfg.daemon.control_socket)
+    if socket is not None:
+        try:
+            await asyncio.to_thread(call, socket, "query-status", 5.0)
+            return RemoteDaemon(socket)
+        except DaemonUnreachable as exc:
+            logger.info("no daemon: %s", exc)
+    if cfg is None:
+        cfg = _load_config(args.config)
+    from qreset.daemon import Daemon
+
+    control = rundir / f"{name}.control.sock"
+    _socket_ok(control)
+    cfg = cfg.model_copy(update={"daemon": cfg.daemon.model_copy(update={"control_socket": control})})
+    embedded = EmbeddedDaemon(Daemon(cfg), control)
+    await embedded.start()
+    return embedded
+
+
+# --------------------------------------------------------------------------
+# The run
+
+
+def _say(message: str) -> None:
+    print(f"qreset launch: {message}", file=sys.stderr, flush=True)
+
+
+def exit_code(returncode: int) -> int:
+    """A child's return code as a shell reports it (signal N → 128+N)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+async def _wait_path(path: Path, proc: asyncio.subprocess.Process, timeout: float) -> bool:
+    """True once ``path`` exists; False if QEMU exited first. Raises TimeoutError."""
+    async with asyncio.timeout(timeout):
+        while not path.exists():
+            if proc.returncode is not None:
+                return False
+            await asyncio.sleep(0.02)
+    return True
+
+
+async def _cont(path: Path) -> None:
+    from qemu.qmp import QMPClient
+
+    client = QMPClient("qreset-launch")
+    try:
+        await client.connect(str(path))
+        await client.execute("cont")
+    finally:
+        await client.disconnect()
+
+
+async def _launch(args: argparse.Namespace, qemu_argv: list[str]) -> int:
+    from qreset.errors import QResetError
+
+    cfg = _load_config(args.config) if args.config is not None else None
+    name = args.name or qemu_name(qemu_argv) or f"qemu-{os.getpid()}"
+    if not _NAME_RE.match(name):
+        raise LaunchError(f"VM name {name!r}: use 1-64 of A-Z a-z 0-9 _ . : + - (--name)")
+    from qreset.pci.address import PciAddress
+
+    devices: list[str] = []
+    for bdf in [*vfio_devices(qemu_argv), *args.device]:
+        try:
+            devices.append(str(PciAddress.parse(bdf)))
+        except QResetError as exc:
+            raise LaunchError(f"device {bdf!r}: {exc}") from None
+    rundir = run_dir(args.run_dir)
+    qmp, own = rundir / f"{name}.qmp", rundir / f"{name}.launch.qmp"
+    for path in (qmp, own):
+        _socket_ok(path)
+        if _in_use(path):
+            raise LaunchError(f"{path} is in use: is a VM named {name!r} already running?")
+
+    coordinator = await _coordinator(args, cfg, rundir, name)
+    added_s = not has_flag(qemu_argv, "S")
+    argv = [*qemu_argv, *monitor_args("qreset0", qmp), *monitor_args("qreset1", own),
+            *(["-S"] if added_s else [])]
+    registered = False
+    loop = asyncio.get_running_loop()
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv)
+        except OSError as exc:
+            raise LaunchError(f"cannot run {qemu_argv[0]}: {exc.strerror or exc}") from None
+
+        def forward(sig: signal.Signals) -> None:
+            if proc is not None and proc.returncode is None:
+                logger.info("forwarding %s to QEMU (pid %d)", sig.name, proc.pid)
+                proc.send_signal(sig)
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, forward, sig)
+        if await _wait_path(qmp, proc, START_TIMEOUT) and await _wait_path(own, proc, START_TIMEOUT):
+            try:
+                await coordinator.add(name, qmp, devices, args.mode)
+                registered = True
+                async with asyncio.timeout(START_TIMEOUT):
+                    while not await coordinator.connected(name) and proc.returncode is None:
+                        await asyncio.sleep(0.05)
+                _say(f"{name}: registered with the {coordinator.where}"
+                     + (f", devices {', '.join(devices)}" if devices else ", no assigned devices"))
+            except (QResetError, TimeoutError) as exc:
+                why = str(exc) or f"the daemon did not connect within {START_TIMEOUT:.0f} s"
+                _say(f"{name}: guest resets are NOT coordinated: {why}")
+            if added_s and proc.returncode is None:
+                with contextlib.suppress(Exception):
+                    await _cont(own)
+        returncode = await proc.wait()
+    finally:
+        if proc is not None and proc.returncode is None:
+            # We are failing (or being cancelled) with QEMU still up: do not orphan it.
+            proc.terminate()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(proc.wait(), 10)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        if registered:
+            try:
+                result = await coordinator.remove(name, args.release)
+                released = result.get("released")
+                if isinstance(released, dict):
+                    ok = released.get("ok")
+                    _say(f"{name}: devices released to the host ({'clean' if ok else 'NOT clean'})")
+            except QResetError as exc:
+                _say(f"{name}: deregistering failed: {exc}")
+        await coordinator.close()
+    code = exit_code(returncode)
+    logger.info("QEMU exited with %d", code)
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    from qreset.errors import QResetError
+
+    qemu_argv: list[str] = list(args.qemu)
+    if qemu_argv[:1] == ["--"]:
+        qemu_argv = qemu_argv[1:]
+    if not qemu_argv:
+        print("qreset: launch: give the QEMU command line after --", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="qreset launch: %(name)s: %(message)s", stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(_launch(args, qemu_argv))
+    except (LaunchError, QResetError) as exc:
+        print(f"qreset: launch: {exc}", file=sys.stderr)
+        return 2
