@@ -509,7 +509,7 @@ class _Planner:
         else:
             chosen, why = self.bus_method(cand, covers)
             if chosen is None:
-                blockers.append(Blocker(cand.target, self.me, (
+                blockers.append(Blocker(cand.target, self.owner(cand.target), (
                     f"no permitted method for {cand.describe()}: {why}"
                 )))
                 method = self.policy.bus_methods[-1] if self.policy.bus_methods else Method.USER_SBR

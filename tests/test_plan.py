@@ -498,17 +498,37 @@ def test_property_never_hits_protected_functions(data: st.DataObject) -> None:
     protected = [a for a, r in roles.items() if r in ("other", "host")]
     allow = data.draw(st.frozensets(st.sampled_from(protected)) if protected else st.just(frozenset()),
                       label="allow")
+    bus_methods = data.draw(st.permutations(
+        [Method.KERNEL_BUS, Method.RESET_SUBORDINATE, Method.VFIO_HOT_RESET, Method.USER_SBR]),
+        label="bus_methods order")
     policy = Policy(
         takeover=data.draw(st.sampled_from(list(Takeover)), label="takeover"),
         allow=allow,
+        bus_methods=tuple(bus_methods[:data.draw(st.integers(1, 4), label="bus_methods count")]),
         vfio_ioctl_ok=data.draw(st.booleans(), label="vfio_ioctl_ok"),
+        pm_suffices=data.draw(st.booleans(), label="pm_suffices"),
     )
     owners = owners_of(topo2, vms, "vm1")
     plan = make_plan("vm1", vms["vm1"], topo2, owners, policy)
     check_invariants(plan, topo2, owners)
     # Pure and order-independent: the same inputs in another order give the same plan.
     assert make_plan("vm1", list(reversed(vms["vm1"])), topo2, dict(reversed(owners.items())), policy) == plan
+    left = {a for a, _ in plan.left_to_qemu}
+    if policy.takeover is Takeover.ALL:
+        assert not left
+    for q in plan.qemu:
+        if q.action is QemuAction.NONE:
+            assert q.function not in left  # nobody else resets it: never left to QEMU
+        if q.function in left:
+            assert q.action is not QemuAction.NONE
+    for d in plan.domains:
+        if d.method is Method.VFIO_HOT_RESET:
+            assert policy.vfio_ioctl_ok
+            assert all(topo2.node(a).info.driver == "vfio-pci" for a in d.covers)
+    refused_targets = {d.target for d in plan.refused_domains}
     for b in plan.refusals:
+        if b.function in refused_targets and b.reason.startswith("no permitted method"):
+            continue  # the policy's bus_methods leave nothing for this bridge
         if b.function not in plan.owned:
             assert b.owner.kind in (OwnerKind.OTHER_VM, OwnerKind.HOST_DRIVER)
             assert b.function not in allow
@@ -594,10 +614,7 @@ def test_cli_sim_gpu_audio(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def _sim(name: str) -> Topology:
-    path = SIM_DIR / name
-    if not path.is_file():
-        pytest.skip(f"configs/sim/{name} not there")
-    return _load_sim(path)
+    return _load_sim(_sim_path(name))
 
 
 def test_sim_gpu_function0_lists_bus_but_qemu_cannot_use_it() -> None:
