@@ -286,6 +286,7 @@ def test_status_all_ones_with_valid_vendor_has_no_caps() -> None:
     cfg = parse_config(bytes(b))
     assert cfg.present
     assert cfg.capabilities == ()
+    assert "status reads 0xffff: capability list not walked" in cfg.problems
 
 
 def test_ffff_fields_read_inside_capabilities() -> None:

@@ -169,7 +169,14 @@ def _cap_start(htype: int) -> int | None:
 
 
 def _walk_caps(data: bytes, htype: int, problems: list[str]) -> tuple[Capability, ...]:
-    if not u16(data, regs.STATUS) & regs.STATUS_CAP_LIST or u16(data, regs.STATUS) == 0xFFFF:
+    status = u16(data, regs.STATUS)
+    if status == 0xFFFF and len(data) >= regs.STATUS + 2:
+        # The kernel would walk (the Cap List bit is set), but a real Status
+        # register has reserved bits that read 0: all-ones is a failed read,
+        # and a list walked out of it would invent reset capabilities.
+        problems.append("status reads 0xffff: capability list not walked")
+        return ()
+    if not status & regs.STATUS_CAP_LIST:
         return ()
     start = _cap_start(htype)
     if start is None or len(data) <= start:
