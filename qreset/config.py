@@ -111,6 +111,25 @@ class PolicySection(_Model):
     connect_backoff_max: Seconds = 30.0
 
 
+class MetricsSection(_Model):
+    """Prometheus text of the daemon's counters (needs the ``metrics`` extra; see qreset.metrics)."""
+
+    #: ``"unix:/run/qreset/metrics.sock"`` or a loopback ``"127.0.0.1:9477"``; unset: not served.
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _loopback_or_unix(cls, value: str | None) -> str | None:
+        if value is not None:
+            from qreset.metrics import parse_listen
+
+            try:
+                parse_listen(value)
+            except ConfigError as exc:
+                raise ValueError(exc.why) from None
+        return value
+
+
 class DeviceEntry(_Model):
     """A device of a VM that QMP cannot tell us (not a vfio-pci device in QEMU's view)."""
 
@@ -132,6 +151,7 @@ class Config(_Model):
     daemon: DaemonSection = DaemonSection()
     sim: SimSection | None = None
     policy: PolicySection = PolicySection()
+    metrics: MetricsSection = MetricsSection()
     vm: tuple[VmSection, ...] = ()
     #: Where the file was read from (not a TOML key; set by :func:`load_config`).
     source: str = Field(default="<built-in>", exclude=True)

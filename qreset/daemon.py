@@ -53,6 +53,7 @@ from qreset.vm import MonitorSettings, VmError, VmMonitor
 
 if TYPE_CHECKING:
     from qreset.control import ControlServer
+    from qreset.metrics import MetricsServer
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ class Daemon:
         self._engine: Engine | None = None
         self._control = control
         self._server: ControlServer | None = None
+        self._metrics: MetricsServer | None = None
         self._stop = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -196,6 +198,11 @@ class Daemon:
                 self._host = self._open_host()
             self._engine = Engine(self._host, EngineSettings(poll_timeout=self.config.policy.poll_timeout))
             await self._start_control()
+            if self.config.metrics.listen is not None:
+                from qreset.metrics import MetricsServer
+
+                self._metrics = MetricsServer(self.config.metrics.listen, self.query_status)
+                await self._metrics.start()
             configured = {vm.name for vm in self.config.vm}
             for name in sorted(set(unfinished) - configured):
                 logger.warning("journal: VM %s has an open cycle but is not configured; leaving it",
@@ -226,6 +233,10 @@ class Daemon:
                 with contextlib.suppress(Exception):
                     await self._server.close()
                 self._server = None
+            if self._metrics is not None:
+                with contextlib.suppress(Exception):
+                    await self._metrics.close()
+                self._metrics = None
             await self.journal.close()
             if self._own_host and self._host is not None:
                 with contextlib.suppress(Exception):
@@ -407,10 +418,43 @@ class Daemon:
         logger.info("VM %s removed", name)
         result: dict[str, Any] = {"vm": name, "removed": True, "released": None}
         if release and owned:
-            # The functions go back to the host: reset them now that no VM owns them.
-            report = await self.engine.reset(name, owned, self.ownership(), self.policy)
+            # The functions go back to the host: reset them now that no VM owns them,
+            # and re-probe those whose identity changed (qreset.release).
+            from qreset.release import release as release_functions
+
+            report = await release_functions(self.engine, name, owned, self.ownership(), self.policy)
             result["released"] = report.to_json()
         return result
+
+    async def check_devices(self, name: str, devices: list[str]) -> dict[str, Any]:
+        """
+        Whether a VM ``name`` with ``devices`` may start (``check-devices``, asked by
+        the libvirt hook at prepare/start). Unsafe when a device is another
+        VM's, or when its reset domain would take in another VM's function
+        (or another VM's domain would take in one of these) without consent
+        in ``policy.allow``: one of the two VMs' resets would then be refused.
+        """
+        wanted = sorted({PciAddress.parse(d) for d in devices})
+        others = {vm: owned for vm, owned in self.ownership().items() if vm != name}
+        reasons: list[str] = []
+        for vm, owned in others.items():
+            for addr in sorted(set(owned) & set(wanted)):
+                reasons.append(f"{addr} is assigned to running VM {vm!r}")
+        if reasons or not wanted:
+            return {"safe": not reasons, "reasons": reasons}
+        plan = await self.engine.plan(name, wanted, others, self.policy)
+        for b in plan.refusals:
+            if b.owner.name in others:
+                reasons.append(b.reason)
+        together = {**others, name: list(wanted)}
+        for vm, owned in others.items():
+            if not owned:
+                continue
+            other_plan = await self.engine.plan(vm, owned, together, self.policy)
+            for b in other_plan.refusals:
+                if b.owner.name == name:
+                    reasons.append(f"VM {vm!r}: {b.reason}")
+        return {"safe": not reasons, "reasons": reasons}
 
     async def doctor(self, functions: list[str]) -> list[dict[str, Any]]:
         from qreset.doctor import diagnose
