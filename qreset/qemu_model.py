@@ -126,7 +126,9 @@ def hot_reset_refusal(
         if other in held_elsewhere:
             return f"Cannot reset device {addr}, depends on device {other} which is not owned (another VM's)"
         group = node.info.iommu_group
-        if group is None or group not in groups:
+        if group is None:
+            return f"Cannot reset device {addr}, depends on device {other} which has no IOMMU group"
+        if group not in groups:
             # vfio_pci_hot_reset: QEMU checks group ownership itself first.
             return f"Cannot reset device {addr}, depends on group {group} which is not owned"
     for other in sorted(scope.affected):
@@ -161,6 +163,11 @@ def predict_one(
     held_elsewhere: Collection[PciAddress] = (),
 ) -> QemuPrediction:
     """QEMU's reset of ``node`` if it is assigned to the QEMU holding ``owned``."""
+    if node.info.iommu_group is None:
+        return QemuPrediction(
+            node.address, QemuAction.NONE,
+            "no IOMMU group: vfio-pci cannot assign it to QEMU (IOMMU off or absent)",
+        )
     pred = _predict_one(topo, node, owned, held_elsewhere)
     if node.info.driver != VFIO_DRIVER:
         detail = f"not bound to vfio-pci, so QEMU cannot assign it; if it were: {pred.detail}"
