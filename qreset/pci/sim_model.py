@@ -21,7 +21,15 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    model_validator,
+)
 
 from qreset.errors import ConfigError
 
@@ -72,7 +80,7 @@ class BarSpec(_Strict):
 
     size: Size
     type: Literal["mem32", "mem64", "io"] = "mem32"
-    prefetch: bool = False
+    prefetch: StrictBool = False
     index: int | None = Field(default=None, ge=0, le=5)
 
     @model_validator(mode="after")
@@ -90,13 +98,13 @@ class BarSpec(_Strict):
 class PmSpec(_Strict):
     """Power Management capability. ``no_soft_reset`` = PMCSR No_Soft_Reset (blocks the ``pm`` method)."""
 
-    no_soft_reset: bool = False
+    no_soft_reset: StrictBool = False
 
 
 class MsiSpec(_Strict):
     vectors: int = Field(default=1, ge=1, le=32)
-    addr64: bool = True
-    per_vector_mask: bool = False
+    addr64: StrictBool = True
+    per_vector_mask: StrictBool = False
 
 
 class MsixSpec(_Strict):
@@ -109,8 +117,8 @@ class MsixSpec(_Strict):
 class AfSpec(_Strict):
     """Advanced Features capability (conventional PCI FLR): ``af_flr`` needs both TP and FLR."""
 
-    flr: bool = True
-    tp: bool = True
+    flr: StrictBool = True
+    tp: StrictBool = True
 
 
 ACS_BITS = {"sv": 0x01, "tb": 0x02, "rr": 0x04, "cr": 0x08, "uf": 0x10, "ec": 0x20, "dt": 0x40}
@@ -140,7 +148,7 @@ class SriovSpec(_Strict):
     vf_bars: tuple[BarSpec, ...] = ()
     vf_driver: str | None = None
     vf_drivers: tuple[str | None, ...] = ()   # per-VF override of vf_driver, VF0 first
-    vf_flr: bool = True
+    vf_flr: StrictBool = True
     vf_msix: int = Field(default=3, ge=0, le=2048)
     vf_ready_ms: float = Field(default=10.0, ge=0)
 
@@ -162,7 +170,7 @@ class SlotSpec(_Strict):
     """The slot a root/downstream port's link goes to (``/sys/bus/pci/slots/NAME``)."""
 
     name: str = Field(min_length=1)
-    hotplug: bool = False
+    hotplug: StrictBool = False
 
 
 class FunctionSpec(_Strict):
@@ -181,23 +189,23 @@ class FunctionSpec(_Strict):
     subsystem_device: int = Field(default=0, ge=0, le=0xFFFF)
     bars: tuple[BarSpec, ...] = ()
     rom: Size | None = None
-    pm: bool | PmSpec = True
-    msi: bool | MsiSpec = False
-    msix: bool | MsixSpec = False
-    flr: bool = False
-    af: bool | AfSpec = False
-    aer: bool | None = None
-    acs: bool | AcsSpec | None = None
-    ltr: bool = False
+    pm: StrictBool | PmSpec = True
+    msi: StrictBool | MsiSpec = False
+    msix: StrictBool | MsixSpec = False
+    flr: StrictBool = False
+    af: StrictBool | AfSpec = False
+    aer: StrictBool | None = None
+    acs: StrictBool | AcsSpec | None = None
+    ltr: StrictBool = False
     rebar: RebarSpec | None = None
     sriov: SriovSpec | None = None
     link_speed: int = Field(default=3, ge=1, le=6)
     driver: str | None = None
     native_driver: str | None = None
-    device_specific: bool = False
+    device_specific: StrictBool = False
     ready_ms: float = Field(default=20.0, ge=0)
     slot: SlotSpec | None = None
-    reset_subordinate: bool = False
+    reset_subordinate: StrictBool = False
     iommu_group: int | None = Field(default=None, ge=0)
     interrupt_pin: int = Field(default=1, ge=0, le=4)
 
@@ -213,7 +221,7 @@ class FunctionSpec(_Strict):
 class HostSpec(_Strict):
     description: str = ""
     domain: int = Field(default=0, ge=0, le=0xFFFF)
-    iommu: bool = True
+    iommu: StrictBool = True
 
 
 class TopologySpec(_Strict):
@@ -292,7 +300,9 @@ def _check_semantics(top: TopologySpec) -> None:
             idx = nxt if bar.index is None else bar.index
             width = 2 if bar.type == "mem64" else 1
             if idx + width > nbars or used & {idx, idx + width - 1}:
-                raise ValueError(f"{_where(i, f, f'bars[{j}]')}: BAR{idx} overlaps or is past BAR{nbars - 1}")
+                what = f"BAR{idx} (64-bit: two slots)" if width == 2 else f"BAR{idx}"
+                raise ValueError(f"{_where(i, f, f'bars[{j}]')}: {what} overlaps another BAR "
+                                 f"or is past BAR{nbars - 1}")
             used |= {idx, idx + width - 1}
             nxt = idx + width
         if f.rebar is not None:
@@ -307,13 +317,26 @@ def _check_semantics(top: TopologySpec) -> None:
                              "but no function 0")
 
 
+# Union-member tags pydantic puts in error locations (not keys of the file).
+_TAGS = frozenset({"bool", "int", "str", "float", "tuple", "list", "none"})
+
+
+def _strip(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    return tuple(k for k in loc if not (isinstance(k, str) and (k[:1].isupper() or k in _TAGS)))
+
+
 def load_topology(data: dict[str, Any], where: str) -> TopologySpec:
     """Validate ``data``; raise ConfigError('<where>:<key>', what was expected)."""
     try:
         top = TopologySpec.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = err["loc"]
+        # With unions (``pm = true`` or a table) pydantic reports one error per member;
+        # the one that got deepest into the input says what is actually wrong.
+        errors = exc.errors()
+        err = max(errors, key=lambda e: len(e["loc"]))
+        loc = _strip(err["loc"])
+        others = {_strip(e["loc"]) for e in errors} - {loc}
+        others = {o for o in others if loc[:len(o)] != o}  # a union's shallower alternatives
         parts: list[str] = []
         for k in loc:
             if isinstance(k, int):
@@ -328,8 +351,11 @@ def load_topology(data: dict[str, Any], where: str) -> TopologySpec:
                 name = funcs[loc[1]].get("name")
                 if isinstance(name, str):
                     key = key.replace(f"function[{loc[1]}]", f"function[{loc[1]}] ({name!r})", 1)
-        more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-        raise ConfigError(f"{where}:{key}", f"{err['msg']}{more}") from None
+        more = f" (+{len(others)} more)" if others else ""
+        msg = err["msg"]
+        if err["type"] == "bool_type" and any(_strip(e["loc"]) == loc and e is not err for e in errors):
+            msg = "expected true, false or a table of options"
+        raise ConfigError(f"{where}:{key}", f"{msg}{more}") from None
     try:
         _check_semantics(top)
     except ValueError as exc:
