@@ -267,7 +267,8 @@ async def test_kernel_reset_takes_the_kernel_delays() -> None:
         t0 = time.monotonic()
         await host.reset_function(nic, method)
         took = time.monotonic() - t0
-        assert spec_s * 0.1 * 0.95 <= took < spec_s * 0.1 + 0.05, (method, took)
+        assert took >= spec_s * 0.1 * 0.95, (method, took)
+        assert took < 1.0, (method, took)  # scaled: 60 s of kernel polling would not fit
 
 
 async def test_reset_subordinate_restores_the_whole_tree() -> None:
@@ -295,7 +296,7 @@ async def test_conventional_bus_reset_waits_a_second() -> None:
 
 
 async def test_user_sbr_clears_state_below_and_only_below() -> None:
-    host = sim("demo")
+    host = sim("demo", scale=0.2)  # the GPU's 50 ms of CRS = 10 ms, longer than an OS hiccup
     rp3 = host.address_of("rp3")
     gpu, audio = host.address_of("gpu"), host.address_of("gpu-audio")
     everything = {a: await host.read_config(a) for a in await host.functions()}
@@ -324,7 +325,7 @@ async def test_user_sbr_clears_state_below_and_only_below() -> None:
     assert rec.method == "sbr"
     assert rec.target == rp3
     assert rec.affected == {gpu, audio}
-    assert rec.end - rec.start >= 0.002 * SCALE
+    assert rec.end - rec.start >= 0.002 * host.time_scale
     # sysfs resource keeps the kernel's assignment although the BARs read 0.
     assert (await host.info(gpu)).resources[0].start != 0
 
