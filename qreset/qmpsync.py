@@ -28,6 +28,11 @@ from typing import IO, Any
 
 from qreset.errors import QResetError
 
+#: The daemon's control socket unless told otherwise. The same path as
+#: ``qreset.config.DEFAULT_CONTROL_SOCKET`` (tested), kept here so that the
+#: hook need not import the configuration stack (pydantic) to know it.
+DEFAULT_SOCKET = "/run/qreset/qreset.sock"
+
 #: Longest reply line accepted (a release report of many functions is a few KiB;
 #: the bound only stops a broken peer from filling our memory).
 MAX_LINE = 16 * 1024 * 1024

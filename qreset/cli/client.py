@@ -35,8 +35,8 @@ from typing import Any
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, Runstate
 
 from qreset.cli.common import add_json_argument, fail, print_json
+from qreset.qmpsync import DEFAULT_SOCKET
 
-DEFAULT_SOCKET = "/run/qreset/control.sock"
 #: Seconds to wait for the daemon to accept and greet us.
 CONNECT_TIMEOUT = 10.0
 #: Replies (history with full cycle reports) may be far larger than

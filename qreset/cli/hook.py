@@ -32,7 +32,8 @@ import os
 import sys
 from typing import Any
 
-DEFAULT_SOCKET = "/run/qreset/control.sock"
+from qreset.qmpsync import DEFAULT_SOCKET
+
 #: Operations whose non-zero exit aborts the guest start.
 _GATING = ("prepare", "start")
 

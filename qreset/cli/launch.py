@@ -75,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--config", type=Path, default=None,
                         help=f"configuration for an embedded daemon (default: {DEFAULT_CONFIG} if present)")
     parser.add_argument("--socket", default=None,
-                        help="the daemon's control socket (default: $QRESET_SOCKET, else the config's)")
+                        help="the daemon's control socket (default: $QRESET_SOCKET, else the config's, "
+                             "else /run/qreset/qreset.sock)")
     parser.add_argument("--name", default=None,
                         help="VM name (default: QEMU's -name, else qemu-PID)")
     parser.add_argument("--mode", choices=("park", "stop-on-reset"), default=None,
@@ -289,22 +290,17 @@ def _load_config(path: Path | None) -> Config:
     return Config()
 
 
-async def _coordinator(args: argparse.Namespace, cfg: Config | None, rundir: Path,
-                       name: str) -> Coordinator:
+async def _coordinator(args: argparse.Namespace, cfg: Config, rundir: Path, name: str) -> Coordinator:
     """The host's daemon if one answers on the control socket, else an embedded one."""
     from qreset.qmpsync import DaemonUnreachable, call
 
-    socket = args.socket or os.environ.get("QRESET_SOCKET")
-    if socket is None and cfg is not None and cfg.daemon.control_socket is not None:
-        socket = str(cfg.daemon.control_socket)
+    socket = args.socket or os.environ.get("QRESET_SOCKET") or cfg.daemon.control_socket
     if socket is not None:
         try:
-            await asyncio.to_thread(call, socket, "query-status", 5.0)
-            return RemoteDaemon(socket)
+            await asyncio.to_thread(call, str(socket), "query-status", 5.0)
+            return RemoteDaemon(str(socket))
         except DaemonUnreachable as exc:
             logger.info("no daemon: %s", exc)
-    if cfg is None:
-        cfg = _load_config(args.config)
     from qreset.daemon import Daemon
 
     control = rundir / f"{name}.control.sock"
@@ -352,7 +348,7 @@ async def _cont(path: Path) -> None:
 async def _launch(args: argparse.Namespace, qemu_argv: list[str]) -> int:
     from qreset.errors import QResetError
 
-    cfg = _load_config(args.config) if args.config is not None else None
+    cfg = _load_config(args.config)
     name = args.name or qemu_name(qemu_argv) or f"qemu-{os.getpid()}"
     if not _NAME_RE.match(name):
         raise LaunchError(f"VM name {name!r}: use 1-64 of A-Z a-z 0-9 _ . : + - (--name)")
@@ -443,6 +439,8 @@ def run(args: argparse.Namespace) -> int:
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="qreset launch: %(name)s: %(message)s", stream=sys.stderr,
     )
+    # qemu.qmp logs QEMU's hang-up at exit as an error; the daemon reports it in its own words.
+    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if args.verbose > 2 else logging.CRITICAL)
     try:
         return asyncio.run(_launch(args, qemu_argv))
     except (LaunchError, QResetError) as exc:

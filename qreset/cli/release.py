@@ -8,8 +8,7 @@ import os
 import sys
 
 from qreset.cli.common import add_host_arguments, add_json_argument, fail, print_json
-
-DEFAULT_SOCKET = "/run/qreset/control.sock"
+from qreset.qmpsync import DEFAULT_SOCKET
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
