@@ -32,6 +32,7 @@ EXPECTED = (
     "test_reset::test_kernel_secondary_bus_reset_by_qreset_reset",
     "test_reset::test_user_sbr_finds_and_restores_cleared_registers",
     "test_bench::test_bench_qemu_vs_qreset",
+    "test_daemon::test_park_mode_cycles_on_real_devices",
 )
 
 pytestmark = [
