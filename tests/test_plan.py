@@ -733,3 +733,34 @@ def test_no_iommu_group_means_qemu_cannot_have_it() -> None:
     # The planner itself does not need VFIO: FLR of the NIC, bus reset for the audio.
     assert plan.ok
     assert [d.key for d in plan.domains] == ["bus:0000:00:01.0", "function:0000:02:00.0"]
+
+
+def test_sim_nic_flr_is_a_function_reset_for_us_and_for_qemu() -> None:
+    topo = _sim("nic-flr.toml")
+    nic = next(a for a, n in topo.functions.items() if n.info.driver == "vfio-pci")
+    plan = plan_for(topo, [str(nic)])
+    [d] = plan.domains
+    assert (d.key, d.method, d.covers) == (f"function:{nic}", Method.FLR, (nic,))
+    assert predictions(plan) == {str(nic): QemuAction.FUNCTION_RESET}
+    gaps = plan_for(topo, [str(nic)], policy=Policy(takeover=Takeover.GAPS))
+    assert not gaps.domains
+    assert [a for a, _ in gaps.left_to_qemu] == [nic]
+
+
+def test_sim_switch_pm_gpu_and_host_driver_neighbours() -> None:
+    topo = _sim("switch.toml")
+    gpu, nvme = A("05:00.0"), A("03:00.0")
+    plan = plan_for(topo, ["05:00.0", "03:00.0"])
+    assert plan.ok
+    assert {(d.key, d.method) for d in plan.domains} == {
+        (f"function:{gpu}", Method.PM), (f"function:{nvme}", Method.FLR)}
+    # QEMU: the GPU has PM but no FLR, so it prefers the hot reset of its port (alone there).
+    assert predictions(plan) == {str(gpu): QemuAction.HOT_RESET, str(nvme): QemuAction.FUNCTION_RESET}
+    pm_last = plan_for(topo, ["05:00.0"], policy=Policy(pm_suffices=False))
+    [d] = pm_last.domains
+    assert (d.key, d.method, d.covers) == ("bus:0000:02:10.0", Method.KERNEL_BUS, (gpu,))
+    # The USB controller behind the non-ACS port is the host's: nothing of ours may hit it.
+    usb = A("06:00.0")
+    refused = plan_for(topo, ["06:00.0"], policy=Policy(pm_suffices=False))
+    assert refused.ok  # alone below its port, the bus reset hits only itself
+    assert refused.domains[0].covers == (usb,)
