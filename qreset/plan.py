@@ -24,9 +24,9 @@ How a plan is made (each step says why):
    order) when it has one; else the slot reset of its hotplug slot; else the
    secondary bus reset of its parent bridge. With ``Policy.pm_suffices``
    off, a function whose only function-level method is PM is treated like a
-   PM gap above (slot/bus reset, PM if that is refused). Resetting an SR-IOV PF also
-   resets its VFs (VF Enable is cleared by FLR), so a PF's function domain
-   covers them.
+   PM gap above (slot/bus reset, PM if that is refused). Resetting an SR-IOV
+   PF also resets its VFs (the PF's FLR clears VF Enable), so a PF's
+   function domain covers them.
 3. *Merge.* Domains whose covered sets overlap become one: the wider one
    subsumes the narrower (a bus reset of B subsumes every function domain
    below B and every bus domain of a bridge below B). A GPU without FLR whose
@@ -34,8 +34,8 @@ How a plan is made (each step says why):
    separate FLR of the GPU. Each function is covered by exactly one domain
    and each domain is reset once however many owned functions need it.
 4. *Ownership.* A domain that would hit a function assigned to another VM or
-   bound to a host driver (other than a bridge's port driver: bridges below a
-   reset bridge are infrastructure the executor saves and restores) is
+   bound to a host driver (bridges excepted: a switch port below a reset
+   bridge is infrastructure whose config the executor saves and restores) is
    refused unless ``Policy.allow`` names that function. Idle vfio-pci and
    driverless functions may be hit: that is exactly what QEMU cannot do.
 5. *Method of a slot/bus domain*, first of ``Policy.bus_methods`` that
@@ -132,6 +132,8 @@ class Domain:
     ``key`` is stable across VMs (``function:BDF`` or ``bus:BRIDGE``) and is
     what the executor's lock table is keyed on; ``owned`` are the planned
     VM's functions that need this reset; ``covers`` every function hit.
+    (The planner puts every owned function the reset hits in ``owned``: with
+    ``takeover = gaps`` that includes ones QEMU would have handled.)
     """
 
     key: str
