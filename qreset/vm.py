@@ -190,6 +190,7 @@ class VmMonitor:
         self._cycle_lock = asyncio.Lock()
         self._closing = asyncio.Event()
         self._reset_waiters: list[asyncio.Future[dict[str, Any]]] = []
+        self._gone_announced = False
         self._log = logger.getChild(name)
 
     # ------------------------------------------------------------------
@@ -286,6 +287,7 @@ class VmMonitor:
         listener = EventListener(EVENTS)
         client.register_listener(listener)
         self._client = client
+        self._gone_announced = False
         self.connects += 1
         served = False
         try:
@@ -308,10 +310,17 @@ class VmMonitor:
             with contextlib.suppress(Exception):
                 await client.disconnect()
             if served:
-                self.status = None
-                self.ctx.emit("QRESET_VM_DISCONNECTED", {"vm": self.name, "qmp": str(self.qmp)})
-                self._log.info("disconnected")
+                self._announce_gone()
         return served
+
+    def _announce_gone(self) -> None:
+        """Say once per connection that it is gone (as soon as noticed, even mid-cycle)."""
+        if self._gone_announced:
+            return
+        self._gone_announced = True
+        self.status = None
+        self.ctx.emit("QRESET_VM_DISCONNECTED", {"vm": self.name, "qmp": str(self.qmp)})
+        self._log.info("disconnected")
 
     async def _on_connect(self, client: QMPClient) -> None:
         if self.mode is Mode.PARK:
@@ -336,7 +345,9 @@ class VmMonitor:
             if events in done:
                 events.result()  # re-raise what ended the consumer
             elif gone in done:
-                if self._cycle_lock.locked():
+                in_cycle = self._cycle_lock.locked()
+                self._announce_gone()
+                if in_cycle:
                     self._log.warning("QEMU went away in the middle of a cycle")
                     with contextlib.suppress(Exception):
                         await self.ctx.journal.append({
@@ -436,7 +447,7 @@ class VmMonitor:
                 raise
             finally:
                 if self.state is VmState.CYCLE:
-                    self.state = VmState.RUNNING
+                    self.state = VmState.RUNNING if self.connected else VmState.WAITING
             for fut in cyc.waiters:
                 if not fut.done():
                     fut.set_result(summary)

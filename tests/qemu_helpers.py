@@ -26,7 +26,7 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
-from tests.guest import count_boots, write_boot_image
+from tests.guest import DISK_SIZE, count_boots, write_boot_image
 
 QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
 
@@ -52,6 +52,10 @@ class QemuGuest:
     workdir: Path
     #: Start with -S (prelaunch, vCPUs stopped until someone sends ``cont``).
     paused: bool = False
+    #: More QEMU arguments (e.g. ``-device`` for the inventory test).
+    extra: list[str] = field(default_factory=list)
+    #: False: a blank disk, so the firmware enumerates PCI and then waits (no reboot loop).
+    bootable: bool = True
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -81,11 +85,16 @@ class QemuGuest:
             "-chardev", f"socket,id=ctl,path={self.ctl_path},server=on,wait=off",
             "-mon", "chardev=ctl,mode=control",
             *(["-S"] if self.paused else []),
+            *self.extra,
         ]
 
     def start(self) -> QemuGuest:
         if not self.image.exists():
-            write_boot_image(self.image)
+            if self.bootable:
+                write_boot_image(self.image)
+            else:
+                with self.image.open("wb") as f:
+                    f.truncate(DISK_SIZE)
         for p in (self.qmp_path, self.ctl_path):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()

@@ -1,0 +1,417 @@
+"""
+The daemon against real QEMU guests (TCG) on the simulated demo host.
+
+Every guest runs the self-rebooting boot sector (tests/guest.py): left
+running it resets itself a few times a second, and the firmware adds a second
+reset per boot, so cycles and boots are counted apart. Guests start with -S
+(prelaunch) so nothing happens before the daemon is connected; a test then
+either lets them run (``cont`` on the test's own monitor) or resets them on
+demand (``Daemon.reset_vm``: ``system_reset`` → a cycle).
+
+The daemon runs in-process (fast, and the test can read the simulated host's
+``reset_log``/``config_writes``) except where a test must SIGKILL it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qreset.config import Config, parse_config
+from qreset.daemon import Daemon
+from qreset.inventory import read_inventory, walk_query_pci
+from qreset.pci.address import PciAddress
+from qreset.pci.sim import Fault, ResetRecord, SimHost
+from qreset.vm import VmState
+from tests.conftest import ROOT
+from tests.qemu_helpers import QemuGuest, guests, have_qemu, short_tmpdir, status
+
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.skipif(not have_qemu(), reason="qemu-system-x86_64 not installed (scripts/install-deps)"),
+]
+
+DEMO = ROOT / "configs" / "sim" / "demo.toml"
+# configs/sim/demo.toml
+NIC1 = "0000:01:00.0"       # FLR, own root port
+GPU = "0000:03:00.0"        # no FLR, multifunction with GPU_AUDIO: bus reset of 00:03.0
+GPU_AUDIO = "0000:03:00.1"
+LPT = "0000:06:01.0"        # conventional, bus reset of 05:00.0 only
+SOUND = "0000:06:02.0"      # conventional, same bus as LPT, PM reset
+A = PciAddress.parse
+
+
+def make_config(workdir: Path, vms: dict[str, tuple[QemuGuest, Sequence[str]]], mode: str = "park",
+                time_scale: float = 0.01, **policy: Any) -> Config:
+    return parse_config({
+        "daemon": {"journal": str(workdir / "journal.jsonl"), "control_socket": ""},
+        "sim": {"topology": str(DEMO), "time_scale": time_scale},
+        "policy": {"mode": mode, "connect_backoff_max": 0.3, **policy},
+        "vm": [{"name": name, "qmp": str(g.qmp_path), "device": [{"host": d} for d in devs]}
+               for name, (g, devs) in vms.items()],
+    }, "test")
+
+
+@asynccontextmanager
+async def running(cfg: Config, host: SimHost) -> AsyncIterator[Daemon]:
+    daemon = Daemon(cfg, host=host, control=False)
+    task = asyncio.create_task(daemon.run(), name="daemon")
+    try:
+        async with asyncio.timeout(10):
+            await daemon.started.wait()
+        for vm in cfg.vm:
+            await daemon.wait_event("QRESET_VM_CONNECTED", about(vm.name), timeout=10, past=True)
+        yield daemon
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(task, 30)
+
+
+def about(vm: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda event: bool(event["vm"] == vm)
+
+
+async def wait_running(guest: QemuGuest, timeout: float = 5.0) -> str:
+    """A self-rebooting guest is parked now and then: wait until it is seen running."""
+    ctl = await guest.ctl()
+    try:
+        async with asyncio.timeout(timeout):
+            while (st := await status(ctl)) != "running":
+                await asyncio.sleep(0.01)
+        return st
+    finally:
+        await ctl.disconnect()
+
+
+async def wait_cycles(daemon: Daemon, vm: str, n: int, timeout: float) -> list[dict[str, Any]]:
+    async with asyncio.timeout(timeout):
+        while daemon.monitors[vm].cycles < n:
+            await asyncio.sleep(0.05)
+    return [r for r in daemon.history if r["vm"] == vm]
+
+
+def journal(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def touching(log: Iterable[ResetRecord], addrs: Iterable[str]) -> list[ResetRecord]:
+    want = {A(a) for a in addrs}
+    return [r for r in log if r.affected & want]
+
+
+def assert_no_concurrent_overlap(records: Sequence[ResetRecord]) -> None:
+    for i, a in enumerate(records):
+        for b in records[i + 1:]:
+            if a.affected & b.affected:
+                assert a.end <= b.start or b.end <= a.start, f"overlapping resets: {a} and {b}"
+
+
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["park", "stop-on-reset"])
+async def test_twenty_guest_reboots_each_coordinated(mode: str) -> None:
+    with short_tmpdir() as wd, guests(wd, "vm1", paused=True) as (g,):
+        host = SimHost.from_toml(DEMO, time_scale=0.01)
+        cfg = make_config(wd, {"vm1": (g, [NIC1, GPU, GPU_AUDIO])}, mode)
+        async with running(cfg, host) as daemon:
+            ctl = await g.ctl()
+            try:
+                await ctl.execute("cont")
+                cycles = (await wait_cycles(daemon, "vm1", 20, timeout=60))[:20]
+                status_end = await status(ctl)
+            finally:
+                await ctl.disconnect()
+        boots = g.boots()
+        records = journal(wd / "journal.jsonl")
+
+    assert status_end == "running"
+    # Boots and cycles differ: the firmware adds a reset of its own per boot.
+    assert 20 // 4 <= boots <= 21, (boots, len(cycles))
+    expected_event = "SHUTDOWN" if mode == "park" else "RESET"
+    for c in cycles:
+        assert c["outcome"] == "resumed", c
+        assert c["vm_resumed"] is True
+        assert c["trigger"] == {"event": expected_event, "reason": "guest-reset", "guest": True}
+        report = c["report"]
+        assert report["ok"] is True
+        methods = {(d["key"], d["method"]) for d in report["domains"]}
+        assert (f"function:{NIC1}", "flr") in methods
+        assert any(key == "bus:0000:00:03.0" for key, _m in methods), methods
+        # The simulated host really reset the devices, inside this cycle's engine run.
+        t0, t1 = report["started"], report["started"] + report["duration"]
+        for dev in (NIC1, GPU, GPU_AUDIO):
+            assert any(t0 <= r.start <= r.end <= t1 for r in touching(host.reset_log, [dev])), (dev, c)
+        if mode == "stop-on-reset":
+            assert c["durations"]["event_to_stop_ms"] >= 0
+            assert c["durations"]["recv_to_stop_ms"] < 1000
+    # Every phase of a cycle was journaled, in order.
+    first = cycles[0]["cycle"]
+    phases = [r["phase"] for r in records if r["cycle"] == first]
+    assert phases == ["cycle-start", "parked", "engine-done", "resumed"]
+
+
+async def test_shared_reset_domain_serialized_across_vms() -> None:
+    # vm1's LPT needs a bus reset of 05:00.0 that also hits vm2's SOUND: allowed here.
+    with short_tmpdir() as wd, guests(wd, "vm1", "vm2", paused=True) as (g1, g2):
+        host = SimHost.from_toml(DEMO, time_scale=0.05)
+        cfg = make_config(wd, {"vm1": (g1, [LPT]), "vm2": (g2, [SOUND])}, allow=[SOUND, LPT])
+        async with running(cfg, host) as daemon:
+            # Both guests reset at the same moment (both still in prelaunch: nothing else runs).
+            s1, s2 = await asyncio.gather(daemon.reset_vm("vm1"), daemon.reset_vm("vm2"))
+            # Then both run and reboot themselves for a while.
+            await wait_cycles(daemon, "vm1", 6, timeout=60)
+            await wait_cycles(daemon, "vm2", 6, timeout=60)
+            history = list(daemon.history)
+        log = list(host.reset_log)
+
+    assert s1["outcome"] == "resumed", s1
+    assert s2["outcome"] == "resumed", s2
+    bus1 = [d for d in s1["report"]["domains"] if d["key"] == "bus:0000:05:00.0"]
+    assert bus1
+    assert set(bus1[0]["covers"]) == {LPT, SOUND}
+    # The simultaneous pair overlapped in time, so one of them waited for the other's locks.
+    waits = [d["phases"]["lock"] for s in (s1, s2) for d in s["report"]["domains"]]
+    assert max(waits) >= 0.001, waits
+    shared = touching(log, [SOUND])
+    assert any(r.target == A("0000:05:00.0") for r in shared)   # vm1's bus resets
+    assert any(r.target == A(SOUND) for r in shared)             # vm2's own PM resets
+    assert_no_concurrent_overlap(shared)
+    assert all(c["outcome"] == "resumed" for c in history), [c for c in history if c["outcome"] != "resumed"]
+
+
+async def test_shared_domain_refused_without_consent_both_keep_running() -> None:
+    with short_tmpdir() as wd, guests(wd, "vm1", "vm2", paused=True) as (g1, g2):
+        host = SimHost.from_toml(DEMO, time_scale=0.05)
+        cfg = make_config(wd, {"vm1": (g1, [LPT]), "vm2": (g2, [SOUND])})
+        async with running(cfg, host) as daemon:
+            s1, s2 = await asyncio.gather(daemon.reset_vm("vm1"), daemon.reset_vm("vm2"))
+            boots = (g1.boots(), g2.boots())
+            await wait_cycles(daemon, "vm1", 4, timeout=60)
+            await wait_cycles(daemon, "vm2", 4, timeout=60)
+            statuses = [await wait_running(g1), await wait_running(g2)]
+            plan = await daemon.query_plan("vm1")
+            history = list(daemon.history)
+            boots_after = (g1.boots(), g2.boots())
+        log = list(host.reset_log)
+
+    assert s1["outcome"] == "failed"
+    assert s1["vm_resumed"] is True
+    assert "refused" in s1["error"]
+    assert SOUND in s1["error"]
+    assert "vm2" in s1["error"]
+    assert s1["report"]["domains"] == []          # nothing touched
+    assert s2["outcome"] == "resumed"
+    assert plan["ok"] is False
+    assert plan["refusals"][0]["function"] == SOUND
+    # Nobody reset the shared bus nor vm1's function; vm2's own resets went ahead.
+    assert touching(log, [LPT]) == []
+    assert all(r.target == A(SOUND) for r in touching(log, [SOUND]))
+    assert touching(log, [SOUND])
+    # Both guests kept running and rebooting.
+    assert statuses == ["running", "running"]
+    assert boots_after[0] > boots[0]
+    assert boots_after[1] > boots[1]
+    assert all(c["vm_resumed"] for c in history)
+
+
+async def test_qemu_killed_mid_cycle_then_back() -> None:
+    with short_tmpdir() as wd, guests(wd, "vm1", paused=True) as (g,):
+        # time_scale 1: the conventional bus reset takes 1.1 s, time enough to kill QEMU in it.
+        host = SimHost.from_toml(DEMO, time_scale=1.0)
+        cfg = make_config(wd, {"vm1": (g, [LPT])}, allow=[SOUND])
+        async with running(cfg, host) as daemon:
+            started = asyncio.create_task(daemon.wait_event("QRESET_RESET_STARTED", timeout=10))
+            gone = asyncio.create_task(daemon.wait_event("QRESET_VM_DISCONNECTED", timeout=10))
+            reset = asyncio.create_task(daemon.reset_vm("vm1"))
+            await started
+            await asyncio.sleep(0.2)
+            g.kill()
+            t_kill = time.monotonic()
+            await gone
+            noticed = time.monotonic() - t_kill
+            summary = await reset
+            assert daemon.monitors["vm1"].connected is False
+            assert daemon.monitors["vm1"].state is VmState.WAITING
+            back = asyncio.create_task(daemon.wait_event("QRESET_VM_CONNECTED", timeout=15))
+            g.start()
+            await back
+            again = await daemon.reset_vm("vm1")  # and it serves the new QEMU
+            connects = daemon.monitors["vm1"].connects
+        records = journal(wd / "journal.jsonl")
+
+    assert noticed < 1.0
+    assert summary["outcome"] == "failed"
+    assert summary["vm_resumed"] is False
+    assert "QEMU went away" in summary["error"]
+    assert summary["report"]["ok"] is True  # the devices themselves were reset fine
+    assert any(r["phase"] == "note" and "lost during a cycle" in r["note"] for r in records)
+    assert [r["phase"] for r in records if r["cycle"] == summary["cycle"]][-1] == "failed"
+    assert connects == 2
+    assert again["outcome"] == "resumed"
+
+
+def _read_journal_until(path: Path, pred: Any, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            for rec in journal_tolerant(path):
+                if pred(rec):
+                    return rec
+        time.sleep(0.01)
+    raise TimeoutError(f"no matching journal record in {path}")
+
+
+def journal_tolerant(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+async def test_daemon_sigkilled_while_parked_next_daemon_resumes_within_2s() -> None:
+    with short_tmpdir() as wd, guests(wd, "vm1", paused=True) as (g,):
+        jpath = wd / "journal.jsonl"
+        cfg = wd / "qreset.toml"
+        cfg.write_text(
+            f'[daemon]\njournal = "{jpath}"\ncontrol_socket = ""\n'
+            f'[sim]\ntopology = "{DEMO}"\ntime_scale = 1.0\n'
+            f'[policy]\nmode = "park"\nallow = ["{SOUND}"]\nconnect_backoff_max = 0.3\n'
+            f'[[vm]]\nname = "vm1"\nqmp = "{g.qmp_path}"\n[[vm.device]]\nhost = "{LPT}"\n'
+        )
+        argv = [sys.executable, "-m", "qreset", "run", "--config", str(cfg)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        log1 = (wd / "d1.log").open("wb")
+        d1 = await asyncio.create_subprocess_exec(
+            *argv, stdout=subprocess.DEVNULL, stderr=log1, cwd=ROOT, env=env)
+        ctl = await g.ctl()
+        d2: asyncio.subprocess.Process | None = None
+        try:
+            async with asyncio.timeout(20):
+                while b"connected (park mode" not in (wd / "d1.log").read_bytes():
+                    await asyncio.sleep(0.02)
+            await ctl.execute("cont")
+            parked = await asyncio.to_thread(
+                _read_journal_until, jpath, lambda r: r["phase"] == "parked", 20)
+            d1.send_signal(signal.SIGKILL)
+            await asyncio.wait_for(d1.wait(), 5)
+            assert await status(ctl) == "shutdown"       # parked, and nobody to finish it
+            await asyncio.sleep(0.3)
+            assert await status(ctl) == "shutdown"
+            t0 = time.monotonic()
+            log2 = (wd / "d2.log").open("wb")
+            d2 = await asyncio.create_subprocess_exec(
+                *argv, stdout=subprocess.DEVNULL, stderr=log2, cwd=ROOT, env=env)
+            async with asyncio.timeout(10):
+                while await status(ctl) != "running":
+                    await asyncio.sleep(0.01)
+            resumed_after = time.monotonic() - t0
+            done = await asyncio.to_thread(
+                _read_journal_until, jpath,
+                lambda r: r["cycle"] == parked["cycle"] and r.get("recovered"), 5)
+            d2.send_signal(signal.SIGTERM)
+            rc2 = await asyncio.wait_for(d2.wait(), 15)
+        finally:
+            await ctl.disconnect()
+            for p in (d1, d2):
+                if p is not None and p.returncode is None:
+                    p.kill()
+                    await asyncio.wait_for(p.wait(), 5)
+        log_text = (wd / "d2.log").read_text()
+
+    assert resumed_after < 2.0, (resumed_after, log_text)
+    assert done["outcome"] in ("resumed", "failed")
+    assert done["vm_resumed"] is True
+    assert done["status_found"] == "shutdown"
+    assert rc2 == 0, log_text
+
+
+@pytest.mark.parametrize("action", ["stop", "resume"])
+async def test_device_with_new_identity_is_escalated_not_restored(action: str) -> None:
+    with short_tmpdir() as wd, guests(wd, "vm1", paused=True) as (g,):
+        host = SimHost.from_toml(DEMO, time_scale=0.01)
+        cfg = make_config(wd, {"vm1": (g, [NIC1])}, on_identity_change=action)
+        async with running(cfg, host) as daemon:
+            host.inject(A(NIC1), Fault.new_identity(device_id=0x1539))
+            changed = asyncio.create_task(daemon.wait_event("QRESET_DEVICE_CHANGED", timeout=10))
+            summary = await daemon.reset_vm("vm1")
+            event = await changed
+            ctl = await g.ctl()
+            try:
+                st = await status(ctl)
+                await asyncio.sleep(0.5)
+                st_later = await status(ctl)
+            finally:
+                await ctl.disconnect()
+            state = daemon.monitors["vm1"].state
+        records = journal(wd / "journal.jsonl")
+
+    resets = touching(host.reset_log, [NIC1])
+    assert resets
+    t_reset = resets[0].start
+    assert [w for w in host.config_writes if w.addr == A(NIC1) and w.t >= t_reset] == []
+    assert event["function"] == NIC1
+    assert event["action"] == action
+    assert summary["report"]["identity_changed"] == [NIC1]
+    assert "identity changed" in summary["error"]
+    terminal = [r for r in records if r["cycle"] == summary["cycle"]][-1]
+    if action == "stop":
+        assert summary["outcome"] == "stopped"
+        assert summary["vm_resumed"] is False
+        assert st != "running"
+        assert st_later == st
+        assert state is VmState.STOPPED
+        assert terminal["phase"] == "stopped"
+    else:
+        assert summary["vm_resumed"] is True
+        assert st == "running"
+        assert terminal["vm_resumed"] is True
+
+
+async def test_inventory_walks_bridges_and_merges_configured() -> None:
+    extra = ["-device", "pcie-root-port,id=rp1,chassis=1,bus=pcie.0,addr=0x5",
+             "-device", "e1000e,id=nic0,bus=rp1,romfile=",
+             "-device", "pcie-pci-bridge,id=pb,bus=pcie.0,addr=0x6",
+             "-device", "e1000,id=nic1,bus=pb,addr=0x3,romfile="]
+    with short_tmpdir() as wd:
+        # Bridges get their bus numbers from the firmware: let SeaBIOS enumerate
+        # (a blank disk, so it then waits instead of rebooting).
+        g = QemuGuest("inv", wd, extra=extra, bootable=False).start()
+        try:
+            await g.await_sockets()
+            ctl = await g.ctl()
+            try:
+                async with asyncio.timeout(20):
+                    while True:
+                        fns = walk_query_pci(await ctl.execute("query-pci"))
+                        if any(f.qdev_id == "nic1" for f in fns):
+                            break
+                        await asyncio.sleep(0.1)
+                inv = await read_inventory(ctl, "inv", [A(NIC1)])
+            finally:
+                await ctl.disconnect()
+        finally:
+            g.stop()
+    by_id = {f.qdev_id: f for f in fns if f.qdev_id}
+    assert by_id["nic0"].bus != 0              # behind the root port
+    assert (by_id["nic0"].vendor, by_id["nic0"].device) == (0x8086, 0x10D3)
+    assert by_id["nic1"].bus not in (0, by_id["nic0"].bus)
+    assert by_id["nic1"].slot == 3
+    assert (by_id["nic1"].vendor, by_id["nic1"].device) == (0x8086, 0x100E)
+    assert {"rp1", "pb"} <= set(by_id)
+    # No vfio-pci device in this QEMU: the inventory is the configured device alone.
+    assert [(str(d.host), d.source.value) for d in inv] == [(NIC1, "config")]
