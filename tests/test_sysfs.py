@@ -583,11 +583,17 @@ async def test_sim_written_tree_reads_back_identically(topology: Path | None, tm
     except ImportError as exc:
         pytest.skip(f"qreset.pci.sim is not importable: {exc}")
     sim = SimHost.from_toml(topology, time_scale=0.0)
+    # Vary what the tree must carry: an override, and a function with no driver.
+    first, *rest = await sim.functions()
+    await sim.bind(first, "vfio-pci")
+    if rest:
+        sim.set_driver(rest[-1], None)
     sim.write_tree(tmp_path)
     real = SysfsHost(tmp_path)
     try:
         addrs = await sim.functions()
         assert await real.functions() == addrs
+        assert (await real.info(first)).driver_override == "vfio-pci"
         for addr in addrs:
             assert await real.info(addr) == await sim.info(addr), addr
             assert await real.read_config(addr) == await sim.read_config(addr), addr
