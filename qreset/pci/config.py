@@ -14,7 +14,18 @@ The walk rules follow ``__pci_find_next_cap_ttl`` (at most 48 standard
 capabilities, pointers below 0x40 end the list, low two bits ignored) and
 ``pci_find_next_ext_capability`` (at most (4096-256)/8 headers, a zero or
 all-ones header ends the list, a ``next`` below 0x100 ends it) in
-``drivers/pci/pci.c``.
+``drivers/pci/pci.c``; the list starts where ``__pci_bus_find_cap_start``
+says (0x34, or 0x14 for CardBus; no list for other header types). The
+extended list is walked whenever the bytes reach past 0x100, as the kernel
+does whenever ``dev->cfg_size`` is 4096 (host bridges included).
+
+Two deliberate departures, each noted in ``problems``: a Status register
+reading 0xffff is taken as a failed read and its list is not walked, and a
+list cut short by a short read (an unprivileged 64-byte read) says so
+instead of looking like "no capabilities".
+
+tests/test_lspci_oracle.py checks all of this against lspci (pciutils) on
+real, simulated, hand-made and random config spaces.
 """
 
 from __future__ import annotations
