@@ -406,7 +406,14 @@ class SysfsHost(PciHost):
 
     @staticmethod
     def _reset_with_method(d: Path, method: str) -> None:
-        """Narrow ``reset_method`` to ``method``, reset, put the old list back."""
+        """Narrow ``reset_method`` to ``method``, reset, put the old list back.
+
+        The caller serializes resets of one function (the executor's
+        per-domain locks): two overlapping narrowings of the same function
+        would each restore the other's list. A process killed between the
+        narrowing and the restore leaves the list narrowed; writing
+        ``default`` to ``reset_method`` undoes that.
+        """
         rm = d / "reset_method"
         try:
             previous = rm.read_text(encoding="ascii").strip()
