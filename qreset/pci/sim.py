@@ -40,35 +40,24 @@ import asyncio
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from qreset.errors import ConfigError, HostError, NoSuchFunction, ResetFailed
+from qreset.errors import HostError, NoSuchFunction, ResetFailed
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
 from qreset.pci.host import (
-    IORESOURCE_IO,
-    IORESOURCE_MEM,
-    IORESOURCE_MEM_64,
-    IORESOURCE_PREFETCH,
     FunctionInfo,
     PciHost,
-    Resource,
     SlotInfo,
 )
 from qreset.pci.sim_config import (
-    Assigned,
-    BarSlot,
-    ConfigImage,
     build_image,
-    configure,
-    default_pm,
     get,
 )
+from qreset.pci.sim_enum import Enumeration, SimFunction, read_ids, resources_of
 from qreset.pci.sim_model import (
-    AfSpec,
-    FunctionSpec,
     TopologySpec,
     load_topology,
     read_topology,
@@ -96,22 +85,6 @@ SBR_POLL_SLOW_LINK = 1.000  # PCI_RESET_WAIT
 DEVICE_SPECIFIC_WAIT = 0.100  # quirk resets mostly do an FLR-like 100 ms wait
 READY_POLL_LIMIT = 60.0     # PCIE_RESET_READY_POLL_MS = 60000
 
-# Flags the kernel reports in sysfs ``resource`` (include/linux/ioport.h) besides host.py's.
-IORESOURCE_SIZEALIGN = 0x00040000
-IORESOURCE_READONLY = 0x00004000
-# resource lines: PCI_STD_RESOURCES 0-5, PCI_ROM_RESOURCE 6, PCI_IOV_RESOURCES 7-12,
-# PCI_BRIDGE_RESOURCES 13-16 (include/linux/pci.h); resource_show() prints up to
-# PCI_BRIDGE_RESOURCES lines for endpoints and PCI_NUM_RESOURCES for bridges.
-ROM_RESOURCE = 6
-IOV_RESOURCES = 7
-BRIDGE_RESOURCES = 13
-NUM_RESOURCES = 17
-
-# Base addresses for resource assignment (typical x86 layout).
-_IO_BASE = 0x2000
-_MEM_BASE = 0xC0000000
-_PREF_BASE = 0x40_0000_0000
-_MB = 1 << 20
 
 
 # -- public data types ----------------------------------------------------------------
@@ -187,111 +160,6 @@ class ResetRecord:
     end: float
 
 
-# -- internal state ---------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _Fn:
-    spec: FunctionSpec
-    addr: PciAddress
-    parent: _Fn | None
-    multifunction: bool
-    img: ConfigImage
-    asg: Assigned = field(default_factory=Assigned)
-    cfg: bytearray = field(default_factory=bytearray)
-    children: list[_Fn] = field(default_factory=list)   # functions on the secondary bus
-    physfn: _Fn | None = None
-    virtfns: list[_Fn] = field(default_factory=list)
-    vf_index: int = 0
-    driver: str | None = None
-    driver_override: str | None = None
-    group: int | None = None
-    reset_methods: tuple[str, ...] = ()
-    present: bool = True
-    ids: tuple[int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0)
-    resources: list[Resource] = field(default_factory=list)
-    ready_at: float = 0.0
-    never_ready: bool = False
-    sbr_since: float | None = None
-    faults: list[Fault] = field(default_factory=list)
-    order: int = 0
-    _lock: asyncio.Lock | None = None
-    _cfg_free: asyncio.Event | None = None
-    cfg_blocked: int = 0
-
-    @property
-    def is_bridge(self) -> bool:
-        return self.spec.is_bridge
-
-    @property
-    def lock(self) -> asyncio.Lock:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        return self._lock
-
-    @property
-    def cfg_free(self) -> asyncio.Event:
-        if self._cfg_free is None:
-            self._cfg_free = asyncio.Event()
-            if not self.cfg_blocked:
-                self._cfg_free.set()
-        return self._cfg_free
-
-    def block_cfg(self) -> None:
-        self.cfg_blocked += 1
-        self.cfg_free.clear()
-
-    def unblock_cfg(self) -> None:
-        self.cfg_blocked -= 1
-        if not self.cfg_blocked:
-            self.cfg_free.set()
-
-    def cap(self, cap_id: int) -> int | None:
-        return self.img.caps.get(cap_id)
-
-
-class _Placer:
-    """Packs BARs/windows of one bus into an address range (largest alignment first)."""
-
-    def __init__(self) -> None:
-        self.items: dict[str, list[tuple[int, int, Any]]] = {"io": [], "mem": [], "pref": []}
-
-    def add(self, kind: str, size: int, align: int, place: Any) -> None:
-        self.items[kind].append((size, align, place))
-
-    def span(self, kind: str, gran: int) -> tuple[int, int]:
-        cursor = 0
-        items = sorted(self.items[kind], key=lambda it: -it[1])
-        for size, align, _ in items:
-            cursor = -(-cursor // align) * align + size
-        align = max((it[1] for it in items), default=gran)
-        return -(-cursor // gran) * gran, max(align, gran)
-
-    def place(self, kind: str, base: int) -> None:
-        cursor = base
-        for size, align, place in sorted(self.items[kind], key=lambda it: -it[1]):
-            cursor = -(-cursor // align) * align
-            place(cursor)
-            cursor += size
-
-
-def _bar_kind(slot: BarSlot) -> str:
-    if slot.type == "io":
-        return "io"
-    return "pref" if slot.prefetch and slot.type == "mem64" else "mem"
-
-
-def _bar_flags(slot: BarSlot) -> int:
-    if slot.type == "io":
-        return IORESOURCE_IO | IORESOURCE_SIZEALIGN | slot.low_bits
-    flags = IORESOURCE_MEM | IORESOURCE_SIZEALIGN | slot.low_bits
-    if slot.prefetch:
-        flags |= IORESOURCE_PREFETCH
-    if slot.type == "mem64":
-        flags |= IORESOURCE_MEM_64
-    return flags
-
-
 class SimHost(PciHost):
     """A simulated PCI host built from a TOML topology (see the module docstring)."""
 
@@ -303,10 +171,10 @@ class SimHost(PciHost):
         self.iommu = top.host.iommu
         self.config_writes: list[ConfigWrite] = []
         self.reset_log: list[ResetRecord] = []
-        self._fns: dict[PciAddress, _Fn] = {}
-        self._order: list[_Fn] = []
-        self._by_name: dict[str, _Fn] = {}
-        self._enumerate()
+        boot = Enumeration(top, name)
+        self._fns = boot.functions
+        self._order = boot.order
+        self._by_name = boot.by_name
 
     # -- construction --------------------------------------------------------------
 
@@ -320,272 +188,13 @@ class SimHost(PciHost):
     def from_dict(cls, data: dict[str, Any], name: str, time_scale: float = 1.0) -> SimHost:
         return cls(load_topology(data, name), name, time_scale)
 
-    def _enumerate(self) -> None:
-        top = self.topology
-        domain = top.host.domain
-        kids: dict[str | None, list[FunctionSpec]] = {}
-        for spec in top.function:
-            kids.setdefault(spec.parent, []).append(spec)
-        slot_numbers = {spec.name: i + 1 for i, spec in enumerate(s for s in top.function if s.slot)}
-        max_bus = 0
-
-        def scan(bus: int, parent: _Fn | None) -> None:
-            nonlocal max_bus
-            specs = sorted(kids.get(None if parent is None else parent.spec.name, []),
-                           key=lambda s: ((s.dev or 0), s.fn))
-            devs: dict[int, list[FunctionSpec]] = {}
-            for s in specs:
-                devs.setdefault(s.dev or 0, []).append(s)
-            added: list[_Fn] = []
-            for s in specs:
-                multi = len(devs[s.dev or 0]) > 1
-                img = build_image(s, multifunction=multi, port_number=len(added),
-                                  slot_number=int(slot_numbers[s.name]) if s.slot else None,
-                                  slot_hotplug=bool(s.slot and s.slot.hotplug))
-                f = _Fn(s, PciAddress(domain, bus, s.dev or 0, s.fn), parent, multi, img)
-                added.append(f)
-                self._add(f)
-                # reset_method is decided now, before f joins bus->devices (see module docstring).
-                f.reset_methods = self._probe_methods(f, alone=len(added) == 1)
-            if parent is not None:
-                parent.children.extend(added)
-            # pci_iov_bus_range(): VFs whose Routing ID lands on later bus numbers reserve them.
-            for f in added:
-                sr = f.spec.sriov
-                if sr is not None and sr.num_vfs:
-                    last = (f.addr.bus << 8 | f.addr.devfn) + sr.offset + sr.stride * (sr.num_vfs - 1)
-                    max_bus = max(max_bus, last >> 8)
-            for f in added:
-                if f.is_bridge:
-                    max_bus += 1
-                    f.asg.primary, f.asg.secondary = bus, max_bus
-                    scan(max_bus, f)
-                    f.asg.subordinate = max_bus
-
-        scan(0, None)
-        # SR-IOV: VFs appear when sriov_numvfs is written (after boot enumeration).
-        for pf in list(self._order):
-            s = pf.spec.sriov
-            if s is None:
-                continue
-            for i in range(s.num_vfs):
-                rid = (pf.addr.bus << 8 | pf.addr.devfn) + s.offset + s.stride * i
-                vspec = FunctionSpec.model_validate({
-                    "name": f"{pf.spec.name}.vf{i}", "type": "endpoint", "parent": pf.spec.parent,
-                    "dev": (rid >> 3) & 0x1F, "fn": rid & 7, "vendor": pf.spec.vendor,
-                    "device": s.vf_device, "class": pf.spec.class_code, "revision": pf.spec.revision,
-                    "subsystem_vendor": pf.spec.subsystem_vendor,
-                    "subsystem_device": pf.spec.subsystem_device,
-                    "bars": s.vf_bars, "pm": False,
-                    "msix": {"vectors": s.vf_msix, "bar": 3} if s.vf_msix else False,
-                    "flr": s.vf_flr, "aer": False, "ready_ms": s.vf_ready_ms,
-                    "driver": s.vf_drivers[i] if i < len(s.vf_drivers) else s.vf_driver,
-                })
-                img = build_image(vspec, multifunction=False, is_vf=True)
-                img.bars = [BarSlot(b.index, b.size, b.type, b.prefetch) for b in pf.img.vf_bars]
-                vf = _Fn(vspec, PciAddress(pf.addr.domain, rid >> 8, (rid >> 3) & 0x1F, rid & 7),
-                         pf.parent, False, img, physfn=pf, vf_index=i)
-                if vf.addr in self._fns:
-                    raise ConfigError(f"{self.source}:function ({pf.spec.name!r}).sriov",
-                                      f"VF{i} at {vf.addr} collides with another function")
-                pf.virtfns.append(vf)
-                if pf.parent is not None:
-                    pf.parent.children.append(vf)
-                self._add(vf)
-                vf.reset_methods = self._probe_methods(vf, alone=False)
-        self._assign_resources()
-        for f in self._order:
-            f.cfg = configure(f.img, f.spec, f.asg, is_vf=f.physfn is not None,
-                              num_vfs=len(f.virtfns))
-            f.driver = f.spec.driver
-            f.ids = self._read_ids(f)
-            f.resources = self._resources(f)
-        self._assign_groups()
-
-    def _add(self, f: _Fn) -> None:
-        f.order = len(self._order)
-        self._fns[f.addr] = f
-        self._order.append(f)
-        self._by_name[f.spec.name] = f
-
-    def _probe_methods(self, f: _Fn, alone: bool) -> tuple[str, ...]:
-        """pci_init_reset_methods() at enumeration (drivers/pci/pci.c, pci_reset_fn_methods order)."""
-        s = f.spec
-        out: list[str] = []
-        if s.device_specific:
-            out.append("device_specific")
-        if s.is_pcie and s.flr:
-            out.append("flr")
-        af = AfSpec() if s.af is True else (s.af or None)
-        if af is not None and af.tp and af.flr:
-            out.append("af_flr")
-        pm = default_pm(s)
-        if pm is not None and not pm.no_soft_reset:
-            out.append("pm")
-        if f.parent is not None:
-            # pci_reset_bus_function(): pci_dev_reset_slot_function() (hotplug slot, not
-            # multifunction), else pci_parent_bus_reset() (alone on the bus at this point;
-            # dev->subordinate is not set yet during pci_device_add()).
-            slot = f.parent.spec.slot
-            slot_ok = slot is not None and slot.hotplug and not f.multifunction and f.addr.device == 0
-            if slot_ok or alone:
-                out.append("bus")
-        return tuple(out)
-
-    def _assign_resources(self) -> None:
-        gran = {"io": 0x1000, "mem": _MB, "pref": _MB}
-
-        def collect(funcs: Iterable[_Fn]) -> _Placer:
-            placer = _Placer()
-            for f in funcs:
-                for slot in f.img.bars if f.physfn is None else []:
-                    placer.add(_bar_kind(slot), slot.size, slot.size,
-                               lambda a, f=f, i=slot.index: f.asg.bar_addr.__setitem__(i, a))
-                if f.img.rom_size and f.physfn is None:
-                    placer.add("mem", f.img.rom_size, f.img.rom_size,
-                               lambda a, f=f: setattr(f.asg, "rom_addr", a))
-                if f.spec.sriov is not None:
-                    total = f.spec.sriov.total_vfs
-                    for slot in f.img.vf_bars:
-                        placer.add(_bar_kind(slot), slot.size * total, slot.size,
-                                   lambda a, f=f, i=slot.index: f.asg.vf_bar_addr.__setitem__(i, a))
-                if f.is_bridge:
-                    sub = collect(c for c in f.children if c.physfn is None)
-                    for kind in ("io", "mem", "pref"):
-                        if not sub.items[kind]:
-                            continue
-                        size, align = sub.span(kind, gran[kind])
-
-                        def place(a: int, f: _Fn = f, kind: str = kind, sub: _Placer = sub,
-                                  size: int = size) -> None:
-                            setattr(f.asg, f"{kind}_window", (a, a + size - 1))
-                            sub.place(kind, a)
-
-                        placer.add(kind, size, align, place)
-            return placer
-
-        root = collect(f for f in self._order if f.parent is None and f.physfn is None)
-        root.place("io", _IO_BASE)
-        root.place("mem", _MEM_BASE)
-        root.place("pref", _PREF_BASE)
-        for f in self._order:
-            if f.physfn is not None:
-                pf = f.physfn
-                for slot in f.img.bars:
-                    base = pf.asg.vf_bar_addr.get(slot.index, 0)
-                    f.asg.bar_addr[slot.index] = base + slot.size * f.vf_index if base else 0
-            pin = f.spec.interrupt_pin
-            f.asg.interrupt_line = 0 if pin == 0 else 10 + (f.addr.device + pin) % 6
-
-    def _read_ids(self, f: _Fn) -> tuple[int, int, int, int, int, int]:
-        c = f.cfg
-        sub = (0, 0) if f.is_bridge else (get(c, regs.SUBSYSTEM_VENDOR_ID, 2), get(c, regs.SUBSYSTEM_ID, 2))
-        return (get(c, 0, 2), get(c, 2, 2), get(c, regs.CLASS_REVISION, 4) >> 8, c[regs.REVISION_ID], *sub)
-
-    def _resources(self, f: _Fn) -> list[Resource]:
-        n = NUM_RESOURCES if f.is_bridge else BRIDGE_RESOURCES
-        res = [Resource(0, 0, 0)] * n
-        for slot in f.img.bars:
-            start = f.asg.bar_addr.get(slot.index, 0)
-            if start:
-                res[slot.index] = Resource(start, start + slot.size - 1, _bar_flags(slot))
-        if f.img.rom_size and f.asg.rom_addr:
-            flags = IORESOURCE_MEM | IORESOURCE_PREFETCH | IORESOURCE_READONLY | IORESOURCE_SIZEALIGN
-            res[ROM_RESOURCE] = Resource(f.asg.rom_addr, f.asg.rom_addr + f.img.rom_size - 1, flags)
-        if f.spec.sriov is not None:
-            for slot in f.img.vf_bars:
-                start = f.asg.vf_bar_addr.get(slot.index, 0)
-                if start:
-                    size = slot.size * f.spec.sriov.total_vfs
-                    res[IOV_RESOURCES + slot.index] = Resource(start, start + size - 1, _bar_flags(slot))
-        if f.is_bridge:
-            wins = ((f.asg.io_window, IORESOURCE_IO | 0x1),
-                    (f.asg.mem_window, IORESOURCE_MEM),
-                    (f.asg.pref_window, IORESOURCE_MEM | IORESOURCE_PREFETCH | IORESOURCE_MEM_64 | 0x1))
-            for i, (win, flags) in enumerate(wins):
-                if win is not None:
-                    res[BRIDGE_RESOURCES + i] = Resource(win[0], win[1], flags)
-        return res
-
-    def _assign_groups(self) -> None:
-        """pci_device_group() (drivers/iommu/iommu.c), devices probed in enumeration order."""
-        next_group = 0
-        for f in self._order:
-            if f.spec.iommu_group is not None:
-                f.group = f.spec.iommu_group
-                next_group = max(next_group, f.group + 1)
-                continue
-            g = self._group_for(f)
-            if g is None:
-                g = next_group
-                next_group += 1
-            f.group = g
-
-    def _acs_flags_enabled(self, f: _Fn) -> bool:
-        o = f.img.ext_caps.get(regs.EXT_CAP_ID_ACS)
-        if o is None:
-            return False
-        cap = get(f.cfg, o + regs.ACS_CAP, 2)
-        ctrl = get(f.cfg, o + regs.ACS_CTRL, 2)
-        flags = regs.ACS_ISOLATION & (cap | regs.ACS_EC)
-        return (ctrl & flags) == flags
-
-    def _acs_enabled(self, f: _Fn) -> bool:
-        """pci_acs_enabled(dev, REQ_ACS_FLAGS) in drivers/pci/pci.c."""
-        if not f.spec.is_pcie:
-            return False
-        t = f.spec.type
-        if t == "pcie_pci_bridge":
-            return False
-        if t in ("root_port", "downstream_port"):
-            return self._acs_flags_enabled(f)
-        if t in ("endpoint", "upstream_port", "legacy_endpoint", "rc_endpoint") and f.multifunction:
-            return self._acs_flags_enabled(f)
-        return True
-
-    def _acs_path_enabled(self, start: _Fn) -> bool:
-        p: _Fn | None = start
-        while p is not None:
-            if not self._acs_enabled(p):
-                return False
-            p = p.parent
-        return True
-
-    def _group_for(self, f: _Fn) -> int | None:
-        # 1. DMA aliases (pci_for_each_dma_alias): a PCIe-to-PCI or conventional bridge
-        #    above f takes over f's requester ID, so f joins that bridge's group.
-        pdev = f
-        p = f.parent
-        while p is not None:
-            if p.spec.type not in ("root_port", "upstream_port", "downstream_port"):
-                pdev = p
-                if p.group is not None:
-                    return p.group
-            p = p.parent
-        # 2. Walk up while the path to the root lacks ACS isolation.
-        p = pdev.parent
-        while p is not None:
-            if self._acs_path_enabled(p):
-                break
-            if p.group is not None:
-                return p.group
-            p = p.parent
-        # 3. Multifunction siblings without ACS share a group (get_pci_function_alias_group).
-        if f.multifunction and not self._acs_enabled(f):
-            for sib in self._order:
-                if (sib is not f and sib.group is not None and sib.parent is f.parent
-                        and sib.addr.bus == f.addr.bus and sib.addr.device == f.addr.device
-                        and not self._acs_enabled(sib)):
-                    return sib.group
-        return None
-
     # -- lookups ----------------------------------------------------------------------
 
     def _path(self, addr: PciAddress, attr: str = "") -> str:
         p = f"{self.name}/bus/pci/devices/{addr}"
         return f"{p}/{attr}" if attr else p
 
-    def _get(self, addr: PciAddress) -> _Fn:
+    def _get(self, addr: PciAddress) -> SimFunction:
         f = self._fns.get(addr)
         if f is None or not f.present:
             raise NoSuchFunction(self._path(addr), "no such PCI function")
@@ -597,10 +206,10 @@ class SimHost(PciHost):
         except RuntimeError:
             return 0.0
 
-    def _below(self, bridge: _Fn, physical: bool = False) -> list[_Fn]:
+    def _below(self, bridge: SimFunction, physical: bool = False) -> list[SimFunction]:
         """Every function on bridge's secondary bus and below, in enumeration order:
         the ones the kernel knows (present), or with ``physical`` also removed ones."""
-        out: list[_Fn] = []
+        out: list[SimFunction] = []
         stack = list(bridge.children)
         while stack:
             f = stack.pop()
@@ -609,7 +218,7 @@ class SimHost(PciHost):
             stack.extend(f.children)
         return sorted(out, key=lambda f: f.order)
 
-    def _reachable(self, f: _Fn) -> bool:
+    def _reachable(self, f: SimFunction) -> bool:
         """Whether a config request gets to f: every bridge above forwards its bus, none in reset."""
         if f.physfn is not None:
             o = f.physfn.img.ext_caps[regs.EXT_CAP_ID_SRIOV]
@@ -632,10 +241,10 @@ class SimHost(PciHost):
             p = p.parent
         return True
 
-    def _ready(self, f: _Fn) -> bool:
+    def _ready(self, f: SimFunction) -> bool:
         return not f.never_ready and self._now() >= f.ready_at
 
-    def _view(self, f: _Fn) -> bytes:
+    def _view(self, f: SimFunction) -> bytes:
         size = f.img.size
         if not self._reachable(f):
             return b"\xff" * size
@@ -690,13 +299,13 @@ class SimHost(PciHost):
         self._store(f, offset, data)
         self._after_write(f, offset, data, old)
 
-    def _store(self, f: _Fn, offset: int, data: bytes) -> None:
+    def _store(self, f: SimFunction, offset: int, data: bytes) -> None:
         for i, b in enumerate(data):
             o = offset + i
             wm, w1 = f.img.wmask[o], f.img.w1cmask[o]
             f.cfg[o] = ((f.cfg[o] & ~wm) | (b & wm)) & ~(b & w1) & 0xFF
 
-    def _after_write(self, f: _Fn, offset: int, data: bytes, old: bytes) -> None:
+    def _after_write(self, f: SimFunction, offset: int, data: bytes, old: bytes) -> None:
         """Side effects of writes: SBR, userspace FLR/AF FLR, PM D3hot->D0, VF enable."""
         end = offset + len(data)
         now = self._now()
@@ -743,7 +352,7 @@ class SimHost(PciHost):
             if (before & 3) == 3 and (after & 3) == 0 and not after & regs.PM_CTRL_NO_SOFT_RESET:
                 self._user_reset(f, "pm-user", now)
 
-    def _function_reset(self, f: _Fn) -> list[_Fn]:
+    def _function_reset(self, f: SimFunction) -> list[SimFunction]:
         """A function-level reset of f. A PF's reset clears VF Enable, so its VFs
         go through reset too (SR-IOV spec r1.1 sec 2.2.2) and the kernel, which
         saves only f, does not restore them."""
@@ -753,18 +362,18 @@ class SimHost(PciHost):
             self._power_on(g, now)
         return hit
 
-    def _user_reset(self, f: _Fn, method: str, now: float) -> None:
+    def _user_reset(self, f: SimFunction, method: str, now: float) -> None:
         hit = self._function_reset(f)
         self.reset_log.append(ResetRecord(method, f.addr, frozenset(g.addr for g in hit), now, now))
 
     # -- resets -----------------------------------------------------------------------
 
-    def _take_faults(self, f: _Fn, kinds: set[str]) -> list[Fault]:
+    def _take_faults(self, f: SimFunction, kinds: set[str]) -> list[Fault]:
         taken = [x for x in f.faults if x.kind in kinds]
         f.faults = [x for x in f.faults if x.kind not in kinds or x.persistent]
         return taken
 
-    def _power_on(self, f: _Fn, now: float) -> None:
+    def _power_on(self, f: SimFunction, now: float) -> None:
         """f goes through a conventional reset: power-on config, ready after its ready time."""
         extra = 0.0
         f.never_ready = False
@@ -780,7 +389,7 @@ class SimHost(PciHost):
         f.cfg = bytearray(f.img.por)
         f.ready_at = now + (f.spec.ready_ms / 1000.0 + extra) * self.time_scale
 
-    def _new_identity(self, f: _Fn, fault: Fault) -> None:
+    def _new_identity(self, f: SimFunction, fault: Fault) -> None:
         update: dict[str, Any] = {}
         if fault.device_id is not None:
             update["device"] = fault.device_id
@@ -805,9 +414,10 @@ class SimHost(PciHost):
             f.img = img
         f.spec = spec
         # The kernel's struct resource keeps the old start; the size follows the new BAR.
-        f.resources = self._resources(f)
+        f.resources = resources_of(f)
 
-    async def _wait_ready(self, funcs: Sequence[_Fn], what: str, limit: float = READY_POLL_LIMIT) -> None:
+    async def _wait_ready(self, funcs: Sequence[SimFunction], what: str,
+                          limit: float = READY_POLL_LIMIT) -> None:
         """pci_dev_wait(): poll until the function answers, up to ``limit`` (spec seconds)."""
         deadline = self._now() + limit * self.time_scale
         for f in funcs:
@@ -819,7 +429,7 @@ class SimHost(PciHost):
                 target = deadline if f.never_ready else min(f.ready_at, deadline)
                 await asyncio.sleep(max(target - now, 0.0) + 1e-4)
 
-    def _slow_extra(self, funcs: Iterable[_Fn]) -> float:
+    def _slow_extra(self, funcs: Iterable[SimFunction]) -> float:
         extra = 0.0
         for f in funcs:
             for fault in f.faults:
@@ -827,7 +437,7 @@ class SimHost(PciHost):
                     extra = max(extra, fault.seconds or 0.0)
         return extra
 
-    def _restore(self, f: _Fn, saved: bytes) -> None:
+    def _restore(self, f: SimFunction, saved: bytes) -> None:
         """pci_restore_state(): write the saved state back; read-only bits keep their new value."""
         if not self._ready(f):
             return
@@ -839,7 +449,7 @@ class SimHost(PciHost):
             wm = f.img.wmask[o]
             f.cfg[o] = (f.cfg[o] & ~wm) | (saved[o] & wm)
 
-    def _apply_rebar(self, f: _Fn, clear: bool) -> None:
+    def _apply_rebar(self, f: SimFunction, clear: bool) -> None:
         """Make the BAR's size follow the Resizable BAR Control size field (PCIe r6.0 sec 7.8.6)."""
         o = f.img.ext_caps[regs.EXT_CAP_ID_REBAR]
         ctrl = get(f.cfg, o + regs.REBAR_CTRL, 4)
@@ -858,7 +468,7 @@ class SimHost(PciHost):
                 if slot.type == "mem64":
                     f.cfg[off + 4:off + 8] = bytes(4)
 
-    def _check_eio(self, f: _Fn, attr: str) -> None:
+    def _check_eio(self, f: SimFunction, attr: str) -> None:
         if self._take_faults(f, {"eio"}):
             raise ResetFailed(self._path(f.addr, attr), "Input/output error")
 
@@ -877,7 +487,7 @@ class SimHost(PciHost):
             f.block_cfg()
             saved = bytes(f.cfg)
             start = self._now()
-            hit: list[_Fn] = []
+            hit: list[SimFunction] = []
             done = ""
             try:
                 for m in methods:
@@ -892,7 +502,7 @@ class SimHost(PciHost):
                     self.reset_log.append(ResetRecord(
                         done, f.addr, frozenset(g.addr for g in hit), start, self._now()))
 
-    async def _do_method(self, f: _Fn, m: str, hit: list[_Fn]) -> bool:
+    async def _do_method(self, f: SimFunction, m: str, hit: list[SimFunction]) -> bool:
         """Run one reset method on f, filling ``hit`` as functions go through reset.
         False = ENOTTY (the kernel tries the next method)."""
         slow = self._slow_extra([f])
@@ -927,7 +537,7 @@ class SimHost(PciHost):
             return True
         return False
 
-    async def _secondary_bus_reset(self, bridge: _Fn, hit: list[_Fn], slow: float) -> None:
+    async def _secondary_bus_reset(self, bridge: SimFunction, hit: list[SimFunction], slow: float) -> None:
         """pci_reset_secondary_bus() + pci_bridge_wait_for_secondary_bus()."""
         bc = get(bridge.cfg, regs.BRIDGE_CONTROL, 2)
         bridge.cfg[regs.BRIDGE_CONTROL] = (bc | regs.BRIDGE_CTL_BUS_RESET) & 0xFF
@@ -984,7 +594,7 @@ class SimHost(PciHost):
     async def rescan(self, bridge: PciAddress | None = None) -> None:
         top = None if bridge is None else self._get(bridge)
 
-        def under(g: _Fn) -> bool:
+        def under(g: SimFunction) -> bool:
             p = g.parent
             while p is not None and p is not top:
                 p = p.parent
@@ -1013,8 +623,8 @@ class SimHost(PciHost):
                     g.cfg[off:off + 4] = ((addr & 0xFFFFFFFF) | slot.low_bits).to_bytes(4, "little")
                     if slot.type == "mem64":
                         g.cfg[off + 4:off + 8] = (addr >> 32).to_bytes(4, "little")
-            g.ids = self._read_ids(g)
-            g.resources = self._resources(g)
+            g.ids = read_ids(g)
+            g.resources = resources_of(g)
             g.driver = g.driver_override or g.spec.driver
 
     async def bind(self, addr: PciAddress, driver: str | None) -> None:

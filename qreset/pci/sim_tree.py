@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from qreset.pci.sim import SimHost, _Fn
+    from qreset.pci.sim import SimHost
+    from qreset.pci.sim_enum import SimFunction
 
 
 def _link(target: Path, link: Path) -> None:
@@ -45,9 +46,9 @@ def _text(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def _dir_of(host: SimHost, f: _Fn, root: Path) -> Path:
+def _dir_of(host: SimHost, f: SimFunction, root: Path) -> Path:
     chain = []
-    p: _Fn | None = f
+    p: SimFunction | None = f
     while p is not None:
         chain.append(str(p.addr))
         p = p.parent

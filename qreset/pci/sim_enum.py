@@ -1,0 +1,452 @@
+"""
+Enumeration of a simulated host: what the kernel does at boot, done once at load time.
+
+:class:`Enumeration` turns a validated :class:`~qreset.pci.sim_model.TopologySpec`
+into :class:`SimFunction` objects the way Linux enumerates and sets up a real
+host:
+
+* bus numbers: every slot of a bus is scanned first, then each bridge is
+  descended depth-first and given the next bus number
+  (``pci_scan_child_bus_extend`` in drivers/pci/probe.c); VFs are added last,
+  as when ``sriov_numvfs`` is written at boot, at Routing ID = PF + offset +
+  stride * i (``pci_iov_virtfn_bus``/``devfn`` in drivers/pci/iov.c);
+* ``reset_method``: ``pci_init_reset_methods`` runs from ``pci_device_add``
+  before the function joins ``bus->devices`` and before ``dev->subordinate`` is
+  set, so ``bus`` is listed for the first function scanned on a non-root bus
+  even when it is a bridge or function 0 of a multifunction device;
+* resources: BARs and bridge windows are packed per bus, largest alignment
+  first (in the spirit of ``pbus_size_mem``/``__pci_bus_assign_resources`` in
+  drivers/pci/setup-bus.c), 64-bit prefetchable BARs above 4 GiB;
+* IOMMU groups: ``pci_device_group`` in drivers/iommu/iommu.c, devices probed
+  in enumeration order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from qreset.errors import ConfigError
+from qreset.pci import regs
+from qreset.pci.address import PciAddress
+from qreset.pci.host import (
+    IORESOURCE_IO,
+    IORESOURCE_MEM,
+    IORESOURCE_MEM_64,
+    IORESOURCE_PREFETCH,
+    Resource,
+)
+from qreset.pci.sim_config import Assigned, BarSlot, ConfigImage, build_image, configure, default_pm, get
+from qreset.pci.sim_model import AfSpec, FunctionSpec, TopologySpec
+
+if TYPE_CHECKING:
+    from qreset.pci.sim import Fault
+
+# Flags the kernel reports in sysfs ``resource`` (include/linux/ioport.h) besides host.py's.
+IORESOURCE_SIZEALIGN = 0x00040000
+IORESOURCE_READONLY = 0x00004000
+# resource lines: PCI_STD_RESOURCES 0-5, PCI_ROM_RESOURCE 6, PCI_IOV_RESOURCES 7-12,
+# PCI_BRIDGE_RESOURCES 13-16 (include/linux/pci.h); resource_show() prints up to
+# PCI_BRIDGE_RESOURCES lines for endpoints and PCI_NUM_RESOURCES for bridges.
+ROM_RESOURCE = 6
+IOV_RESOURCES = 7
+BRIDGE_RESOURCES = 13
+NUM_RESOURCES = 17
+
+# Base addresses for resource assignment (typical x86 layout).
+_IO_BASE = 0x2000
+_MEM_BASE = 0xC0000000
+_PREF_BASE = 0x40_0000_0000
+_MB = 1 << 20
+
+
+# -- one simulated function ---------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class SimFunction:
+    spec: FunctionSpec
+    addr: PciAddress
+    parent: SimFunction | None
+    multifunction: bool
+    img: ConfigImage
+    asg: Assigned = field(default_factory=Assigned)
+    cfg: bytearray = field(default_factory=bytearray)
+    children: list[SimFunction] = field(default_factory=list)   # functions on the secondary bus
+    physfn: SimFunction | None = None
+    virtfns: list[SimFunction] = field(default_factory=list)
+    vf_index: int = 0
+    driver: str | None = None
+    driver_override: str | None = None
+    group: int | None = None
+    reset_methods: tuple[str, ...] = ()
+    present: bool = True
+    ids: tuple[int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0)
+    resources: list[Resource] = field(default_factory=list)
+    ready_at: float = 0.0
+    never_ready: bool = False
+    sbr_since: float | None = None
+    faults: list[Fault] = field(default_factory=list)
+    order: int = 0
+    _lock: asyncio.Lock | None = None
+    _cfg_free: asyncio.Event | None = None
+    cfg_blocked: int = 0
+
+    @property
+    def is_bridge(self) -> bool:
+        return self.spec.is_bridge
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    @property
+    def cfg_free(self) -> asyncio.Event:
+        if self._cfg_free is None:
+            self._cfg_free = asyncio.Event()
+            if not self.cfg_blocked:
+                self._cfg_free.set()
+        return self._cfg_free
+
+    def block_cfg(self) -> None:
+        self.cfg_blocked += 1
+        self.cfg_free.clear()
+
+    def unblock_cfg(self) -> None:
+        self.cfg_blocked -= 1
+        if not self.cfg_blocked:
+            self.cfg_free.set()
+
+    def cap(self, cap_id: int) -> int | None:
+        return self.img.caps.get(cap_id)
+
+
+class _Placer:
+    """Packs BARs/windows of one bus into an address range (largest alignment first)."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, list[tuple[int, int, Any]]] = {"io": [], "mem": [], "pref": []}
+
+    def add(self, kind: str, size: int, align: int, place: Any) -> None:
+        self.items[kind].append((size, align, place))
+
+    def span(self, kind: str, gran: int) -> tuple[int, int]:
+        cursor = 0
+        items = sorted(self.items[kind], key=lambda it: -it[1])
+        for size, align, _ in items:
+            cursor = -(-cursor // align) * align + size
+        align = max((it[1] for it in items), default=gran)
+        return -(-cursor // gran) * gran, max(align, gran)
+
+    def place(self, kind: str, base: int) -> None:
+        cursor = base
+        for size, align, place in sorted(self.items[kind], key=lambda it: -it[1]):
+            cursor = -(-cursor // align) * align
+            place(cursor)
+            cursor += size
+
+
+def _bar_kind(slot: BarSlot) -> str:
+    if slot.type == "io":
+        return "io"
+    return "pref" if slot.prefetch and slot.type == "mem64" else "mem"
+
+
+def _bar_flags(slot: BarSlot) -> int:
+    if slot.type == "io":
+        return IORESOURCE_IO | IORESOURCE_SIZEALIGN | slot.low_bits
+    flags = IORESOURCE_MEM | IORESOURCE_SIZEALIGN | slot.low_bits
+    if slot.prefetch:
+        flags |= IORESOURCE_PREFETCH
+    if slot.type == "mem64":
+        flags |= IORESOURCE_MEM_64
+    return flags
+
+
+class Enumeration:
+    """The functions of one simulated host after boot (see the module docstring)."""
+
+    def __init__(self, top: TopologySpec, source: str) -> None:
+        self.topology = top
+        self.source = source
+        self._fns: dict[PciAddress, SimFunction] = {}
+        self._order: list[SimFunction] = []
+        self._by_name: dict[str, SimFunction] = {}
+        self._enumerate()
+
+    @property
+    def functions(self) -> dict[PciAddress, SimFunction]:
+        return self._fns
+
+    @property
+    def order(self) -> list[SimFunction]:
+        return self._order
+
+    @property
+    def by_name(self) -> dict[str, SimFunction]:
+        return self._by_name
+
+    def _enumerate(self) -> None:
+        top = self.topology
+        domain = top.host.domain
+        kids: dict[str | None, list[FunctionSpec]] = {}
+        for spec in top.function:
+            kids.setdefault(spec.parent, []).append(spec)
+        slot_numbers = {spec.name: i + 1 for i, spec in enumerate(s for s in top.function if s.slot)}
+        max_bus = 0
+
+        def scan(bus: int, parent: SimFunction | None) -> None:
+            nonlocal max_bus
+            specs = sorted(kids.get(None if parent is None else parent.spec.name, []),
+                           key=lambda s: ((s.dev or 0), s.fn))
+            devs: dict[int, list[FunctionSpec]] = {}
+            for s in specs:
+                devs.setdefault(s.dev or 0, []).append(s)
+            added: list[SimFunction] = []
+            for s in specs:
+                multi = len(devs[s.dev or 0]) > 1
+                img = build_image(s, multifunction=multi, port_number=len(added),
+                                  slot_number=int(slot_numbers[s.name]) if s.slot else None,
+                                  slot_hotplug=bool(s.slot and s.slot.hotplug))
+                f = SimFunction(s, PciAddress(domain, bus, s.dev or 0, s.fn), parent, multi, img)
+                added.append(f)
+                self._add(f)
+                # reset_method is decided now, before f joins bus->devices (see module docstring).
+                f.reset_methods = self._probe_methods(f, alone=len(added) == 1)
+            if parent is not None:
+                parent.children.extend(added)
+            # pci_iov_bus_range(): VFs whose Routing ID lands on later bus numbers reserve them.
+            for f in added:
+                sr = f.spec.sriov
+                if sr is not None and sr.num_vfs:
+                    last = (f.addr.bus << 8 | f.addr.devfn) + sr.offset + sr.stride * (sr.num_vfs - 1)
+                    max_bus = max(max_bus, last >> 8)
+            for f in added:
+                if f.is_bridge:
+                    max_bus += 1
+                    f.asg.primary, f.asg.secondary = bus, max_bus
+                    scan(max_bus, f)
+                    f.asg.subordinate = max_bus
+
+        scan(0, None)
+        # SR-IOV: VFs appear when sriov_numvfs is written (after boot enumeration).
+        for pf in list(self._order):
+            s = pf.spec.sriov
+            if s is None:
+                continue
+            for i in range(s.num_vfs):
+                rid = (pf.addr.bus << 8 | pf.addr.devfn) + s.offset + s.stride * i
+                vspec = FunctionSpec.model_validate({
+                    "name": f"{pf.spec.name}.vf{i}", "type": "endpoint", "parent": pf.spec.parent,
+                    "dev": (rid >> 3) & 0x1F, "fn": rid & 7, "vendor": pf.spec.vendor,
+                    "device": s.vf_device, "class": pf.spec.class_code, "revision": pf.spec.revision,
+                    "subsystem_vendor": pf.spec.subsystem_vendor,
+                    "subsystem_device": pf.spec.subsystem_device,
+                    "bars": s.vf_bars, "pm": False,
+                    "msix": {"vectors": s.vf_msix, "bar": 3} if s.vf_msix else False,
+                    "flr": s.vf_flr, "aer": False, "ready_ms": s.vf_ready_ms,
+                    "driver": s.vf_drivers[i] if i < len(s.vf_drivers) else s.vf_driver,
+                })
+                img = build_image(vspec, multifunction=False, is_vf=True)
+                img.bars = [BarSlot(b.index, b.size, b.type, b.prefetch) for b in pf.img.vf_bars]
+                vf = SimFunction(vspec, PciAddress(pf.addr.domain, rid >> 8, (rid >> 3) & 0x1F, rid & 7),
+                         pf.parent, False, img, physfn=pf, vf_index=i)
+                if vf.addr in self._fns:
+                    raise ConfigError(f"{self.source}:function ({pf.spec.name!r}).sriov",
+                                      f"VF{i} at {vf.addr} collides with another function")
+                pf.virtfns.append(vf)
+                if pf.parent is not None:
+                    pf.parent.children.append(vf)
+                self._add(vf)
+                vf.reset_methods = self._probe_methods(vf, alone=False)
+        self._assign_resources()
+        for f in self._order:
+            f.cfg = configure(f.img, f.spec, f.asg, is_vf=f.physfn is not None,
+                              num_vfs=len(f.virtfns))
+            f.driver = f.spec.driver
+            f.ids = read_ids(f)
+            f.resources = resources_of(f)
+        self._assign_groups()
+
+    def _add(self, f: SimFunction) -> None:
+        f.order = len(self._order)
+        self._fns[f.addr] = f
+        self._order.append(f)
+        self._by_name[f.spec.name] = f
+
+    def _probe_methods(self, f: SimFunction, alone: bool) -> tuple[str, ...]:
+        """pci_init_reset_methods() at enumeration (drivers/pci/pci.c, pci_reset_fn_methods order)."""
+        s = f.spec
+        out: list[str] = []
+        if s.device_specific:
+            out.append("device_specific")
+        if s.is_pcie and s.flr:
+            out.append("flr")
+        af = AfSpec() if s.af is True else (s.af or None)
+        if af is not None and af.tp and af.flr:
+            out.append("af_flr")
+        pm = default_pm(s)
+        if pm is not None and not pm.no_soft_reset:
+            out.append("pm")
+        if f.parent is not None:
+            # pci_reset_bus_function(): pci_dev_reset_slot_function() (hotplug slot, not
+            # multifunction), else pci_parent_bus_reset() (alone on the bus at this point;
+            # dev->subordinate is not set yet during pci_device_add()).
+            slot = f.parent.spec.slot
+            slot_ok = slot is not None and slot.hotplug and not f.multifunction and f.addr.device == 0
+            if slot_ok or alone:
+                out.append("bus")
+        return tuple(out)
+
+    def _assign_resources(self) -> None:
+        gran = {"io": 0x1000, "mem": _MB, "pref": _MB}
+
+        def collect(funcs: Iterable[SimFunction]) -> _Placer:
+            placer = _Placer()
+            for f in funcs:
+                for slot in f.img.bars if f.physfn is None else []:
+                    placer.add(_bar_kind(slot), slot.size, slot.size,
+                               lambda a, f=f, i=slot.index: f.asg.bar_addr.__setitem__(i, a))
+                if f.img.rom_size and f.physfn is None:
+                    placer.add("mem", f.img.rom_size, f.img.rom_size,
+                               lambda a, f=f: setattr(f.asg, "rom_addr", a))
+                if f.spec.sriov is not None:
+                    total = f.spec.sriov.total_vfs
+                    for slot in f.img.vf_bars:
+                        placer.add(_bar_kind(slot), slot.size * total, slot.size,
+                                   lambda a, f=f, i=slot.index: f.asg.vf_bar_addr.__setitem__(i, a))
+                if f.is_bridge:
+                    sub = collect(c for c in f.children if c.physfn is None)
+                    for kind in ("io", "mem", "pref"):
+                        if not sub.items[kind]:
+                            continue
+                        size, align = sub.span(kind, gran[kind])
+
+                        def place(a: int, f: SimFunction = f, kind: str = kind, sub: _Placer = sub,
+                                  size: int = size) -> None:
+                            setattr(f.asg, f"{kind}_window", (a, a + size - 1))
+                            sub.place(kind, a)
+
+                        placer.add(kind, size, align, place)
+            return placer
+
+        root = collect(f for f in self._order if f.parent is None and f.physfn is None)
+        root.place("io", _IO_BASE)
+        root.place("mem", _MEM_BASE)
+        root.place("pref", _PREF_BASE)
+        for f in self._order:
+            if f.physfn is not None:
+                pf = f.physfn
+                for slot in f.img.bars:
+                    base = pf.asg.vf_bar_addr.get(slot.index, 0)
+                    f.asg.bar_addr[slot.index] = base + slot.size * f.vf_index if base else 0
+            pin = f.spec.interrupt_pin
+            f.asg.interrupt_line = 0 if pin == 0 else 10 + (f.addr.device + pin) % 6
+
+    def _assign_groups(self) -> None:
+        """pci_device_group() (drivers/iommu/iommu.c), devices probed in enumeration order."""
+        next_group = 0
+        for f in self._order:
+            if f.spec.iommu_group is not None:
+                f.group = f.spec.iommu_group
+                next_group = max(next_group, f.group + 1)
+                continue
+            g = self._group_for(f)
+            if g is None:
+                g = next_group
+                next_group += 1
+            f.group = g
+
+    def _acs_flags_enabled(self, f: SimFunction) -> bool:
+        o = f.img.ext_caps.get(regs.EXT_CAP_ID_ACS)
+        if o is None:
+            return False
+        cap = get(f.cfg, o + regs.ACS_CAP, 2)
+        ctrl = get(f.cfg, o + regs.ACS_CTRL, 2)
+        flags = regs.ACS_ISOLATION & (cap | regs.ACS_EC)
+        return (ctrl & flags) == flags
+
+    def _acs_enabled(self, f: SimFunction) -> bool:
+        """pci_acs_enabled(dev, REQ_ACS_FLAGS) in drivers/pci/pci.c."""
+        if not f.spec.is_pcie:
+            return False
+        t = f.spec.type
+        if t == "pcie_pci_bridge":
+            return False
+        if t in ("root_port", "downstream_port"):
+            return self._acs_flags_enabled(f)
+        if t in ("endpoint", "upstream_port", "legacy_endpoint", "rc_endpoint") and f.multifunction:
+            return self._acs_flags_enabled(f)
+        return True
+
+    def _acs_path_enabled(self, start: SimFunction) -> bool:
+        p: SimFunction | None = start
+        while p is not None:
+            if not self._acs_enabled(p):
+                return False
+            p = p.parent
+        return True
+
+    def _group_for(self, f: SimFunction) -> int | None:
+        # 1. DMA aliases (pci_for_each_dma_alias): a PCIe-to-PCI or conventional bridge
+        #    above f takes over f's requester ID, so f joins that bridge's group.
+        pdev = f
+        p = f.parent
+        while p is not None:
+            if p.spec.type not in ("root_port", "upstream_port", "downstream_port"):
+                pdev = p
+                if p.group is not None:
+                    return p.group
+            p = p.parent
+        # 2. Walk up while the path to the root lacks ACS isolation.
+        p = pdev.parent
+        while p is not None:
+            if self._acs_path_enabled(p):
+                break
+            if p.group is not None:
+                return p.group
+            p = p.parent
+        # 3. Multifunction siblings without ACS share a group (get_pci_function_alias_group).
+        if f.multifunction and not self._acs_enabled(f):
+            for sib in self._order:
+                if (sib is not f and sib.group is not None and sib.parent is f.parent
+                        and sib.addr.bus == f.addr.bus and sib.addr.device == f.addr.device
+                        and not self._acs_enabled(sib)):
+                    return sib.group
+        return None
+
+
+def read_ids(f: SimFunction) -> tuple[int, int, int, int, int, int]:
+    c = f.cfg
+    sub = (0, 0) if f.is_bridge else (get(c, regs.SUBSYSTEM_VENDOR_ID, 2), get(c, regs.SUBSYSTEM_ID, 2))
+    return (get(c, 0, 2), get(c, 2, 2), get(c, regs.CLASS_REVISION, 4) >> 8, c[regs.REVISION_ID], *sub)
+
+
+def resources_of(f: SimFunction) -> list[Resource]:
+    n = NUM_RESOURCES if f.is_bridge else BRIDGE_RESOURCES
+    res = [Resource(0, 0, 0)] * n
+    for slot in f.img.bars:
+        start = f.asg.bar_addr.get(slot.index, 0)
+        if start:
+            res[slot.index] = Resource(start, start + slot.size - 1, _bar_flags(slot))
+    if f.img.rom_size and f.asg.rom_addr:
+        flags = IORESOURCE_MEM | IORESOURCE_PREFETCH | IORESOURCE_READONLY | IORESOURCE_SIZEALIGN
+        res[ROM_RESOURCE] = Resource(f.asg.rom_addr, f.asg.rom_addr + f.img.rom_size - 1, flags)
+    if f.spec.sriov is not None:
+        for slot in f.img.vf_bars:
+            start = f.asg.vf_bar_addr.get(slot.index, 0)
+            if start:
+                size = slot.size * f.spec.sriov.total_vfs
+                res[IOV_RESOURCES + slot.index] = Resource(start, start + size - 1, _bar_flags(slot))
+    if f.is_bridge:
+        wins = ((f.asg.io_window, IORESOURCE_IO | 0x1),
+                (f.asg.mem_window, IORESOURCE_MEM),
+                (f.asg.pref_window, IORESOURCE_MEM | IORESOURCE_PREFETCH | IORESOURCE_MEM_64 | 0x1))
+        for i, (win, flags) in enumerate(wins):
+            if win is not None:
+                res[BRIDGE_RESOURCES + i] = Resource(win[0], win[1], flags)
+    return res
