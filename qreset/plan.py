@@ -476,6 +476,11 @@ class _Planner:
                 rejected.append(f"vfio_hot_reset: {why}")
             elif m is Method.USER_SBR:
                 why = "secondary bus reset from userspace; the executor restores state"
+                if cand.kind is ResetKind.SLOT:
+                    # pciehp_reset_slot masks Presence/Link change events around the
+                    # SBR; a userspace SBR cannot, so pciehp may see a surprise removal.
+                    why += (f"; hotplug slot {cand.slot}: pciehp may take the link-down as a "
+                            "removal (the kernel's slot reset masks it, userspace cannot)")
                 return m, why + (f" (not {'; not '.join(rejected)})" if rejected else "")
         return None, "; ".join(rejected) or "policy bus_methods names no slot/bus method"
 

@@ -764,3 +764,18 @@ def test_sim_switch_pm_gpu_and_host_driver_neighbours() -> None:
     refused = plan_for(topo, ["06:00.0"], policy=Policy(pm_suffices=False))
     assert refused.ok  # alone below its port, the bus reset hits only itself
     assert refused.domains[0].covers == (usb,)
+
+
+def test_hotplug_slot_domain_warns_about_pciehp_for_user_sbr() -> None:
+    from qreset.pci.host import SlotInfo
+
+    nodes = [
+        rp("00:1a.0", 9),
+        node("09:00.0", config(multifunction=True), parent="00:1a.0", driver="vfio-pci", group=40),
+        node("09:00.1", config(multifunction=True), parent="00:1a.0", driver="vfio-pci", group=40),
+    ]
+    topo = Topology({n.address: n for n in nodes}, [SlotInfo("7", "0000:09:00", True)], True, "hp")
+    plan = plan_for(topo, ["09:00.0", "09:00.1"])
+    [d] = plan.domains
+    assert (d.key, d.kind, d.method) == ("bus:0000:00:1a.0", ResetKind.SLOT, Method.USER_SBR)
+    assert "hotplug slot 7: pciehp may take the link-down as a removal" in d.reason
