@@ -1,0 +1,278 @@
+"""
+``qreset hook`` driven the way libvirt drives it, against a running daemon and a real QEMU.
+
+libvirt runs ``/etc/libvirt/hooks/qemu.d/qreset GUEST OP SUBOP EXTRA`` with the
+domain XML on stdin, in this order for a guest's life: ``prepare begin -``,
+``start begin -``, (QEMU launched with ``-S`` and the XML's
+``<qemu:commandline>`` arguments appended), ``started begin -``, (CPUs
+started), ..., ``stopped end -``, ``release end -``. Here the hook runs as a
+subprocess (as libvirt runs it), the daemon in-process on the simulated demo
+host (so the test can read the host's reset log), and QEMU is a real TCG guest
+that reboots itself, started with the arguments of the XML's
+``<qemu:commandline>``, exactly as libvirt appends them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from qreset.config import DEFAULT_CONTROL_SOCKET, parse_config
+from qreset.daemon import Daemon
+from qreset.libvirt import QEMU_NS
+from qreset.pci.address import PciAddress
+from qreset.pci.sim import SimHost
+from qreset.qmpsync import DEFAULT_SOCKET
+from tests.conftest import ROOT
+from tests.qemu_helpers import QemuGuest, have_qemu, short_tmpdir, status
+
+DEMO = ROOT / "configs" / "sim" / "demo.toml"
+# configs/sim/demo.toml
+NIC1 = "0000:01:00.0"       # FLR, own root port
+GPU = "0000:03:00.0"        # no FLR, multifunction with GPU_AUDIO: bus reset of 00:03.0
+GPU_AUDIO = "0000:03:00.1"
+LPT = "0000:06:01.0"        # conventional bus below 05:00.0, shared with SOUND
+SOUND = "0000:06:02.0"
+A = PciAddress.parse
+
+qemu = pytest.mark.skipif(not have_qemu(), reason="qemu-system-x86_64 not installed (scripts/install-deps)")
+
+
+def domain_xml(name: str, hostdevs: Sequence[str], qmp: Path | None) -> str:
+    """A domain XML as libvirt passes it to hooks (``virsh dumpxml`` shape)."""
+    devs: list[str] = []
+    for bdf in hostdevs:
+        a = A(bdf)
+        devs.append(
+            "    <hostdev mode='subsystem' type='pci' managed='yes'>\n"
+            "      <driver name='vfio'/>\n"
+            f"      <source><address domain='0x{a.domain:04x}' bus='0x{a.bus:02x}' "
+            f"slot='0x{a.device:02x}' function='0x{a.function:x}'/></source>\n"
+            f"      <alias name='hostdev{len(devs)}'/>\n"
+            "    </hostdev>\n")
+    commandline = "" if qmp is None else (
+        "  <qemu:commandline>\n"
+        "    <qemu:arg value='-chardev'/>\n"
+        f"    <qemu:arg value='socket,id=qreset0,path={qmp},server=on,wait=off'/>\n"
+        "    <qemu:arg value='-mon'/>\n"
+        "    <qemu:arg value='chardev=qreset0,mode=control'/>\n"
+        "  </qemu:commandline>\n")
+    return (
+        f"<domain type='kvm' id='7' xmlns:qemu='{QEMU_NS}'>\n"
+        f"  <name>{name}</name>\n"
+        "  <uuid>4dea22b3-1d52-d8f3-2516-782e98ab3fa0</uuid>\n"
+        "  <memory unit='KiB'>65536</memory>\n"
+        "  <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type></os>\n"
+        "  <devices>\n"
+        "    <emulator>/usr/bin/qemu-system-x86_64</emulator>\n"
+        "    <hostdev mode='subsystem' type='usb' managed='yes'>\n"
+        "      <source><vendor id='0x046d'/><product id='0xc52b'/></source>\n"
+        "    </hostdev>\n"
+        + "".join(devs)
+        + "    <hostdev mode='capabilities' type='storage'>\n"
+        "      <source><block>/dev/sdf1</block></source>\n"
+        "    </hostdev>\n"
+        "  </devices>\n"
+        + commandline
+        + "</domain>\n")
+
+
+def commandline_args(xml: str) -> list[str]:
+    """What libvirt appends to QEMU's argv for ``<qemu:commandline>``."""
+    return [a.get("value", "") for a in ET.fromstring(xml).iter(f"{{{QEMU_NS}}}arg")]
+
+
+async def hook(sock: Path, guest: str, op: str, subop: str = "begin", extra: str = "-",
+               xml: str = "") -> tuple[int, str, str]:
+    """Run the hook as libvirt does: a fresh process, argv, the XML on stdin."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "qreset", "hook", guest, op, subop, extra, "--socket", str(sock),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(xml.encode()), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@asynccontextmanager
+async def daemon_on(workdir: Path, host: SimHost) -> AsyncIterator[Daemon]:
+    """An in-process daemon with no configured VMs, serving its control socket."""
+    cfg = parse_config({
+        "daemon": {"journal": str(workdir / "journal.jsonl"), "control_socket": str(workdir / "c.sock")},
+        "sim": {"topology": str(DEMO), "time_scale": 0.01},
+        "policy": {"connect_backoff_max": 0.3},
+    }, "test")
+    daemon = Daemon(cfg, host=host)
+    task = asyncio.create_task(daemon.run(), name="daemon")
+    try:
+        async with asyncio.timeout(10):
+            await daemon.started.wait()
+        yield daemon
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(task, 30)
+
+
+def resets_since(host: SimHost, index: int, dev: str) -> list[str]:
+    return [r.method for r in host.reset_log[index:] if A(dev) in r.affected]
+
+
+@qemu
+@pytest.mark.qemu
+async def test_guest_lifecycle_through_the_hook() -> None:
+    with short_tmpdir() as wd:
+        host = SimHost.from_toml(DEMO, time_scale=0.01)
+        sock = wd / "c.sock"
+        qmp = wd / "vm1.qreset.qmp"
+        xml = domain_xml("vm1", [NIC1, GPU, GPU_AUDIO], qmp)
+        outputs: list[str] = []
+        async with daemon_on(wd, host) as daemon:
+            for op in ("prepare", "start"):
+                rc, out, err = await hook(sock, "vm1", op, xml=xml)
+                outputs.append(out)
+                assert (rc, err) == (0, ""), (op, err)
+            assert daemon.monitors == {}
+            # libvirt starts QEMU paused, with the <qemu:commandline> arguments appended.
+            guest = QemuGuest("vm1", wd, paused=True, extra=commandline_args(xml))
+            guest.start()
+            try:
+                await guest.await_sockets()
+                rc, out, err = await hook(sock, "vm1", "started", xml=xml)
+                outputs.append(out)
+                assert (rc, err) == (0, "")
+                monitor = daemon.monitors["vm1"]
+                assert monitor.mode.value == "stop-on-reset"   # libvirt reads SHUTDOWN as poweroff
+                assert monitor.qmp == qmp
+                assert {GPU, GPU_AUDIO, NIC1} <= {str(a) for a in monitor.owned}
+                await daemon.wait_event("QRESET_VM_CONNECTED", lambda e: e["vm"] == "vm1",
+                                        timeout=10, past=True)
+                ctl = await guest.ctl()
+                try:
+                    await ctl.execute("cont")               # libvirt starts the CPUs
+                    async with asyncio.timeout(60):
+                        while monitor.cycles < 4:
+                            await asyncio.sleep(0.05)
+                    # Operations the hook does not act on: exit 0, silent, VM untouched.
+                    for op, sub, extra in (("migrate", "begin", "-"), ("restore", "begin", "-"),
+                                           ("reconnect", "begin", "-"), ("attach", "begin", "-"),
+                                           ("frobnicate", "sideways", "x")):
+                        rc, out, err = await hook(sock, "vm1", op, sub, extra, xml=xml)
+                        outputs.append(out)
+                        assert (rc, err) == (0, ""), op
+                    assert "vm1" in daemon.monitors
+                    cycles = monitor.cycles
+                    async with asyncio.timeout(60):
+                        while monitor.cycles < cycles + 2:
+                            await asyncio.sleep(0.05)
+                    # Stopped only during cycles: it runs again within moments.
+                    async with asyncio.timeout(5):
+                        while await status(ctl) != "running":
+                            await asyncio.sleep(0.01)
+                    history = [c for c in daemon.history if c["vm"] == "vm1"]
+                finally:
+                    await ctl.disconnect()
+            finally:
+                guest.stop()                                # libvirt kills QEMU...
+            mark = len(host.reset_log)
+            rc, out, err = await hook(sock, "vm1", "stopped", "end", xml=xml)   # ...then runs 'stopped'
+            outputs.append(out)
+            assert (rc, err) == (0, "")
+            assert "vm1" not in daemon.monitors
+            released = host.reset_log[mark:]
+            rc, out, err = await hook(sock, "vm1", "release", "end", xml=xml)  # idempotent
+            outputs.append(out)
+            assert (rc, err) == (0, "")
+
+    assert outputs == [""] * len(outputs)                   # never anything on stdout
+    assert len(history) >= 6
+    for c in history:
+        assert c["outcome"] == "resumed", c
+        assert c["trigger"]["event"] == "RESET"
+        # The NIC's own FLR, and the GPU card's bus below its root port.
+        assert {d["key"] for d in c["report"]["domains"]} == {f"function:{NIC1}", "bus:0000:00:03.0"}
+    # Released: every function the guest had went through a reset after it stopped.
+    assert released
+    for dev in (NIC1, GPU, GPU_AUDIO):
+        assert any(A(dev) in r.affected for r in released), dev
+
+
+async def test_prepare_refuses_a_device_in_another_vms_reset_domain() -> None:
+    with short_tmpdir() as wd:
+        host = SimHost.from_toml(DEMO, time_scale=0.01)
+        sock = wd / "c.sock"
+        async with daemon_on(wd, host) as daemon:
+            # vm2 (with the sound card) is running: registered by its own 'started'.
+            rc, out, err = await hook(sock, "vm2", "started",
+                                      xml=domain_xml("vm2", [SOUND], wd / "vm2.qmp"))
+            assert (rc, out, err) == (0, "", "")
+            assert "vm2" in daemon.monitors
+            lpt = domain_xml("vm1", [NIC1, LPT], wd / "vm1.qmp")
+            for op in ("prepare", "start"):
+                rc, out, err = await hook(sock, "vm1", op, xml=lpt)
+                assert rc == 1, (op, err)
+                assert out == ""
+                assert err.splitlines() == [
+                    f"qreset hook: unsafe to start vm1: bus reset of 0000:05:00.0 would hit {SOUND} "
+                    "owned by VM vm2"]
+            rc, out, err = await hook(sock, "vm1", "prepare", xml=domain_xml("vm1", [SOUND], None))
+            assert (rc, out) == (1, "")
+            assert f"{SOUND} is assigned to running VM 'vm2'" in err
+            # A guest whose devices are clear of vm2's domains may start.
+            clear = domain_xml("vm1", [NIC1, GPU, GPU_AUDIO], None)
+            rc, out, err = await hook(sock, "vm1", "prepare", xml=clear)
+            assert (rc, out, err) == (0, "", "")
+            # Later operations never fail the guest, whatever the daemon says.
+            rc, out, err = await hook(sock, "vm1", "started", xml=lpt)
+            assert (rc, out) == (0, "")
+            # Nothing was reset by any of this.
+            assert host.reset_log == []
+            rc, out, err = await hook(sock, "vm2", "stopped", "end", xml=domain_xml("vm2", [SOUND], None))
+            assert (rc, out, err) == (0, "", "")
+            assert "vm2" not in daemon.monitors
+
+
+async def test_without_a_daemon_the_guest_still_starts() -> None:
+    with short_tmpdir() as wd:
+        sock = wd / "absent.sock"
+        xml = domain_xml("vm1", [NIC1], wd / "vm1.qmp")
+        for op in ("prepare", "start", "started", "stopped"):
+            rc, out, err = await hook(sock, "vm1", op, xml=xml)
+            assert (rc, out) == (0, ""), op
+            assert err.startswith(f"qreset hook: {op}: daemon not reachable at {sock}"), err
+            assert len(err.splitlines()) == 1
+        # A guest without PCI hostdevs needs nothing from qreset: not even a warning.
+        rc, out, err = await hook(sock, "vm1", "prepare", xml=domain_xml("vm1", [], None))
+        assert (rc, out, err) == (0, "", "")
+
+
+@pytest.mark.parametrize(("xml", "why"), [
+    ("<domain><name>vm1", "not XML"),
+    ("<network><name>n</name></network>", "root element is <network>"),
+    ("<domain><devices><hostdev mode='subsystem' type='pci'><source>"
+     "<address bus='0x01' slot='0x00' function='0x0'/></source></hostdev></devices></domain>", "no <name>"),
+    ("<domain><name>vm1</name><devices><hostdev mode='subsystem' type='pci'><source>"
+     "<address bus='0x01' function='0x0'/></source></hostdev></devices></domain>", "lacks the slot"),
+    ("<domain><name>vm1</name><devices><hostdev mode='subsystem' type='pci'><source>"
+     "<address bus='0x01' slot='0x40' function='0x0'/></source></hostdev></devices></domain>", "hostdev #1"),
+])
+async def test_bad_domain_xml_fails_prepare_only(xml: str, why: str) -> None:
+    with short_tmpdir() as wd:
+        sock = wd / "absent.sock"
+        rc, out, err = await hook(sock, "vm1", "prepare", xml=xml)
+        assert (rc, out) == (1, "")
+        assert why in err
+        assert len(err.splitlines()) == 1
+        rc, out, err = await hook(sock, "vm1", "stopped", "end", xml=xml)
+        assert (rc, out) == (0, "")
+        assert why in err
+
+
+def test_hook_and_daemon_agree_on_the_default_socket() -> None:
+    assert Path(DEFAULT_SOCKET) == DEFAULT_CONTROL_SOCKET
