@@ -608,3 +608,61 @@ async def test_remove_and_rescan_a_subtree_after_user_sbr() -> None:
     assert cfg.present
     assert cfg.bars[0] & ~0xF != 0
     assert (await host.info(nvme)).driver == "vfio-pci"
+
+
+# -- other reset paths -----------------------------------------------------------------------------------
+
+
+def _one_endpoint(**fields: object) -> SimHost:
+    ep = {"name": "ep", "type": "endpoint", "parent": "rp", "vendor": 0x8086, "device": 0x10D3,
+          "class": 0x020000, "bars": [{"size": "128K"}], **fields}
+    return SimHost.from_dict({"function": [
+        {"name": "rp", "type": "root_port", "dev": 1, "acs": True,
+         "slot": {"name": "1", "hotplug": True}}, ep]}, "one.toml", time_scale=SCALE)
+
+
+async def test_af_flr_and_device_specific_methods() -> None:
+    host = _one_endpoint(af=True, device_specific=True, pm={"no_soft_reset": True},
+                         driver_override="vfio-pci", driver="vfio-pci")
+    ep = host.address_of("ep")
+    info = await host.info(ep)
+    assert info.reset_methods == ("device_specific", "af_flr", "bus")
+    assert info.driver_override == "vfio-pci"
+    before = await host.read_config(ep)
+    await host.reset_function(ep)  # the first method that works: the quirk
+    await host.reset_function(ep, "af_flr")
+    assert [r.method for r in host.reset_log] == ["device_specific", "af_flr"]
+    assert await host.read_config(ep) == before
+
+
+async def test_user_af_flr_and_pm_reset_through_config_writes() -> None:
+    host = _one_endpoint(af=True)
+    ep = host.address_of("ep")
+    cfg = parse_config(await host.read_config(ep))
+    af, pm = cfg.find_cap(regs.CAP_ID_AF), cfg.find_cap(regs.CAP_ID_PM)
+    assert af is not None
+    assert pm is not None
+    await host.write_config(ep, af.offset + regs.AF_CTRL, bytes([regs.AF_CTRL_FLR]))
+    await host.sleep(0.03)
+    assert parse_config(await host.read_config(ep)).command == 0
+    assert host.reset_log[-1].method == "af_flr-user"
+    await host.write_config(ep, regs.COMMAND, b"\x06\x00")
+    await host.write_config(ep, pm.offset + regs.PM_CTRL, b"\x03\x00")  # D3hot
+    assert parse_config(await host.read_config(ep)).command == 6  # D3hot keeps state...
+    await host.write_config(ep, pm.offset + regs.PM_CTRL, b"\x00\x00")  # ...D0 resets it
+    await host.sleep(0.03)
+    assert parse_config(await host.read_config(ep)).command == 0
+    assert host.reset_log[-1].method == "pm-user"
+
+
+async def test_hotplug_slot_reset_of_a_lone_function() -> None:
+    host = _one_endpoint(flr=True)
+    ep = host.address_of("ep")
+    before = await host.read_config(ep)
+    await host.reset_function(ep, "bus")
+    [rec] = host.reset_log
+    assert (rec.method, rec.affected) == ("bus", frozenset([ep]))
+    assert rec.end - rec.start >= (0.002 + 0.1) * SCALE
+    assert await host.read_config(ep) == before
+    [slot] = await host.slots()
+    assert (slot.name, slot.address, slot.hotplug) == ("1", "0000:01:00", True)

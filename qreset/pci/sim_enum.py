@@ -268,6 +268,7 @@ class Enumeration:
             f.cfg = configure(f.img, f.spec, f.asg, is_vf=f.physfn is not None,
                               num_vfs=len(f.virtfns))
             f.driver = f.spec.driver
+            f.driver_override = f.spec.driver_override
             f.ids = read_ids(f)
             f.resources = resources_of(f)
         self._assign_groups()

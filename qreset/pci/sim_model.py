@@ -202,6 +202,7 @@ class FunctionSpec(_Strict):
     link_speed: int = Field(default=3, ge=1, le=6)
     driver: str | None = None
     native_driver: str | None = None
+    driver_override: str | None = None   # what sysfs driver_override holds (libvirt: "vfio-pci")
     device_specific: StrictBool = False
     ready_ms: float = Field(default=20.0, ge=0)
     slot: SlotSpec | None = None
