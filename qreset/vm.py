@@ -539,7 +539,8 @@ class VmMonitor:
         cyc.durations["total_ms"] = _ms(loop.time() - cyc.t_event)
         summary: dict[str, Any] = {
             "vm": self.name, "cycle": cyc.cid, "phase": outcome, "outcome": outcome,
-            "mode": cyc.mode.value, "trigger": cyc.trigger, "vm_resumed": resumed,
+            "mode": cyc.mode.value, "trigger": cyc.trigger, "event_ts": round(cyc.wall_event, 6),
+            "vm_resumed": resumed,
             "devices": [str(a) for a in self.owned], "durations": dict(cyc.durations),
             "error": error, "report": report.to_json() if report is not None else None,
         }
