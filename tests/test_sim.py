@@ -666,3 +666,15 @@ async def test_hotplug_slot_reset_of_a_lone_function() -> None:
     assert await host.read_config(ep) == before
     [slot] = await host.slots()
     assert (slot.name, slot.address, slot.hotplug) == ("1", "0000:01:00", True)
+
+
+async def test_new_identity_of_a_port_keeps_its_slot_and_layout() -> None:
+    host = sim("switch")
+    dp1 = host.address_of("dp1")
+    before = await host.read_config(dp1)
+    host.inject(dp1, Fault.new_identity(revision=0xCB))
+    await host.reset_subordinate(host.address_of("rp1"))
+    after = await host.read_config(dp1)
+    assert after[regs.REVISION_ID] == 0xCB
+    assert after[:regs.REVISION_ID] + after[regs.REVISION_ID + 1:] == \
+        before[:regs.REVISION_ID] + before[regs.REVISION_ID + 1:]

@@ -53,7 +53,6 @@ from qreset.pci.host import (
     SlotInfo,
 )
 from qreset.pci.sim_config import (
-    build_image,
     get,
 )
 from qreset.pci.sim_enum import Enumeration, SimFunction, read_ids, resources_of
@@ -385,7 +384,7 @@ class SimHost(PciHost):
             else:
                 self._new_identity(f, fault)
         if f.spec.rebar is not None:  # a resized BAR goes back to its power-on size
-            f.img = build_image(f.spec, multifunction=f.multifunction)
+            f.img = f.rebuild()
         f.cfg = bytearray(f.img.por)
         f.ready_at = now + (f.spec.ready_ms / 1000.0 + extra) * self.time_scale
 
@@ -406,12 +405,7 @@ class SimHost(PciHost):
                 bars.append(bar.model_copy(update={"size": sizes.get(slot.index, slot.size)}))
             update["bars"] = tuple(bars)
         spec = f.spec.model_copy(update=update)
-        img = build_image(spec, multifunction=f.multifunction, is_vf=f.physfn is not None)
-        if f.physfn is None:
-            f.img = img
-        else:
-            img.bars = f.img.bars
-            f.img = img
+        f.img = f.rebuild(spec)
         f.spec = spec
         # The kernel's struct resource keeps the old start; the size follows the new BAR.
         f.resources = resources_of(f)

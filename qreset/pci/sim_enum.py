@@ -93,6 +93,22 @@ class SimFunction:
     _lock: asyncio.Lock | None = None
     _cfg_free: asyncio.Event | None = None
     cfg_blocked: int = 0
+    port_number: int = 0              # what build_image() was given, to rebuild the same layout
+    slot_number: int | None = None
+
+    def rebuild(self, spec: FunctionSpec | None = None) -> ConfigImage:
+        """The power-on image of ``spec`` (default: the current one) with this function's layout."""
+        spec = spec or self.spec
+        img = build_image(spec, multifunction=self.multifunction, is_vf=self.physfn is not None,
+                          port_number=self.port_number, slot_number=self.slot_number,
+                          slot_hotplug=bool(self.slot_hotplug))
+        if self.physfn is not None:  # a VF's BARs live in its PF's SR-IOV capability
+            img.bars = [BarSlot(b.index, b.size, b.type, b.prefetch) for b in self.physfn.img.vf_bars]
+        return img
+
+    @property
+    def slot_hotplug(self) -> bool:
+        return bool(self.spec.slot and self.spec.slot.hotplug)
 
     @property
     def is_bridge(self) -> bool:
@@ -209,10 +225,11 @@ class Enumeration:
             added: list[SimFunction] = []
             for s in specs:
                 multi = len(devs[s.dev or 0]) > 1
-                img = build_image(s, multifunction=multi, port_number=len(added),
-                                  slot_number=int(slot_numbers[s.name]) if s.slot else None,
-                                  slot_hotplug=bool(s.slot and s.slot.hotplug))
-                f = SimFunction(s, PciAddress(domain, bus, s.dev or 0, s.fn), parent, multi, img)
+                f = SimFunction(s, PciAddress(domain, bus, s.dev or 0, s.fn), parent, multi,
+                                ConfigImage(0, bytearray(), bytearray(), bytearray()),
+                                port_number=len(added),
+                                slot_number=slot_numbers[s.name] if s.slot else None)
+                f.img = f.rebuild()
                 added.append(f)
                 self._add(f)
                 # reset_method is decided now, before f joins bus->devices (see module docstring).
@@ -251,10 +268,10 @@ class Enumeration:
                     "flr": s.vf_flr, "aer": False, "ready_ms": s.vf_ready_ms,
                     "driver": s.vf_drivers[i] if i < len(s.vf_drivers) else s.vf_driver,
                 })
-                img = build_image(vspec, multifunction=False, is_vf=True)
-                img.bars = [BarSlot(b.index, b.size, b.type, b.prefetch) for b in pf.img.vf_bars]
                 vf = SimFunction(vspec, PciAddress(pf.addr.domain, rid >> 8, (rid >> 3) & 0x1F, rid & 7),
-                         pf.parent, False, img, physfn=pf, vf_index=i)
+                                 pf.parent, False, ConfigImage(0, bytearray(), bytearray(), bytearray()),
+                                 physfn=pf, vf_index=i)
+                vf.img = vf.rebuild()
                 if vf.addr in self._fns:
                     raise ConfigError(f"{self.source}:function ({pf.spec.name!r}).sriov",
                                       f"VF{i} at {vf.addr} collides with another function")
