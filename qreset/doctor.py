@@ -368,11 +368,18 @@ def host_notes(topo: Topology) -> tuple[Problem, ...]:
             "enable VT-d/AMD-Vi in the firmware and boot with intel_iommu=on (or amd_iommu=on)",
         ))
     if not _reset_method_exposed(topo):
+        # Before 5.15 sysfs had ``reset`` but no ``reset_method``; since 5.15 both
+        # are hidden together when no method works (pci_dev_reset_method_attr_is_visible).
+        old_kernel = any(n.info.has_reset for n in topo.functions.values())
+        detail = ("some functions have a 'reset' file without it, so the kernel is older than 5.15; "
+                  "function-level methods shown are read from config space"
+                  if old_kernel else
+                  "no function has a 'reset' file either, so no function here has a working reset method")
         notes.append(Problem(
             "no-reset-method-attr", Severity.WARNING,
-            "kernel does not expose reset_method (older than 5.15 or no methods): "
-            "function-level methods shown are read from config space",
-            "on Linux 5.15+ an absent reset_method means the kernel found no working reset method",
+            f"kernel does not expose reset_method (older than 5.15 or no methods): {detail}",
+            "upgrade to Linux 5.15+ to choose reset methods" if old_kernel else
+            "assign only devices with FLR, or behind a bridge qreset can bus-reset",
         ))
     return tuple(notes)
 

@@ -130,7 +130,8 @@ def test_no_reset_method_attr_note_falls_back_to_config() -> None:
         t.functions[a] = node(str(a), n.config.raw, parent=str(n.info.parent) if n.info.parent else None,
                               driver=n.info.driver, group=n.info.iommu_group)
     rep = diagnose(t)
-    assert "no-reset-method-attr" in {n.code for n in rep.notes}
+    note = next(n for n in rep.notes if n.code == "no-reset-method-attr")
+    assert "no function here has a working reset method" in note.message
     f = next(f for f in rep.functions if f.address == A("03:00.0"))
     assert f.function_methods == ()
     assert f.options[0].method == "flr"  # from config space (DevCap FLR)
@@ -237,3 +238,15 @@ async def test_sim_no_iommu_note() -> None:
     topo = await Topology.load(host)
     await host.close()
     assert [n.code for n in diagnose(topo).notes] == ["no-iommu"]
+
+
+def test_old_kernel_has_reset_without_reset_method() -> None:
+    from dataclasses import replace
+
+    t = sample()
+    for a, n in list(t.functions.items()):
+        info = replace(n.info, reset_methods=(), has_reset=a == A("03:00.0"))
+        t.functions[a] = replace(n, info=info)
+    note = next(n for n in diagnose(t).notes if n.code == "no-reset-method-attr")
+    assert "older than 5.15" in note.message
+    assert "some functions have a 'reset' file" in note.message
