@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
+from qreset.config import parse_config
+from qreset.daemon import Daemon
 from qreset.engine import Engine
 from qreset.pci.address import PciAddress
 from qreset.pci.sim import Fault, SimHost
@@ -88,3 +93,51 @@ def test_release_cli_rejects_mixed_targets() -> None:
     )
     assert out.returncode == 2
     assert "not both" in out.stderr
+
+
+DEMO_GPU = PciAddress.parse("0000:03:00.0")        # configs/sim/demo.toml: GPU + audio below 00:03.0
+DEMO_AUDIO = PciAddress.parse("0000:03:00.1")
+DEMO_PORT = PciAddress.parse("0000:00:03.0")
+
+
+async def _daemon_release(tmp_path: Path, change_identity: bool) -> tuple[dict[str, Any], RecordingSim]:
+    """A VM registered with the daemon, removed with release=True (what the hook's 'stopped' asks)."""
+    host = RecordingSim.from_toml(SIM_DIR / "demo.toml", time_scale=0.01)
+    assert isinstance(host, RecordingSim)
+    host.removed, host.rescanned = [], []
+    cfg = parse_config({"daemon": {"journal": str(tmp_path / "journal.jsonl"), "control_socket": ""},
+                        "policy": {"connect_backoff_max": 0.3}}, "test")
+    daemon = Daemon(cfg, host=host, control=False)
+    task = asyncio.create_task(daemon.run(), name="daemon")
+    try:
+        await asyncio.wait_for(daemon.started.wait(), 10)
+        await daemon.add_vm("vm1", str(tmp_path / "vm1.qmp"), [str(DEMO_GPU), str(DEMO_AUDIO)], None)
+        if change_identity:
+            host.inject(DEMO_GPU, Fault.new_identity(device_id=0x1E87))
+        result = await daemon.remove_vm("vm1", release=True)
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(task, 30)
+    return result, host
+
+
+async def test_daemon_release_reprobes_a_changed_device(tmp_path: Path) -> None:
+    result, host = await _daemon_release(tmp_path, change_identity=True)
+    released = result["released"]
+    assert released["reprobed"] is True
+    assert released["removed"] == [str(DEMO_AUDIO), str(DEMO_GPU)]
+    assert host.removed == [DEMO_AUDIO, DEMO_GPU]
+    assert host.rescanned == [DEMO_PORT]
+    assert released["cycle"]["identity_changed"] == [str(DEMO_GPU)]
+    assert (await host.info(DEMO_GPU)).device == 0x1E87
+
+
+async def test_daemon_release_of_unchanged_devices_does_not_reprobe(tmp_path: Path) -> None:
+    result, host = await _daemon_release(tmp_path, change_identity=False)
+    released = result["released"]
+    assert released["ok"] is True
+    assert released["reprobed"] is False
+    assert host.removed == []
+    assert host.rescanned == []
+    # ...but the card was reset for the host: its bus, below the root port.
+    assert any({DEMO_GPU, DEMO_AUDIO} <= r.affected for r in host.reset_log)
