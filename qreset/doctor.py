@@ -244,18 +244,22 @@ def _problems(topo: Topology, addr: PciAddress, opts: list[ResetOption]) -> list
         probs.append(Problem("config-broken", Severity.WARNING, f"config space: {p}",
                              "the device's capability list is malformed; expect resets to misbehave"))
 
+    # PM (D3hot->D0) is the weakest method: QEMU tries a bus reset before it for
+    # a device without FLR (vfio_pci_reset in hw/vfio/pci.c).
+    strong = [o for o in fmethods if o.method != "pm"]
+    host_users = [h for h in (bus.affected if bus else ()) if h != addr
+                  and _host_driver(Hit(h, topo.node(h).info.driver, None))]
+    if not strong and host_users:
+        by_driver = ", ".join(f"{h} ({topo.node(h).info.driver})" for h in sorted(host_users))
+        only_pm = " (only a PM reset is left)" if fmethods else ""
+        probs.append(Problem(
+            "no-flr-shared-bus", Severity.WARNING if fmethods else Severity.BLOCKER,
+            f"no FLR and shares its bus with functions bound to host drivers: {by_driver}{only_pm}",
+            "bind those functions to vfio-pci and assign them with this one, "
+            "or allow them explicitly in the policy if a reset under their driver is acceptable",
+        ))
     if not fmethods:
-        host_users = [h for h in (bus.affected if bus else ()) if h != addr
-                      and _host_driver(Hit(h, topo.node(h).info.driver, None))]
-        if host_users:
-            by_driver = ", ".join(f"{h} ({topo.node(h).info.driver})" for h in sorted(host_users))
-            probs.append(Problem(
-                "no-flr-shared-bus", Severity.BLOCKER,
-                f"no FLR and shares its bus with functions bound to host drivers: {by_driver}",
-                "bind those functions to vfio-pci and assign them with this one, "
-                "or allow them explicitly in the policy if a reset under their driver is acceptable",
-            ))
-        elif bus is not None and len(bus.affected) > 1:
+        if not host_users and bus is not None and len(bus.affected) > 1:
             probs.append(Problem(
                 "no-flr-bus-reset", Severity.WARNING,
                 f"no function-level reset: only a bus reset of {bus.target}, which also hits "

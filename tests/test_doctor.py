@@ -155,7 +155,8 @@ SIM_PROBLEMS: dict[str, dict[str, set[str]]] = {
         "06:00.0": {"pm-only", "host-driver"},
     },
     "conventional.toml": {
-        "02:01.0": {"pm-only", "conventional-bus", "iommu-group-shared", "stale-bus-method"},
+        "02:01.0": {"pm-only", "no-flr-shared-bus", "conventional-bus", "iommu-group-shared",
+                    "stale-bus-method"},
         "02:02.0": {"no-flr-bus-reset", "conventional-bus", "iommu-group-shared", "host-driver"},
     },
     "sriov.toml": {
@@ -215,6 +216,9 @@ async def test_sim_conventional_blocked_by_host_driver() -> None:
     sbr = next(o for o in nic.options if o.method == "user_sbr")
     assert sbr.target == A("01:00.0")
     assert [(h.address, h.driver) for h in sbr.blocked_by] == [(A("02:02.0"), "firewire_ohci")]
+    shared = next(p for p in nic.problems if p.code == "no-flr-shared-bus")
+    assert shared.severity is Severity.WARNING  # it still has a PM reset
+    assert "0000:02:02.0 (firewire_ohci)" in shared.message
     conv = next(p for p in nic.problems if p.code == "conventional-bus")
     assert "0000:02:01.0, 0000:02:02.0" in conv.message
 
