@@ -376,7 +376,7 @@ class Daemon:
         if limit <= 0:
             raise DaemonError(f"limit must be positive, got {limit}")
         rows = [r for r in self.history if vm is None or r.get("vm") == vm]
-        return rows[-limit:]
+        return rows[::-1][:limit]  # newest first, as query-resets documents
 
     async def reset_vm(self, vm: str) -> dict[str, Any]:
         return await self._monitor(vm).request_reset()

@@ -70,6 +70,9 @@ logger = logging.getLogger(__name__)
 
 #: SHUTDOWN reasons that are reboots once reboot=shutdown (qapi/run-state.json ShutdownCause).
 REBOOT_REASONS = frozenset({"guest-reset", "host-qmp-system-reset"})
+#: SHUTDOWN reasons after which QEMU exits whatever the shutdown action (QEMU's
+#: qmp_quit and qemu_system_killed force SHUTDOWN_ACTION_POWEROFF, softmmu/runstate.c).
+EXITS_ANYWAY = frozenset({"host-qmp-quit", "host-signal"})
 #: Events a monitor listens to.
 EVENTS = ("SHUTDOWN", "RESET", "STOP", "RESUME")
 #: How long QEMU may take to leave the ``shutdown`` state after ``system_reset``.
@@ -400,6 +403,8 @@ class VmMonitor:
         if self.mode is Mode.PARK and name == "SHUTDOWN":
             if reason in REBOOT_REASONS:
                 await self._cycle(client, event)
+            elif reason in EXITS_ANYWAY:
+                self._log.info("QEMU is exiting (%s)", reason)
             else:
                 await self._poweroff(client, reason)
         elif self.mode is Mode.STOP_ON_RESET and name == "RESET":

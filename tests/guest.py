@@ -29,9 +29,27 @@ CODE = bytes([
 ])
 
 
-def boot_sector() -> bytes:
+POWEROFF_MARK = b"P"
+
+#: A guest that powers itself off: ACPI S5 through PM1a_CNT. SeaBIOS puts the
+#: ICH9 PM I/O base at 0x600 on q35 (seen: 0x604 works, 0xB004 — PIIX's — does
+#: not), PM1a_CNT is at base + 4, and QEMU's DSDT declares _S5 as SLP_TYP 0, so
+#: SLP_EN (bit 13) alone asks for "soft power off" (hw/acpi/core.c
+#: acpi_pm1_cnt_write: sus_typ 0 → SHUTDOWN_CAUSE_GUEST_SHUTDOWN).
+POWEROFF_CODE = bytes([
+    0xB0, POWEROFF_MARK[0],  # mov al, 'P'
+    0xE6, 0xE9,              # out 0xE9, al
+    0xBA, 0x04, 0x06,        # mov dx, 0x0604    ; PM1a_CNT
+    0xB8, 0x00, 0x20,        # mov ax, 0x2000    ; SLP_EN, SLP_TYP 0 (S5)
+    0xEF,                    # out dx, ax
+    0xFA, 0xF4,              # cli; hlt
+    0xEB, 0xFE,              # jmp $
+])
+
+
+def boot_sector(code: bytes = CODE) -> bytes:
     """The 512-byte image: code, zero padding, and the 0x55 0xAA boot signature."""
-    image = CODE + bytes(510 - len(CODE)) + b"\x55\xaa"
+    image = code + bytes(510 - len(code)) + b"\x55\xaa"
     assert len(image) == 512
     return image
 
@@ -41,9 +59,11 @@ def boot_sector() -> bytes:
 DISK_SIZE = 1 << 20
 
 
-def write_boot_image(path: Path) -> Path:
+def write_boot_image(path: Path, program: str = "reboot") -> Path:
+    """``program``: "reboot" (resets itself), "poweroff" (ACPI S5) or "blank" (not bootable)."""
+    codes = {"reboot": boot_sector(CODE), "poweroff": boot_sector(POWEROFF_CODE), "blank": b""}
     with path.open("wb") as f:
-        f.write(boot_sector())
+        f.write(codes[program])
         f.truncate(DISK_SIZE)
     return path
 

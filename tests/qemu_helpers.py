@@ -26,7 +26,7 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
-from tests.guest import DISK_SIZE, count_boots, write_boot_image
+from tests.guest import count_boots, write_boot_image
 
 QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
 
@@ -54,8 +54,9 @@ class QemuGuest:
     paused: bool = False
     #: More QEMU arguments (e.g. ``-device`` for the inventory test).
     extra: list[str] = field(default_factory=list)
-    #: False: a blank disk, so the firmware enumerates PCI and then waits (no reboot loop).
-    bootable: bool = True
+    #: What the disk holds (tests.guest.write_boot_image): "reboot", "poweroff", or
+    #: "blank" (the firmware enumerates PCI, finds nothing to boot and waits).
+    program: str = "reboot"
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -90,11 +91,7 @@ class QemuGuest:
 
     def start(self) -> QemuGuest:
         if not self.image.exists():
-            if self.bootable:
-                write_boot_image(self.image)
-            else:
-                with self.image.open("wb") as f:
-                    f.truncate(DISK_SIZE)
+            write_boot_image(self.image, self.program)
         for p in (self.qmp_path, self.ctl_path):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()

@@ -15,6 +15,7 @@ The daemon runs in-process (fast, and the test can read the simulated host's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from qreset.config import Config, parse_config
 from qreset.daemon import Daemon
@@ -64,8 +66,8 @@ def make_config(workdir: Path, vms: dict[str, tuple[QemuGuest, Sequence[str]]], 
 
 
 @asynccontextmanager
-async def running(cfg: Config, host: SimHost) -> AsyncIterator[Daemon]:
-    daemon = Daemon(cfg, host=host, control=False)
+async def running(cfg: Config, host: SimHost, control: bool = False) -> AsyncIterator[Daemon]:
+    daemon = Daemon(cfg, host=host, control=control)
     task = asyncio.create_task(daemon.run(), name="daemon")
     try:
         async with asyncio.timeout(10):
@@ -390,7 +392,7 @@ async def test_inventory_walks_bridges_and_merges_configured() -> None:
     with short_tmpdir() as wd:
         # Bridges get their bus numbers from the firmware: let SeaBIOS enumerate
         # (a blank disk, so it then waits instead of rebooting).
-        g = QemuGuest("inv", wd, extra=extra, bootable=False).start()
+        g = QemuGuest("inv", wd, extra=extra, program="blank").start()
         try:
             await g.await_sockets()
             ctl = await g.ctl()
@@ -415,3 +417,107 @@ async def test_inventory_walks_bridges_and_merges_configured() -> None:
     assert {"rp1", "pb"} <= set(by_id)
     # No vfio-pci device in this QEMU: the inventory is the configured device alone.
     assert [(str(d.host), d.source.value) for d in inv] == [(NIC1, "config")]
+
+
+async def test_guest_poweroff_keeps_its_meaning_in_park_mode() -> None:
+    # With shutdown=pause (park mode) QEMU would pause on a guest poweroff instead of
+    # exiting; the daemon must make it exit, as it would have without us.
+    with short_tmpdir() as wd:
+        g = QemuGuest("off", wd, paused=True, program="poweroff").start()
+        try:
+            await g.await_sockets()
+            host = SimHost.from_toml(DEMO, time_scale=0.01)
+            cfg = make_config(wd, {"off": (g, [NIC1])})
+            async with running(cfg, host) as daemon:
+                ctl = await g.ctl()
+                await ctl.execute("cont")
+                async with asyncio.timeout(15):
+                    while g.running:
+                        await asyncio.sleep(0.05)
+                assert g.proc is not None
+                rc = g.proc.returncode
+                await daemon.wait_event("QRESET_VM_DISCONNECTED", about("off"), timeout=5, past=True)
+                cycles = daemon.monitors["off"].cycles
+                with contextlib.suppress(Exception):
+                    await ctl.disconnect()
+            records = journal(wd / "journal.jsonl")
+        finally:
+            g.stop()
+    assert rc == 0
+    assert cycles == 0
+    assert host.reset_log == []
+    summary = [(r["phase"], r["reason"], r["action"]) for r in records]
+    assert summary == [("poweroff", "guest-shutdown", "quit")]
+
+
+async def test_control_socket_backend_end_to_end() -> None:
+    """The daemon behind the real control socket: queries, reset-vm with events, add/remove."""
+    with short_tmpdir() as wd, guests(wd, "vm1", "vm2", paused=True) as (g1, g2):
+        host = SimHost.from_toml(DEMO, time_scale=0.01)
+        cfg = make_config(wd, {"vm1": (g1, [NIC1])})
+        cfg = cfg.model_copy(update={"daemon": cfg.daemon.model_copy(
+            update={"control_socket": wd / "control.sock"})})
+        async with running(cfg, host, control=True):
+            qmp = QMPClient("test-control")
+            await qmp.connect(str(wd / "control.sock"))
+            try:
+                events = EventListener()
+                with qmp.listen(events):
+                    vms = await qmp.execute("query-vms")
+                    devices = await qmp.execute("query-devices", {"vm": "vm1"})
+                    plan = await qmp.execute("query-plan", {"vm": "vm1"})
+                    summary = await qmp.execute("reset-vm", {"vm": "vm1"})
+                    seen: list[str] = []
+                    async with asyncio.timeout(5):
+                        while "QRESET_RESET_COMPLETED" not in seen:
+                            seen.append(str((await events.get())["event"]))
+                resets = await qmp.execute("query-resets", {"vm": "vm1", "limit": 1})
+                st = await qmp.execute("query-status")
+                added = await qmp.execute("add-vm", {"name": "vm2", "qmp": str(g2.qmp_path),
+                                                     "devices": [SOUND]})
+                with pytest.raises(ExecuteError, match=r"0000:01:00.0 already assigned to VM 'vm1'"):
+                    await qmp.execute("add-vm", {"name": "vm3", "qmp": "/nonexistent.qmp",
+                                                 "devices": [NIC1]})
+                with pytest.raises(ExecuteError, match=r"no VM named 'nope'"):
+                    await qmp.execute("query-plan", {"vm": "nope"})
+                async with asyncio.timeout(10):
+                    while True:
+                        rows = await qmp.execute("query-vms")
+                        assert isinstance(rows, list)
+                        if any(v["name"] == "vm2" and v["connected"] for v in rows):
+                            break
+                        await asyncio.sleep(0.05)
+                removed = await qmp.execute("remove-vm", {"name": "vm2", "release": True})
+                doctor = await qmp.execute("doctor", {"functions": [NIC1]})
+                vms_after = await qmp.execute("query-vms")
+            finally:
+                await qmp.disconnect()
+
+    assert isinstance(vms, list)
+    assert [(v["name"], v["connected"], v["devices"]) for v in vms] == [("vm1", True, [NIC1])]
+    assert isinstance(devices, list)
+    assert devices[0]["host"] == NIC1
+    assert devices[0]["driver"] == "vfio-pci"
+    assert "flr" in devices[0]["reset_methods"]
+    assert isinstance(plan, dict)
+    assert plan["ok"] is True
+    assert [(d["key"], d["method"]) for d in plan["domains"]] == [(f"function:{NIC1}", "flr")]
+    assert isinstance(summary, dict)
+    assert summary["outcome"] == "resumed"
+    assert summary["trigger"]["reason"] == "host-qmp-system-reset"
+    assert seen.index("QRESET_RESET_STARTED") < seen.index("QRESET_RESET_COMPLETED")
+    assert isinstance(resets, list)
+    assert [r["cycle"] for r in resets] == [summary["cycle"]]
+    assert isinstance(st, dict)
+    assert st["cycles"] == 1
+    assert st["resets_by_method"] == {"flr": 1}
+    assert st["cycle_ms"]["count"] == 1
+    assert isinstance(added, dict)
+    assert added["name"] == "vm2"
+    assert isinstance(removed, dict)
+    assert removed["removed"] is True
+    assert removed["released"]["ok"] is True
+    assert isinstance(doctor, list)
+    assert len(doctor) == 1
+    assert isinstance(vms_after, list)
+    assert [v["name"] for v in vms_after] == ["vm1"]
