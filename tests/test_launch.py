@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -155,6 +156,10 @@ async def test_launch_registers_with_the_running_daemon(sig: signal.Signals) -> 
                 assert monitor.mode.value == "park"
                 assert {str(a) for a in monitor.owned} >= {NIC1, GPU, GPU_AUDIO}
                 await poll(lambda: monitor.cycles >= 4, 60)
+                shown = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "qreset", "status", "--socket", str(wd / "c.sock"),
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT)
+                status_rc, status_out, _err = await finish(shown)
                 [qemu_pid] = children(proc.pid)
                 mark = len(host.reset_log)
                 proc.send_signal(sig)           # to launch only: it must forward it
@@ -169,6 +174,15 @@ async def test_launch_registers_with_the_running_daemon(sig: signal.Signals) -> 
     assert rc == 0, err
     assert out == ""
     assert not alive(qemu_pid)
+    # qreset status shows the daemon's counters, percentile blocks as k=v.
+    assert status_rc == 0
+    lines = {line.split()[0]: line.split()[1:] for line in status_out.splitlines()[1:] if line.strip()}
+    assert int(lines["cycles"][0]) >= 4
+    methods = dict(pair.split("=") for pair in lines["resets_by_method"])
+    # One FLR (NIC) and one bus reset below 00:03.0 (the rp's reset_subordinate) per cycle.
+    assert set(methods) == {"flr", "reset_subordinate"}
+    assert int(methods["flr"]) == int(methods["reset_subordinate"]) == int(lines["cycles"][0])
+    assert re.fullmatch(r"count=\d+ p50=[\d.]+ p90=[\d.]+ p99=[\d.]+ max=[\d.]+", " ".join(lines["cycle_ms"]))
     assert f"vm1: registered with the daemon at {wd / 'c.sock'}, devices {NIC1}, {GPU}, {GPU_AUDIO}" in err
     assert "vm1: devices released to the host (clean)" in err
     done = [c for c in history if c["outcome"] != "poweroff"]

@@ -233,6 +233,15 @@ def _humanize(row: Mapping[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- commands
 
 
+def _status_cell(key: str, value: Any) -> str:
+    """A status value; counters by name and percentile blocks as ``k=v`` pairs (unset ones left out)."""
+    if key in _TIME_KEYS:
+        return _cell(_when(value))
+    if isinstance(value, dict) and all(not isinstance(v, dict | list) for v in value.values()):
+        return " ".join(f"{k}={_cell(v)}" for k, v in value.items() if v is not None) or "-"
+    return _cell(value)
+
+
 async def _status(path: str, as_json: bool) -> int:
     qmp = await _connect(path)
     try:
@@ -247,7 +256,7 @@ async def _status(path: str, as_json: bool) -> int:
     if isinstance(status, dict):
         width = max((len(k) for k in status), default=0)
         for key, value in status.items():
-            print(f"  {key.ljust(width)}  {_cell(_when(value) if key in _TIME_KEYS else value)}")
+            print(f"  {key.ljust(width)}  {_status_cell(key, value)}")
     if not vms:
         print("no VMs")
         return 0
