@@ -28,7 +28,7 @@ from typing import Any
 from qreset.errors import HostError, NoSuchFunction, QResetError
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
-from qreset.pci.config import ConfigSpace, parse_config, u16
+from qreset.pci.config import ConfigSpace, parse_config, u16, u32
 from qreset.pci.host import FunctionInfo, PciHost, SlotInfo
 
 logger = logging.getLogger(__name__)
@@ -315,15 +315,19 @@ class Topology:
         """The slot reset that would hit ``addr``, if its slot can be reset.
 
         ``pci_probe_reset_slot`` succeeds only through a hotplug controller's
-        ``reset_slot`` op (pciehp), whose slot sits on a port's secondary bus:
-        so the slot must be a hotplug slot and ``addr`` must have a parent
-        bridge (root-bus ACPI hotplug slots have no ``reset_slot``). It hits
-        every function in the slot and everything below them
+        ``reset_slot`` op, and only pciehp has one (``pciehp_reset_slot``):
+        shpchp (SHPC bridges such as QEMU's pci-bridge/pcie-pci-bridge) and
+        acpiphp slots have a ``power`` file but no ``reset_slot``. So the slot
+        must be a hotplug slot whose bridge is a PCIe Root or Downstream Port
+        with Slot Implemented and Hot-Plug Capable (``set_pcie_hotplug_bridge``
+        in drivers/pci/probe.c, which is what pciehp binds to). Seen in the lab:
+        an SHPC slot behind a pcie-pci-bridge gets a bus reset, not a slot reset.
+        It hits every function in the slot and everything below them
         (``pci_slot_resettable``/``pci_slot_save_and_disable_locked``).
         """
         slot = self.slot_of(addr)
         parent = self._parent[addr]
-        if slot is None or not slot.hotplug or parent is None:
+        if slot is None or not slot.hotplug or parent is None or not self.pciehp_port(parent):
             return None
         affected: set[PciAddress] = set()
         for fn in self.same_device(addr):
@@ -331,6 +335,18 @@ class Topology:
             if self.is_bridge(fn):
                 affected |= self.below(fn)
         return ResetScope(ResetKind.SLOT, parent, frozenset(affected), slot.name)
+
+    def pciehp_port(self, bridge: PciAddress) -> bool:
+        """Whether pciehp drives ``bridge``'s slot: a Root/Downstream Port whose
+        PCIe Capabilities say Slot Implemented and whose Slot Capabilities say
+        Hot-Plug Capable (PCI_EXP_FLAGS_SLOT, PCI_EXP_SLTCAP_HPC in pci_regs.h)."""
+        cfg = self.node(bridge).config
+        cap = cfg.find_cap(regs.CAP_ID_EXP)
+        if cap is None or cfg.pcie_type not in _ACS_PORT_TYPES:
+            return False
+        if not u16(cfg.raw, cap.offset + regs.EXP_FLAGS) & regs.EXP_FLAGS_SLOT:
+            return False
+        return bool(u32(cfg.raw, cap.offset + regs.EXP_SLTCAP) & regs.EXP_SLTCAP_HPC)
 
     def bus_scope(self, addr: PciAddress) -> ResetScope | None:
         """The secondary bus reset of ``addr``'s parent bridge (None on a root bus).

@@ -31,6 +31,7 @@ def config(
     flr: bool = False,
     pm: bool = False,
     acs: tuple[int, int] | None = None,
+    hotplug_slot: bool = False,
 ) -> bytes:
     """4096 bytes of config space: PM cap at 0x40, PCIe cap at 0x50, ACS at 0x100."""
     b = bytearray(regs.CFG_SPACE_EXP_SIZE if pcie_type is not None else regs.CFG_SPACE_SIZE)
@@ -64,7 +65,9 @@ def config(
     if pm:
         w16(0x40 + regs.PM_CTRL, 0)  # No_Soft_Reset clear: PM reset works
     if pcie_type is not None:
-        w16(0x50 + regs.EXP_FLAGS, (pcie_type << 4) | 2)
+        w16(0x50 + regs.EXP_FLAGS, (pcie_type << 4) | 2 | (regs.EXP_FLAGS_SLOT if hotplug_slot else 0))
+        if hotplug_slot:  # what pciehp binds to (set_pcie_hotplug_bridge)
+            w32(0x50 + regs.EXP_SLTCAP, regs.EXP_SLTCAP_HPC)
         w32(0x50 + regs.EXP_DEVCAP, regs.EXP_DEVCAP_FLR if flr else 0)
         if acs is not None:
             w32(regs.EXT_CAP_START, regs.EXT_CAP_ID_ACS | (1 << 16))
@@ -106,9 +109,9 @@ def sample(iommu: bool = True) -> Topology:
       00:00.0 host bridge                              (root bus)
       00:01.0 root port (ACS) -> bus 01..05
         01:00.0 switch upstream port -> 02..05
-          02:00.0 downstream port (ACS, hotplug slot "4") -> 03
+          02:00.0 downstream port (ACS, pciehp hotplug slot "4") -> 03
             03:00.0 NIC, FLR, vfio-pci, group 3
-          02:01.0 downstream port (no ACS) -> 04
+          02:01.0 downstream port (no ACS, Hot-Plug Capable, no slot in sysfs) -> 04
             04:00.0 GPU, no FLR, multifunction, vfio-pci, group 4
             04:00.1 HDMI audio, PM only, snd_hda_intel, group 4
           02:02.0 downstream port (ACS) -> 05
@@ -127,9 +130,11 @@ def sample(iommu: bool = True) -> Topology:
         node("01:00.0", config(bridge=True, secondary=2, subordinate=5, pcie_type=regs.EXP_TYPE_UPSTREAM,
                                class_code=0x060400), parent="00:01.0", driver="pcieport", group=2),
         node("02:00.0", config(bridge=True, secondary=3, subordinate=3, pcie_type=dp, acs=ACS_ALL,
-                               class_code=0x060400), parent="01:00.0", driver="pcieport", group=2),
+                               class_code=0x060400, hotplug_slot=True),
+             parent="01:00.0", driver="pcieport", group=2),
         node("02:01.0", config(bridge=True, secondary=4, subordinate=4, pcie_type=dp,
-                               class_code=0x060400), parent="01:00.0", driver="pcieport", group=4,
+                               class_code=0x060400, hotplug_slot=True),
+             parent="01:00.0", driver="pcieport", group=4,
              reset_subordinate=True),
         node("02:02.0", config(bridge=True, secondary=5, subordinate=5, pcie_type=dp, acs=ACS_ALL,
                                class_code=0x060400), parent="01:00.0", driver="pcieport", group=2),

@@ -437,6 +437,19 @@ def test_multifunction_hotplug_slot() -> None:
     assert t2.kernel_bus_scope(A("04:00.0")) is None
 
 
+def test_shpc_hotplug_slot_is_not_a_slot_reset() -> None:
+    # Seen in the lab (Linux 6.1): a slot behind QEMU's pcie-pci-bridge is
+    # driven by shpchp, which has no reset_slot, so VFIO falls back to the bus.
+    t = sample()
+    t2 = Topology(t.functions, [SlotInfo("1", "0000:06:01", True)], True)
+    assert t2.pciehp_port(A("00:1e.0")) is False
+    assert t2.slot_scope(A("06:01.0")) is None
+    assert t2.hot_reset_scope(A("06:01.0")) == ResetScope(
+        ResetKind.BUS, A("00:1e.0"), S("06:01.0", "06:02.0"))
+    assert t2.pciehp_port(A("02:00.0")) is True
+    assert t2.pciehp_port(A("02:02.0")) is False  # a port without Hot-Plug Capable
+
+
 def test_root_bus_hotplug_slot_is_not_a_slot_reset() -> None:
     # ACPI hotplug slots on a root bus have no reset_slot op: no slot scope.
     t = sample()
