@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from qreset.config import parse_config
 from qreset.errors import ConfigError
 from qreset.metrics import Listen, MetricsServer, parse_listen, render
 from tests.qemu_helpers import short_tmpdir
@@ -181,3 +182,14 @@ async def test_port_in_use_is_one_config_error() -> None:
         second = MetricsServer(f"127.0.0.1:{first.port}", Source({}))
         with pytest.raises(ConfigError, match=r"127\.0\.0\.1:\d+.*cannot listen"):
             await second.start()
+
+
+def test_config_metrics_listen_is_checked_where_it_is_read() -> None:
+    assert parse_config({}, "qreset.toml").metrics.listen is None
+    ok = parse_config({"metrics": {"listen": "127.0.0.1:9477"}}, "qreset.toml")
+    assert ok.metrics.listen == "127.0.0.1:9477"
+    with pytest.raises(ConfigError) as info:
+        parse_config({"metrics": {"listen": "0.0.0.0:9477"}}, "qreset.toml")
+    assert str(info.value).startswith("qreset.toml: metrics.listen: 0.0.0.0 is not a loopback address")
+    with pytest.raises(ConfigError, match=r"^qreset\.toml: metrics\.port: unknown key"):
+        parse_config({"metrics": {"port": 9477}}, "qreset.toml")
