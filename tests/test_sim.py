@@ -678,3 +678,29 @@ async def test_new_identity_of_a_port_keeps_its_slot_and_layout() -> None:
     assert after[regs.REVISION_ID] == 0xCB
     assert after[:regs.REVISION_ID] + after[regs.REVISION_ID + 1:] == \
         before[:regs.REVISION_ID] + before[regs.REVISION_ID + 1:]
+
+
+async def test_kernel_flr_behind_a_bridge_without_bus_numbers_fails_and_changes_nothing() -> None:
+    host = sim("switch", scale=0.001)
+    rp, up, nvme = host.address_of("rp1"), host.address_of("up"), host.address_of("nvme1")
+    await user_sbr(host, rp)
+    await host.sleep(0.05)
+    assert parse_config(await host.read_config(up)).secondary_bus == 0
+    with pytest.raises(ResetFailed, match="not ready 60000ms after FLR"):
+        await host.reset_function(nvme, "flr")
+    assert [r.method for r in host.reset_log] == ["sbr"]  # the FLR never reached the device
+
+
+async def test_reset_subordinate_stops_below_a_bridge_that_never_returns() -> None:
+    host = sim("switch", scale=0.001)
+    rp, up, dp2, nic = (host.address_of(n) for n in ("rp1", "up", "dp2", "nic2"))
+    before = await host.read_config(dp2)
+    host.inject(dp2, Fault.crs(None))
+    with pytest.raises(ResetFailed, match="not ready"):
+        await host.reset_subordinate(rp)
+    assert parse_config(await host.read_config(up)).secondary_bus == 2  # restored
+    assert u16(await host.read_config(dp2), 0) == regs.CRS_VENDOR_ID
+    assert await host.read_config(nic) == b"\xff" * 4096  # behind the dead port
+    assert before != await host.read_config(dp2)
+    [rec] = host.reset_log
+    assert nic in rec.affected

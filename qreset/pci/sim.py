@@ -415,12 +415,14 @@ class SimHost(PciHost):
         """pci_dev_wait(): poll until the function answers, up to ``limit`` (spec seconds)."""
         deadline = self._now() + limit * self.time_scale
         for f in funcs:
-            while not self._ready(f):
+            # A function behind a bridge without bus numbers reads all-ones: not ready either.
+            while not (self._ready(f) and self._reachable(f)):
                 now = self._now()
                 if now >= deadline:
                     raise ResetFailed(self._path(f.addr, "reset"),
                                       f"not ready {round(limit * 1000)}ms after {what}; giving up")
-                target = deadline if f.never_ready else min(f.ready_at, deadline)
+                waiting = f.never_ready or f.ready_at <= now
+                target = deadline if waiting else min(f.ready_at, deadline)
                 await asyncio.sleep(max(target - now, 0.0) + 1e-4)
 
     def _slow_extra(self, funcs: Iterable[SimFunction]) -> float:
@@ -432,8 +434,9 @@ class SimHost(PciHost):
         return extra
 
     def _restore(self, f: SimFunction, saved: bytes) -> None:
-        """pci_restore_state(): write the saved state back; read-only bits keep their new value."""
-        if not self._ready(f):
+        """pci_restore_state(): write the saved state back; read-only bits keep their new value.
+        Writes to a function that does not answer go nowhere."""
+        if not (self._ready(f) and self._reachable(f)):
             return
         rebar = f.img.ext_caps.get(regs.EXT_CAP_ID_REBAR)
         if rebar is not None:  # pci_restore_rebar_state() resizes before the BARs are written
@@ -500,20 +503,26 @@ class SimHost(PciHost):
         """Run one reset method on f, filling ``hit`` as functions go through reset.
         False = ENOTTY (the kernel tries the next method)."""
         slow = self._slow_extra([f])
+        # The kernel probes through config reads: an unreachable function reads all-ones
+        # (which claims FLR and No_Soft_Reset), and the reset's own writes go nowhere.
+        view = self._view(f)
+        reachable = self._reachable(f)
         if m in ("flr", "af_flr", "device_specific"):
-            if m == "flr" and not get(f.cfg, (f.cap(regs.CAP_ID_EXP) or 0) + regs.EXP_DEVCAP, 4) \
+            if m == "flr" and not get(view, (f.cap(regs.CAP_ID_EXP) or 0) + regs.EXP_DEVCAP, 4) \
                     & regs.EXP_DEVCAP_FLR:
                 return False
-            hit.extend(self._function_reset(f))
+            if reachable:
+                hit.extend(self._function_reset(f))
             await self.sleep({"flr": FLR_WAIT, "af_flr": AF_FLR_WAIT}.get(m, DEVICE_SPECIFIC_WAIT) + slow)
             await self._wait_ready([f], m.upper() if m != "device_specific" else "device-specific reset")
             return True
         if m == "pm":
             pm = f.cap(regs.CAP_ID_PM)
-            if pm is None or get(f.cfg, pm + regs.PM_CTRL, 2) & regs.PM_CTRL_NO_SOFT_RESET:
+            if pm is None or get(view, pm + regs.PM_CTRL, 2) & regs.PM_CTRL_NO_SOFT_RESET:
                 return False
             await self.sleep(PM_D3HOT_DELAY)
-            hit.extend(self._function_reset(f))  # D3hot -> D0 with No_Soft_Reset clear
+            if reachable:
+                hit.extend(self._function_reset(f))  # D3hot -> D0 with No_Soft_Reset clear
             await self.sleep(PM_D3HOT_DELAY + slow)
             await self._wait_ready([f], "PM D3hot->D0")
             return True
@@ -527,26 +536,51 @@ class SimHost(PciHost):
             if not (slot_ok or alone):
                 return False
             hit.extend(self._below(parent, physical=True))
-            await self._secondary_bus_reset(parent, hit, slow)
+            if not await self._secondary_bus_reset(parent, hit, slow):
+                hit.clear()
+            await self._wait_ready([f], "bus reset", self._poll_limit(parent))
             return True
         return False
 
-    async def _secondary_bus_reset(self, bridge: SimFunction, hit: list[SimFunction], slow: float) -> None:
-        """pci_reset_secondary_bus() + pci_bridge_wait_for_secondary_bus()."""
-        bc = get(bridge.cfg, regs.BRIDGE_CONTROL, 2)
-        bridge.cfg[regs.BRIDGE_CONTROL] = (bc | regs.BRIDGE_CTL_BUS_RESET) & 0xFF
+    @staticmethod
+    def _conventional(bridge: SimFunction) -> bool:
+        return bridge.spec.type in ("pcie_pci_bridge", "pci_bridge")
+
+    def _poll_limit(self, bridge: SimFunction) -> float:
+        """How long pci_bridge_wait_for_secondary_bus() polls after its fixed delay."""
+        if not self._conventional(bridge) and bridge.spec.link_speed <= 2:  # <= 5 GT/s
+            return SBR_POLL_SLOW_LINK - SBR_WAIT_PCIE
+        return READY_POLL_LIMIT
+
+    async def _secondary_bus_reset(self, bridge: SimFunction, hit: list[SimFunction], slow: float) -> bool:
+        """pci_reset_secondary_bus() and the fixed delay of pci_bridge_wait_for_secondary_bus().
+        False when the bridge does not answer, so its Bridge Control writes go nowhere."""
+        reachable = self._reachable(bridge) and self._ready(bridge)
+        if reachable:
+            bc = get(bridge.cfg, regs.BRIDGE_CONTROL, 2)
+            bridge.cfg[regs.BRIDGE_CONTROL] = (bc | regs.BRIDGE_CTL_BUS_RESET) & 0xFF
         await self.sleep(SBR_ASSERT)
-        bridge.cfg[regs.BRIDGE_CONTROL] = bc & ~regs.BRIDGE_CTL_BUS_RESET & 0xFF
-        now = self._now()
-        for g in hit:
-            self._power_on(g, now)
-        conventional = bridge.spec.type in ("pcie_pci_bridge", "pci_bridge")
-        wait = SBR_WAIT_CONVENTIONAL if conventional else SBR_WAIT_PCIE
-        await self.sleep(wait + slow)
-        limit = READY_POLL_LIMIT
-        if not conventional and bridge.spec.link_speed <= 2:  # <= 5 GT/s
-            limit = SBR_POLL_SLOW_LINK - wait
-        await self._wait_ready(hit, "bus reset", limit)
+        if reachable:
+            bridge.cfg[regs.BRIDGE_CONTROL] = bc & ~regs.BRIDGE_CTL_BUS_RESET & 0xFF
+            now = self._now()
+            for g in hit:
+                self._power_on(g, now)
+        await self.sleep((SBR_WAIT_CONVENTIONAL if self._conventional(bridge) else SBR_WAIT_PCIE) + slow)
+        return reachable
+
+    async def _restore_below(self, bridge: SimFunction, saved: dict[SimFunction, bytes],
+                             errors: list[ResetFailed]) -> None:
+        """pci_bus_restore_locked(): restore each function on the bus; behind a bridge that
+        is restored (bus numbers back), wait for the functions to answer, then go down."""
+        for g in sorted((c for c in bridge.children if c in saved), key=lambda c: c.order):
+            self._restore(g, saved[g])
+            below = [c for c in g.children if c in saved and c.physfn is None]
+            if g.is_bridge and below:
+                try:
+                    await self._wait_ready(below, "bus reset", self._poll_limit(g))
+                except ResetFailed as exc:
+                    errors.append(exc)
+                await self._restore_below(g, saved, errors)
 
     async def reset_subordinate(self, bridge: PciAddress) -> None:
         b = self._get(bridge)
@@ -565,16 +599,26 @@ class SimHost(PciHost):
         saved = {g: bytes(g.cfg) for g in hit}
         for g in hit:
             g.block_cfg()
+        errors: list[ResetFailed] = []
+        done = False
         try:
-            await self._secondary_bus_reset(b, physical, self._slow_extra(hit))
+            done = await self._secondary_bus_reset(b, physical, self._slow_extra(hit))
+            first = [g for g in hit if g.parent is b and g.physfn is None]
+            try:
+                await self._wait_ready(first, "bus reset", self._poll_limit(b))
+            except ResetFailed as exc:
+                errors.append(exc)
+            await self._restore_below(b, saved, errors)
         finally:
-            for g in hit:  # pci_bus_restore_locked(): parents before children
-                self._restore(g, saved[g])
+            for g in hit:
                 g.unblock_cfg()
             for lk in locks:
                 lk.release()
-            self.reset_log.append(ResetRecord("subordinate", b.addr, frozenset(g.addr for g in physical),
-                                              start, self._now()))
+            if done:
+                self.reset_log.append(ResetRecord(
+                    "subordinate", b.addr, frozenset(g.addr for g in physical), start, self._now()))
+        if errors:
+            raise errors[0]
 
     # -- remove / rescan / bind ---------------------------------------------------------
 
