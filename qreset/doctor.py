@@ -210,9 +210,12 @@ def _options(topo: Topology, addr: PciAddress) -> list[ResetOption]:
             opts.append(scoped(bus, "reset_subordinate",
                                f"echo 1 > {bus.target}/reset_subordinate (Linux 6.13+): "
                                "the kernel saves and restores"))
+        pciehp = topo.slot_scope(addr) is not None
         opts.append(scoped(bus, "user_sbr",
                            f"Secondary Bus Reset bit of {bus.target}'s Bridge Control; "
-                           "qreset restores state"))
+                           "qreset restores state"
+                           + ("; pciehp may take the link-down as a surprise removal "
+                              "(pciehp_reset_slot masks it, userspace cannot)" if pciehp else "")))
     return opts
 
 

@@ -254,3 +254,12 @@ def test_old_kernel_has_reset_without_reset_method() -> None:
     note = next(n for n in diagnose(t).notes if n.code == "no-reset-method-attr")
     assert "older than 5.15" in note.message
     assert "some functions have a 'reset' file" in note.message
+
+
+async def test_user_sbr_warns_about_pciehp_only_on_pciehp_slots() -> None:
+    _topo, rep = await sim_report("demo.toml")
+    by = {f.address: f for f in rep.functions}
+    hp = next(o for o in by[A("01:00.0")].options if o.method == "user_sbr")
+    assert "pciehp may take the link-down" in hp.note
+    plain = next(o for o in by[A("04:00.0")].options if o.method == "user_sbr")
+    assert "pciehp" not in plain.note

@@ -71,6 +71,8 @@ def render_function(f: FunctionReport) -> list[str]:
         also = "; ".join(_hit(h) for h in o.hits) or "nothing else"
         what = "function-level" if o.kind is ResetKind.FUNCTION else f"{o.kind.value} reset of {o.target}"
         lines.append(f"    {o.method:<18} {what}, also hits: {also}")
+        if o.kind is not ResetKind.FUNCTION and o.note:
+            lines.append("    " + " " * 18 + " " + o.note)
         if o.blocked_by:
             lines.append("    " + " " * 18 + " blocked by: "
                          + ", ".join(f"{h.address} ({h.driver or 'no driver'})" for h in o.blocked_by))
