@@ -25,7 +25,7 @@ import pytest
 
 from qreset.config import DEFAULT_CONTROL_SOCKET, parse_config
 from qreset.daemon import Daemon
-from qreset.libvirt import QEMU_NS
+from qreset.libvirt import COMMANDLINE_SNIPPET, QEMU_NS, default_qmp_path, parse_domain_xml
 from qreset.pci.address import PciAddress
 from qreset.pci.sim import SimHost
 from qreset.qmpsync import DEFAULT_SOCKET
@@ -276,3 +276,10 @@ async def test_bad_domain_xml_fails_prepare_only(xml: str, why: str) -> None:
 
 def test_hook_and_daemon_agree_on_the_default_socket() -> None:
     assert Path(DEFAULT_SOCKET) == DEFAULT_CONTROL_SOCKET
+
+
+def test_operators_doc_shows_the_snippet_the_hook_understands() -> None:
+    doc = (ROOT / "docs" / "operators.md").read_text()
+    assert COMMANDLINE_SNIPPET in doc
+    xml = COMMANDLINE_SNIPPET.replace("  ...\n", "  <name>DOMAIN</name>\n")
+    assert parse_domain_xml(xml).qmp == default_qmp_path("DOMAIN")
