@@ -283,3 +283,14 @@ def test_operators_doc_shows_the_snippet_the_hook_understands() -> None:
     assert COMMANDLINE_SNIPPET in doc
     xml = COMMANDLINE_SNIPPET.replace("  ...\n", "  <name>DOMAIN</name>\n")
     assert parse_domain_xml(xml).qmp == default_qmp_path("DOMAIN")
+
+
+async def test_a_guest_without_pci_hostdevs_is_left_alone_silently() -> None:
+    with short_tmpdir() as wd:
+        host = SimHost.from_toml(DEMO, time_scale=0.01)
+        async with daemon_on(wd, host) as daemon:
+            xml = domain_xml("plain", [], wd / "plain.qmp")
+            for op, sub in (("prepare", "begin"), ("start", "begin"), ("started", "begin"),
+                            ("stopped", "end"), ("release", "end")):
+                assert await hook(wd / "c.sock", "plain", op, sub, xml=xml) == (0, "", ""), op
+            assert daemon.monitors == {}

@@ -18,7 +18,9 @@ synchronous QMP client only — no asyncio event loop, no pydantic).
   function the guest had (whole domains), rescans, re-probes changed ones —
   while they are still bound to vfio-pci, before libvirt re-attaches managed
   devices to their host drivers.
-- ``release``: ``remove-vm`` again (idempotent) in case ``stopped`` failed.
+- ``release``: ``remove-vm`` again (idempotent) in case ``stopped`` failed,
+  without the reset: libvirt has re-attached managed devices to host drivers
+  by then.
 - Any other operation (migrate, restore, reconnect, attach, ...): nothing.
 
 Only ``prepare``/``start`` may exit non-zero: failing any other operation
@@ -98,7 +100,11 @@ def run(args: argparse.Namespace) -> int:
             qmp = (dom.qmp if dom else None) or default_qmp_path(args.guest)
             _call(args.socket, args.timeout, "add-vm", name=args.guest, qmp=qmp,
                   devices=devices, mode="stop-on-reset")
+        elif dom is not None and not devices:
+            return 0  # never registered: nothing to remove (and no noise in libvirt's log)
         else:  # stopped / release
+            # Only 'stopped' releases: by 'release', libvirt has handed managed devices
+            # back to host drivers, and a reset then would hit a driver's device.
             _call(args.socket, args.timeout, "remove-vm", name=args.guest, release=op == "stopped")
     except DaemonUnreachable as exc:
         # No daemon: nothing can be coordinated, but the guest may still run.
