@@ -312,6 +312,11 @@ def hot_reset(
                 why = _errno_text(err)
                 if err.errno == errno.EBUSY:
                     why += " (an affected device is in use or its lock is held)"
+                elif err.errno == errno.EINVAL:
+                    # vfio_pci_dev_set_hot_reset: every function on the slot/bus must be
+                    # bound to vfio-pci (in the device set) and every group be given.
+                    why += (" (every function the reset hits must be bound to vfio-pci: "
+                            + ", ".join(str(a) for a, _g in affected) + ")")
                 raise ResetFailed(str(target), f"VFIO_DEVICE_PCI_HOT_RESET: {why}") from err
         finally:
             os.close(fd)

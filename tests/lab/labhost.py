@@ -140,6 +140,13 @@ def bind_vfio(addr: PciAddress) -> None:
     raise AssertionError(f"/dev/vfio/{group} did not appear after binding {addr}")
 
 
+def unbind(addr: PciAddress) -> None:
+    """Detach ``addr`` from its driver and clear driver_override (it stays unbound)."""
+    write(PCI / str(addr) / "driver_override", "\n")
+    if driver(addr) is not None:
+        write(PCI / str(addr) / "driver" / "unbind", str(addr))
+
+
 def bind_group_vfio(addr: PciAddress) -> int:
     """Bind every endpoint of ``addr``'s IOMMU group to vfio-pci (bridges stay: vfio allows them)."""
     group = iommu_group(addr)

@@ -11,7 +11,16 @@ from qreset.pci import vfio
 from qreset.pci.address import PciAddress
 from qreset.pci.sysfs import SysfsHost
 from qreset.topology import Topology
-from tests.lab.labhost import KernelLog, Roles, bind_group_vfio, held_group, iommu_group
+from tests.lab.labhost import (
+    KernelLog,
+    Roles,
+    bind_group_vfio,
+    bind_vfio,
+    driver,
+    held_group,
+    iommu_group,
+    unbind,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -104,3 +113,18 @@ def test_hot_reset_async(roles: Roles, witnesses: list[str]) -> None:
 def test_no_such_group(roles: Roles) -> None:
     with pytest.raises(ResetFailed, match="no VFIO group 9999"):
         vfio.hot_reset_info(roles["virtio1"], 9999)
+
+
+def test_hot_reset_refused_when_a_hit_function_is_not_on_vfio(roles: Roles) -> None:
+    """mf0 on vfio-pci, its sibling mf1 unbound: the kernel refuses (EINVAL) and we say why."""
+    mf0, mf1 = roles["mf0"], roles["mf1"]
+    group = bind_group_vfio(mf0)
+    unbind(mf1)
+    try:
+        assert driver(mf1) is None
+        affected = {a for a, _g in vfio.hot_reset_info(mf0, group)}
+        assert affected == {mf0, mf1}
+        with pytest.raises(ResetFailed, match="must be bound to vfio-pci"):
+            vfio.hot_reset([mf0], [group])
+    finally:
+        bind_vfio(mf1)
