@@ -32,6 +32,26 @@ PORT_DRIVERS = frozenset({"pcieport", "shpchp"})
 _CLASS_BRIDGE = 0x06
 
 
+#: Every problem code doctor reports, with what it means (``qreset doctor --help``).
+PROBLEM_CODES: dict[str, str] = {
+    "no-iommu": "host: /sys/kernel/iommu_groups is missing or empty",
+    "no-reset-method-attr": "host: no function has reset_method (kernel < 5.15, or no method works)",
+    "not-present": "config space reads as absent or not ready",
+    "config-short": "config space only partly readable (not root)",
+    "config-broken": "a capability list is malformed",
+    "no-flr-shared-bus": "no FLR, and its bus reset would hit functions on host drivers",
+    "no-flr-bus-reset": "no function-level reset: only a bus reset that also hits other functions",
+    "root-bus": "on a root bus: no bridge to do a bus reset",
+    "no-reset": "no reset method at all",
+    "pm-only": "its only function-level reset is PM (D3hot->D0)",
+    "stale-bus-method": "reset_method lists bus, but the kernel will refuse it",
+    "pf-resets-vfs": "SR-IOV PF: any reset of it resets its VFs",
+    "conventional-bus": "behind a PCIe-to-PCI bridge: shared conventional bus, 1 s after reset",
+    "iommu-group-shared": "its IOMMU group has other (non-bridge) members",
+    "host-driver": "bound to a host driver, not vfio-pci",
+}
+
+
 class Severity(enum.StrEnum):
     BLOCKER = "blocker"  # the function cannot be reset safely as things stand
     WARNING = "warning"  # it can, with a cost or a risk worth knowing
@@ -46,6 +66,10 @@ class Problem:
     severity: Severity
     message: str
     remedy: str
+
+    def __post_init__(self) -> None:
+        if self.code not in PROBLEM_CODES:  # keeps --help's list complete
+            raise ValueError(f"undocumented doctor problem code {self.code!r}")
 
     def to_json(self) -> dict[str, Any]:
         return {"code": self.code, "severity": self.severity.value,

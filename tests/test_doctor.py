@@ -7,7 +7,7 @@ import tomllib
 
 import pytest
 
-from qreset.doctor import Report, Severity, diagnose, diagnose_function
+from qreset.doctor import Problem, Report, Severity, diagnose, diagnose_function
 from qreset.pci.address import PciAddress
 from qreset.pci.sim import SimHost
 from qreset.topology import ResetKind, Topology
@@ -263,3 +263,30 @@ async def test_user_sbr_warns_about_pciehp_only_on_pciehp_slots() -> None:
     assert "pciehp may take the link-down" in hp.note
     plain = next(o for o in by[A("04:00.0")].options if o.method == "user_sbr")
     assert "pciehp" not in plain.note
+
+
+def test_config_space_problems() -> None:
+    from tests.pcibuild import config, node
+
+    t = sample()
+    raw = config(flr=True)
+    # 64 bytes: what an unprivileged reader of sysfs config gets
+    t.functions[A("03:00.0")] = node("03:00.0", raw[:64], parent="02:00.0", driver="vfio-pci", group=3)
+    # CRS: Vendor ID 0x0001 while the function is not ready
+    crs = bytes([0x01, 0x00]) + raw[2:]
+    t.functions[A("05:00.0")] = node("05:00.0", crs, parent="02:02.0", driver="vfio-pci", group=5)
+    # a capability list that loops back on itself
+    loop = bytearray(raw)
+    loop[0x51] = 0x50
+    t.functions[A("00:02.0")] = node("00:02.0", bytes(loop), group=1, methods=("flr",))
+    rep = {f.address: f for f in diagnose(t).functions}
+    short = {p.code: p for p in rep[A("03:00.0")].problems}
+    assert "only 64 bytes" in short["config-short"].message
+    assert {p.code for p in rep[A("05:00.0")].problems} >= {"not-present"}
+    broken = {p.code: p for p in rep[A("00:02.0")].problems}
+    assert "loops back to 0x50" in broken["config-broken"].message
+
+
+def test_every_problem_code_is_documented() -> None:
+    with pytest.raises(ValueError, match="undocumented"):
+        Problem("made-up", Severity.INFO, "m", "r")

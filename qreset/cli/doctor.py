@@ -15,7 +15,7 @@ from qreset.cli.common import (
     print_text,
 )
 from qreset.cli.topology import class_name
-from qreset.doctor import FunctionReport, Hit, Problem, Report, diagnose
+from qreset.doctor import PROBLEM_CODES, FunctionReport, Hit, Problem, Report, diagnose
 from qreset.errors import AddressError, ConfigError, QResetError
 from qreset.pci.address import PciAddress
 from qreset.topology import ResetKind
@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         "  qreset doctor --json | jq '.functions[] | select(.problems != []) | .bdf'\n"
         "\n"
         "severities: blocker = cannot be reset safely as things stand; warning = can, at a\n"
-        "cost worth knowing; info = context. Each problem has a stable 'code' in --json.\n"
+        "cost worth knowing; info = context. Each problem has a stable 'code' in --json:\n"
+        + "".join(f"  {code:<21} {what}\n" for code, what in PROBLEM_CODES.items())
+        + "\n"
         "exit status: 0 when the host could be inspected (whatever was found), 1 when\n"
         "reading the host failed, 2 on bad arguments (bad or unknown BDF, missing or invalid\n"
         "--sim file, missing --sysfs-root)."
