@@ -119,6 +119,11 @@ class Topology:
             if parent is None:
                 parent = self._bridge_with_secondary(addr.domain, addr.bus)
             self._parent[addr] = parent
+        # Indexes: the tree is immutable once built (functions may be replaced
+        # with new nodes for the same addresses, never added or removed).
+        self._by_bus: dict[tuple[int, int], list[PciAddress]] = {}
+        for addr in self.functions:
+            self._by_bus.setdefault((addr.domain, addr.bus), []).append(addr)
         self._children: dict[PciAddress, list[PciAddress]] = {}
         for addr, parent in self._parent.items():
             if parent is not None:
@@ -215,12 +220,12 @@ class Topology:
     def bus_of(self, addr: PciAddress) -> frozenset[PciAddress]:
         """Every function on the same bus as ``addr`` (including it)."""
         self.node(addr)
-        return frozenset(a for a in self.functions if a.domain == addr.domain and a.bus == addr.bus)
+        return frozenset(self._by_bus.get((addr.domain, addr.bus), ()))
 
     def same_device(self, addr: PciAddress) -> frozenset[PciAddress]:
         """Every function of ``addr``'s device (same bus and device number), including it."""
         self.node(addr)
-        return frozenset(a for a in self.functions if a.slot == addr.slot)
+        return frozenset(a for a in self._by_bus.get((addr.domain, addr.bus), ()) if a.device == addr.device)
 
     def below(self, bridge: PciAddress) -> frozenset[PciAddress]:
         """Every function below ``bridge``: its secondary bus and all subordinate buses.
@@ -234,7 +239,8 @@ class Topology:
         window = self._bus_window(bridge)
         if window is not None:
             lo, hi = window
-            stack.extend(a for a in self.functions if a.domain == bridge.domain and lo <= a.bus <= hi)
+            for bus in range(lo, hi + 1):
+                stack.extend(self._by_bus.get((bridge.domain, bus), ()))
         found: set[PciAddress] = set()
         while stack:
             cur = stack.pop()
