@@ -223,6 +223,16 @@ async def test_slots_and_iommu_groups(host: SysfsHost, tree: Path) -> None:
     assert not await host.has_iommu_groups()
 
 
+async def test_slot_reset_needs_a_driver_with_reset_slot(host: SysfsHost, tree: Path) -> None:
+    """acpiphp/shpchp slots have "power" but no reset_slot: not slot-resettable."""
+    slots = tree / "bus/pci/slots"
+    for name, module in (("3", "pciehp"), ("7-1", "acpiphp"), ("empty", "shpchp")):
+        (slots / name / "power").write_text("1\n")
+        (tree / "module" / module).mkdir(parents=True)
+        (slots / name / "module").symlink_to(f"../../../../module/{module}")
+    assert {s.name: s.hotplug for s in await host.slots()} == {"3": True, "7-1": False, "empty": False}
+
+
 async def test_no_slots_directory(tmp_path: Path) -> None:
     build_tree(tmp_path, [Fn("0000:00:00.0", "pci0000:00/0000:00:00.0")])
     h = SysfsHost(tmp_path)
@@ -630,6 +640,13 @@ async def test_lab_info_agrees_with_the_kernel() -> None:
         for child, parent in parents.items():
             assert (await h.info(roles[child])).parent == roles[parent], child
         assert (await h.info(roles["rp_virtio1"])).parent is None
+        # Slots: resettable only when pciehp drives them (QEMU's are acpiphp here).
+        slots = await h.slots()
+        assert slots
+        for slot in slots:
+            link = Path("/sys/bus/pci/slots") / slot.name / "module"
+            module = os.path.basename(os.readlink(link)) if link.is_symlink() else None
+            assert slot.hotplug == (module == "pciehp"), (slot, module)
         # Config space: full size as root, and the reset methods the kernel
         # probed are the ones the config space advertises (pcie_has_flr, pci_pm_reset).
         assert len(await h.read_config(roles["virtio1"])) == 4096

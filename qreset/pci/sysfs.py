@@ -67,6 +67,9 @@ _HEX_RE = re.compile(r"0x[0-9a-fA-F]+")
 # dev_set_name(&bridge->dev, "pci%04x:%02x", ...) in drivers/pci/probe.c).
 _ROOT_BUS_RE = re.compile(r"pci[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}")
 _VIRTFN_RE = re.compile(r"virtfn(\d+)")
+# Hotplug drivers whose hotplug_slot_ops have .reset_slot: pciehp
+# (pciehp_reset_slot in drivers/pci/hotplug/pciehp_hpc.c).
+_SLOT_RESET_DRIVERS = frozenset({"pciehp"})
 
 
 def _why(exc: OSError) -> str:
@@ -340,11 +343,27 @@ class SysfsHost(PciHost):
             # without a device number (drivers/pci/slot.c).
             if not re.fullmatch(r"[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}(:[0-9a-fA-F]{2})?", address):
                 raise HostError(str(base / name / "address"), f"not a slot address: {address[:40]!r}")
-            # A "power" attribute exists only for slots registered by a hotplug
-            # driver (pci_hp_register -> pci_hp_add -> fs_add_slot).
-            out.append(SlotInfo(name, address.lower(), os.path.exists(base / name / "power")))
+            out.append(SlotInfo(name, address.lower(), self._slot_resettable(base / name)))
         # Directory order means nothing; bus order is what a reader expects.
         return sorted(out, key=lambda s: (s.address, s.name))
+
+    @staticmethod
+    def _slot_resettable(slot: Path) -> bool:
+        """Whether the kernel can reset this slot (``SlotInfo.hotplug``).
+
+        A "power" attribute exists only for slots registered by a hotplug
+        driver (pci_hp_register -> pci_hp_add -> fs_add_slot), and a "module"
+        link names that driver (pci_hp_create_module_link in
+        drivers/pci/slot.c). Only drivers with ``hotplug_slot_ops.reset_slot``
+        can do a slot reset (pci_reset_hotplug_slot); acpiphp and shpchp
+        register slots without it and the kernel falls back to a bus reset
+        (seen in the lab: QEMU's q35 root ports are acpiphp slots on 6.1). No
+        link (a tree written by the simulator) leaves "power" as the answer.
+        """
+        if not os.path.exists(slot / "power"):
+            return False
+        module = _link_name(slot / "module")
+        return module is None or module in _SLOT_RESET_DRIVERS
 
     async def has_iommu_groups(self) -> bool:
         groups = self.root / "kernel" / "iommu_groups"
