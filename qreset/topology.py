@@ -122,8 +122,11 @@ class Topology:
         # Indexes: the tree is immutable once built (functions may be replaced
         # with new nodes for the same addresses, never added or removed).
         self._by_bus: dict[tuple[int, int], list[PciAddress]] = {}
-        for addr in self.functions:
+        self._vfs: dict[PciAddress, set[PciAddress]] = {}
+        for addr, n in self.functions.items():
             self._by_bus.setdefault((addr.domain, addr.bus), []).append(addr)
+            if n.info.physfn is not None:
+                self._vfs.setdefault(n.info.physfn, set()).add(addr)
         self._children: dict[PciAddress, list[PciAddress]] = {}
         for addr, parent in self._parent.items():
             if parent is not None:
@@ -277,7 +280,7 @@ class Topology:
         """The SR-IOV VFs of ``addr`` present in the tree (empty unless it is a PF)."""
         info = self.node(addr).info
         vfs = {v for v in info.virtfns if v in self.functions}
-        vfs.update(a for a, n in self.functions.items() if n.info.physfn == addr)
+        vfs.update(self._vfs.get(addr, ()))
         return frozenset(vfs)
 
     def function_scope(self, addr: PciAddress) -> ResetScope:
