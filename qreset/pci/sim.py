@@ -3,11 +3,16 @@ A simulated PCI host: the :class:`~qreset.pci.host.PciHost` the demo and the tes
 
 ``SimHost.from_toml("configs/sim/switch.toml", time_scale=0.01)`` builds a host
 from a topology file (schema: :mod:`qreset.pci.sim_model`, bytes:
-:mod:`qreset.pci.sim_config`) and then behaves like the kernel's sysfs would:
+:mod:`qreset.pci.sim_config`, boot-time enumeration: :mod:`qreset.pci.sim_enum`,
+sysfs tree: :mod:`qreset.pci.sim_tree`) and then behaves like the kernel's
+sysfs would:
 
 * Enumeration is the kernel's (``pci_scan_child_bus_extend``): every slot of
   a bus first, then depth-first into each bridge, bus numbers handed out in
   that order; VFs are added last (as when ``sriov_numvfs`` is written at boot).
+  Functions come up "configured" (BARs assigned, Memory + Bus Master on, bus
+  numbers and windows on bridges, ACS enabled...), as firmware and the kernel
+  leave them.
 * ``reset_method`` is computed the way ``pci_init_reset_methods`` does it *at
   enumeration time* (drivers/pci/probe.c calls it from pci_init_capabilities,
   before the device joins ``bus->devices`` and before ``dev->subordinate`` is
@@ -27,6 +32,12 @@ from a topology file (schema: :mod:`qreset.pci.sim_model`, bytes:
   0x0001 (CRS) until then; bridges below lose their bus numbers, so what sits
   behind them reads all-ones until software restores the bridges top-down.
 * IOMMU groups follow ``pci_device_group`` in drivers/iommu/iommu.c.
+* :meth:`SimHost.info` reports what the kernel cached at enumeration (like
+  sysfs ``vendor``/``device``): a changed identity shows in config space, and
+  for BAR sizes in ``resource``, until ``remove`` + ``rescan``.
+* Writes to the Initiate FLR bit (PCIe DevCtl), the AF FLR bit and a PM
+  D3hot -> D0 transition without No_Soft_Reset reset the function too, like
+  hardware does; a PF's reset also resets its VFs (VF Enable clears).
 
 Every delay is a real ``asyncio.sleep`` of ``spec seconds * time_scale``; there
 is no global lock, so resets of independent functions overlap in time (see

@@ -488,7 +488,8 @@ def configure(img: ConfigImage, spec: FunctionSpec, asg: Assigned, *, is_vf: boo
         put(cfg, o + regs.EXP_DEVCTL, 2, (_DEVCTL_DEFAULT & ~0x00E0) | 0x0020 | 0x000F)
         if get(cfg, o + regs.EXP_LNKCAP, 4):
             put(cfg, o + regs.EXP_LNKCTL, 2, 0x0040)  # Common Clock Configuration
-        put(cfg, o + regs.EXP_DEVCTL2, 2, 0x0005 if spec.ltr else 0x0005 & ~0x400)
+        # Completion Timeout range 5 (16-55 ms); LTR Mechanism Enable (bit 10) where supported.
+        put(cfg, o + regs.EXP_DEVCTL2, 2, 0x0005 | (0x0400 if spec.ltr else 0))
     if regs.EXT_CAP_ID_ACS in img.ext_caps:
         o = img.ext_caps[regs.EXT_CAP_ID_ACS]
         acs = spec.acs if isinstance(spec.acs, AcsSpec) else AcsSpec()
