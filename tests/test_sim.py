@@ -704,3 +704,20 @@ async def test_reset_subordinate_stops_below_a_bridge_that_never_returns() -> No
     assert before != await host.read_config(dp2)
     [rec] = host.reset_log
     assert nic in rec.affected
+
+
+async def test_multifunction_root_ports_without_acs_share_one_group() -> None:
+    """Intel PCH-style root ports (00:1c.0 and 00:1c.4 of one multifunction device, no
+    ACS): both ports and everything below them end up in one IOMMU group."""
+    def ep(name: str, parent: str) -> dict[str, object]:
+        return {"name": name, "type": "endpoint", "parent": parent, "vendor": 0x10EC,
+                "device": 0x8168, "class": 0x020000}
+    host = SimHost.from_dict({"function": [
+        {"name": "a", "type": "root_port", "dev": 0x1C, "fn": 0},
+        {"name": "b", "type": "root_port", "dev": 0x1C, "fn": 4},
+        {"name": "c", "type": "root_port", "dev": 0x1D, "acs": True},
+        ep("ea", "a"), ep("eb", "b"), ep("ec", "c"),
+    ]}, "pch.toml")
+    g = {n: (await host.info(a)).iommu_group for n, a in host.names().items()}
+    assert g["a"] == g["b"] == g["ea"] == g["eb"]
+    assert len({g["a"], g["c"], g["ec"]}) == 3
