@@ -721,3 +721,18 @@ async def test_multifunction_root_ports_without_acs_share_one_group() -> None:
     g = {n: (await host.info(a)).iommu_group for n, a in host.names().items()}
     assert g["a"] == g["b"] == g["ea"] == g["eb"]
     assert len({g["a"], g["c"], g["ec"]}) == 3
+
+
+async def test_vf_ids_can_read_ffff_like_real_vfs() -> None:
+    pf = {"name": "pf", "type": "endpoint", "parent": "rp", "vendor": 0x8086, "device": 0x1521,
+          "class": 0x020000, "flr": True, "bars": [{"size": "1M"}],
+          "sriov": {"total_vfs": 2, "num_vfs": 2, "vf_device": 0x1520, "vf_config_ids": "ffff",
+                    "vf_bars": [{"size": "16K", "type": "mem64", "prefetch": True}]}}
+    host = SimHost.from_dict({"function": [{"name": "rp", "type": "root_port", "dev": 1}, pf]}, "vf.toml")
+    vf = host.address_of("pf.vf1")
+    raw = await host.read_config(vf)
+    assert (u16(raw, 0), u16(raw, 2)) == (0xFFFF, 0xFFFF)
+    assert u16(raw, regs.STATUS) & regs.STATUS_CAP_LIST  # the rest of the VF is there
+    info = await host.info(vf)
+    assert (info.vendor, info.device) == (0x8086, 0x1520)  # the kernel's cached IDs
+    assert str(vf) == "0000:01:10.1"  # offset 0x80, stride 1

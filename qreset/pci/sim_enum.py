@@ -104,6 +104,9 @@ class SimFunction:
                           slot_hotplug=bool(self.slot_hotplug))
         if self.physfn is not None:  # a VF's BARs live in its PF's SR-IOV capability
             img.bars = [BarSlot(b.index, b.size, b.type, b.prefetch) for b in self.physfn.img.vf_bars]
+            sriov = self.physfn.spec.sriov
+            if sriov is not None and sriov.vf_config_ids == "ffff":
+                img.por[regs.VENDOR_ID:regs.DEVICE_ID + 2] = b"\xff\xff\xff\xff"
         return img
 
     @property
@@ -439,9 +442,14 @@ class Enumeration:
 
 
 def read_ids(f: SimFunction) -> tuple[int, int, int, int, int, int]:
+    """What the kernel caches in struct pci_dev (and sysfs shows): read from config space,
+    except a VF's vendor/device, which pci_iov_add_virtfn() takes from the PF."""
     c = f.cfg
     sub = (0, 0) if f.is_bridge else (get(c, regs.SUBSYSTEM_VENDOR_ID, 2), get(c, regs.SUBSYSTEM_ID, 2))
-    return (get(c, 0, 2), get(c, 2, 2), get(c, regs.CLASS_REVISION, 4) >> 8, c[regs.REVISION_ID], *sub)
+    vendor, device = get(c, 0, 2), get(c, 2, 2)
+    if f.physfn is not None and f.physfn.spec.sriov is not None:
+        vendor, device = f.physfn.ids[0], f.physfn.spec.sriov.vf_device
+    return (vendor, device, get(c, regs.CLASS_REVISION, 4) >> 8, c[regs.REVISION_ID], *sub)
 
 
 def resources_of(f: SimFunction) -> list[Resource]:

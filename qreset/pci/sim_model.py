@@ -151,6 +151,10 @@ class SriovSpec(_Strict):
     vf_flr: StrictBool = True
     vf_msix: int = Field(default=3, ge=0, le=2048)
     vf_ready_ms: float = Field(default=10.0, ge=0)
+    # What a VF's Vendor/Device ID registers read. The SR-IOV spec (r1.1 sec 3.4.1.1/2)
+    # says FFFFh, and the kernel takes them from the PF instead (pci_iov_add_virtfn);
+    # "pf" shows the PF's vendor and vf_device there, which most tools assume.
+    vf_config_ids: Literal["pf", "ffff"] = "pf"
 
     @model_validator(mode="after")
     def _check(self) -> SriovSpec:
