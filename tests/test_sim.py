@@ -736,3 +736,26 @@ async def test_vf_ids_can_read_ffff_like_real_vfs() -> None:
     info = await host.info(vf)
     assert (info.vendor, info.device) == (0x8086, 0x1520)  # the kernel's cached IDs
     assert str(vf) == "0000:01:10.1"  # offset 0x80, stride 1
+
+
+async def test_nested_conventional_bridges_and_a_pci_domain(tmp_path: Path) -> None:
+    host = SimHost.from_dict({"host": {"domain": 0x10}, "function": [
+        {"name": "igpu", "type": "rc_endpoint", "dev": 2, "vendor": 0x8086, "device": 0x3E92,
+         "class": 0x030000, "bars": [{"size": "16M", "type": "mem64"}]},
+        {"name": "rp", "type": "root_port", "dev": 0x1C, "acs": True},
+        {"name": "p2p", "type": "pcie_pci_bridge", "parent": "rp"},
+        {"name": "legacy", "type": "pci_bridge", "parent": "p2p", "dev": 3},
+        {"name": "card", "type": "pci_device", "parent": "legacy", "dev": 5, "vendor": 0x1106,
+         "device": 0x3038, "class": 0x0C0300, "bars": [{"size": 32, "type": "io"}]},
+    ]}, "dom.toml", time_scale=SCALE)
+    n = host.names()
+    assert [str(n[k]) for k in ("igpu", "rp", "p2p", "legacy", "card")] == [
+        "0010:00:02.0", "0010:00:1c.0", "0010:01:00.0", "0010:02:03.0", "0010:03:05.0"]
+    g = {k: (await host.info(a)).iommu_group for k, a in n.items()}
+    assert g["card"] == g["legacy"] == g["p2p"] != g["rp"]  # aliased to the PCIe-to-PCI bridge
+    assert (await host.info(n["card"])).reset_methods == ("pm", "bus")
+    assert len(await host.read_config(n["card"])) == 256
+    host.write_tree(tmp_path)
+    card = tmp_path / "bus/pci/devices/0010:03:05.0"
+    assert os.path.realpath(card).endswith(
+        "devices/pci0010:00/0010:00:1c.0/0010:01:00.0/0010:02:03.0/0010:03:05.0")
