@@ -759,3 +759,11 @@ async def test_nested_conventional_bridges_and_a_pci_domain(tmp_path: Path) -> N
     card = tmp_path / "bus/pci/devices/0010:03:05.0"
     assert os.path.realpath(card).endswith(
         "devices/pci0010:00/0010:00:1c.0/0010:01:00.0/0010:02:03.0/0010:03:05.0")
+
+
+def test_sim_tree_command(tmp_path: Path) -> None:
+    from qreset.pci.sim_tree import main
+
+    assert main([str(SIM_DIR / "conventional.toml"), str(tmp_path / "sys")]) == 0
+    assert (tmp_path / "sys/bus/pci/devices/0000:02:01.0/vendor").read_text() == "0x10ec\n"
+    assert main([str(tmp_path / "missing.toml"), str(tmp_path / "x")]) == 2

@@ -27,6 +27,7 @@ shapes and formats of drivers/pci/pci-sysfs.c and drivers/pci/slot.c:
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -118,3 +119,27 @@ def write_tree(host: SimHost, root: Path) -> None:
             _text(s / "address", f"{f.addr.domain:04x}:{f.asg.secondary:02x}:00\n")
             if f.spec.slot.hotplug:
                 _text(s / "power", "1\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qreset.pci.sim_tree TOPOLOGY.toml DIR``: write DIR as a sysfs root,
+    e.g. to try ``qreset topology --sysfs-root DIR`` on a simulated host."""
+    import argparse
+
+    from qreset.errors import QResetError
+    from qreset.pci.sim import SimHost
+
+    parser = argparse.ArgumentParser(prog="python -m qreset.pci.sim_tree", description=main.__doc__)
+    parser.add_argument("topology", type=Path)
+    parser.add_argument("root", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        SimHost.from_toml(args.topology).write_tree(args.root)
+    except (QResetError, OSError) as exc:
+        print(f"qreset: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
