@@ -336,6 +336,8 @@ class SimHost(PciHost):
                 for g in hit:
                     self._power_on(g, now)
                 self.reset_log.append(ResetRecord("sbr", f.addr, frozenset(g.addr for g in hit), start, now))
+                log.debug("%s: secondary bus reset released, %d function(s) at power-on defaults",
+                          f.addr, len(hit))
         exp = f.cap(regs.CAP_ID_EXP)
         if exp is not None and touched(exp + regs.EXP_DEVCTL):
             value = int.from_bytes(bytes(data), "little") << (8 * (offset - (exp + regs.EXP_DEVCTL)))
@@ -509,6 +511,8 @@ class SimHost(PciHost):
                 if hit:  # the device went through reset, even if it then failed to come back
                     self.reset_log.append(ResetRecord(
                         done, f.addr, frozenset(g.addr for g in hit), start, self._now()))
+                    log.debug("%s: %s reset hit %d function(s) in %.1f ms", f.addr, done, len(hit),
+                              (self._now() - start) * 1000)
 
     async def _do_method(self, f: SimFunction, m: str, hit: list[SimFunction]) -> bool:
         """Run one reset method on f, filling ``hit`` as functions go through reset.
@@ -628,6 +632,7 @@ class SimHost(PciHost):
             if done:
                 self.reset_log.append(ResetRecord(
                     "subordinate", b.addr, frozenset(g.addr for g in physical), start, self._now()))
+                log.debug("%s: reset_subordinate hit %d function(s)", b.addr, len(physical))
         if errors:
             raise errors[0]
 
