@@ -546,7 +546,8 @@ class SimHost(PciHost):
             if parent is None or f.is_bridge:
                 return False  # root bus, or dev->subordinate
             slot = parent.spec.slot
-            slot_ok = slot is not None and slot.hotplug and not f.multifunction
+            # pci_dev_reset_slot_function(): dev->slot is the port's slot (device 0 below it).
+            slot_ok = slot is not None and slot.hotplug and not f.multifunction and f.addr.device == 0
             alone = all(g is f or not g.present for g in parent.children)
             if not (slot_ok or alone):
                 return False
