@@ -24,9 +24,10 @@ host:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING
 
 from qreset.errors import ConfigError
 from qreset.pci import regs
@@ -67,6 +68,12 @@ _MB = 1 << 20
 
 @dataclass(eq=False)
 class SimFunction:
+    """One simulated function: its spec, its config space now (``cfg``) and at power-on
+    (``img.por``, with the write masks), and what the kernel knows about it (``ids``,
+    ``resources``, ``reset_methods``, ``group``, ``driver``: cached at enumeration, the
+    way struct pci_dev caches them). ``ready_at`` is the loop time until which it
+    answers CRS after a reset."""
+
     spec: FunctionSpec
     addr: PciAddress
     parent: SimFunction | None
@@ -148,9 +155,10 @@ class _Placer:
     """Packs BARs/windows of one bus into an address range (largest alignment first)."""
 
     def __init__(self) -> None:
-        self.items: dict[str, list[tuple[int, int, Any]]] = {"io": [], "mem": [], "pref": []}
+        self.items: dict[str, list[tuple[int, int, Callable[[int], None]]]] = {
+            "io": [], "mem": [], "pref": []}
 
-    def add(self, kind: str, size: int, align: int, place: Any) -> None:
+    def add(self, kind: str, size: int, align: int, place: Callable[[int], None]) -> None:
         self.items[kind].append((size, align, place))
 
     def span(self, kind: str, gran: int) -> tuple[int, int]:
@@ -167,6 +175,14 @@ class _Placer:
             cursor = -(-cursor // align) * align
             place(cursor)
             cursor += size
+
+
+def _set_bar(table: dict[int, int], index: int, addr: int) -> None:
+    table[index] = addr
+
+
+def _set_rom(asg: Assigned, addr: int) -> None:
+    asg.rom_addr = addr
 
 
 def _bar_kind(slot: BarSlot) -> str:
@@ -331,15 +347,15 @@ class Enumeration:
             for f in funcs:
                 for slot in f.img.bars if f.physfn is None else []:
                     placer.add(_bar_kind(slot), slot.size, slot.size,
-                               lambda a, f=f, i=slot.index: f.asg.bar_addr.__setitem__(i, a))
+                               partial(_set_bar, f.asg.bar_addr, slot.index))
                 if f.img.rom_size and f.physfn is None:
                     placer.add("mem", f.img.rom_size, f.img.rom_size,
-                               lambda a, f=f: setattr(f.asg, "rom_addr", a))
+                               partial(_set_rom, f.asg))
                 if f.spec.sriov is not None:
                     total = f.spec.sriov.total_vfs
                     for slot in f.img.vf_bars:
                         placer.add(_bar_kind(slot), slot.size * total, slot.size,
-                                   lambda a, f=f, i=slot.index: f.asg.vf_bar_addr.__setitem__(i, a))
+                                   partial(_set_bar, f.asg.vf_bar_addr, slot.index))
                 if f.is_bridge:
                     sub = collect(c for c in f.children if c.physfn is None)
                     for kind in ("io", "mem", "pref"):
