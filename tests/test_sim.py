@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qreset.errors import ConfigError, HostError, NoSuchFunction, ResetFailed
 from qreset.pci import regs
@@ -767,3 +769,24 @@ def test_sim_tree_command(tmp_path: Path) -> None:
     assert main([str(SIM_DIR / "conventional.toml"), str(tmp_path / "sys")]) == 0
     assert (tmp_path / "sys/bus/pci/devices/0000:02:01.0/vendor").read_text() == "0x10ec\n"
     assert main([str(tmp_path / "missing.toml"), str(tmp_path / "x")]) == 2
+
+
+# -- property: read-only bytes never change -----------------------------------------------------------------
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_writes_never_change_read_only_bytes(data: st.DataObject) -> None:
+    name = data.draw(st.sampled_from([p.stem for p in TOPOLOGIES]), label="topology")
+    host = SimHost.from_toml(SIM_DIR / f"{name}.toml", time_scale=0.0)
+    addr = data.draw(st.sampled_from(sorted(host.names().values())), label="function")
+    f = host._fns[addr]
+    for _ in range(data.draw(st.integers(1, 8), label="writes")):
+        width = data.draw(st.sampled_from([1, 2, 4]), label="width")
+        offset = data.draw(st.integers(0, f.img.size // width - 1), label="slot") * width
+        value = data.draw(st.binary(min_size=width, max_size=width), label="data")
+        before, wm_before = bytes(f.cfg), bytes(f.img.wmask)
+        asyncio.run(host.write_config(addr, offset, value))
+        after, wm_after = bytes(f.cfg), bytes(f.img.wmask)
+        for o in range(f.img.size):
+            ro = ~(wm_before[o] | wm_after[o] | f.img.w1cmask[o]) & 0xFF
+            assert before[o] & ro == after[o] & ro, (name, str(addr), hex(offset), value.hex(), hex(o))
