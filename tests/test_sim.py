@@ -790,3 +790,25 @@ def test_writes_never_change_read_only_bytes(data: st.DataObject) -> None:
         for o in range(f.img.size):
             ro = ~(wm_before[o] | wm_after[o] | f.img.w1cmask[o]) & 0xFF
             assert before[o] & ro == after[o] & ro, (name, str(addr), hex(offset), value.hex(), hex(o))
+
+
+@pytest.mark.parametrize("path", TOPOLOGIES, ids=lambda p: p.stem)
+async def test_every_listed_method_restores_or_refuses(path: Path) -> None:
+    """Every function x every listed reset method, through the kernel path: either the
+    reset runs and every config space reads back identical (a PF's VFs excepted: the
+    kernel does not restore them), or it is refused with ENOTTY and nothing changed."""
+    host = SimHost.from_toml(path, time_scale=0.0)
+    for addr in await host.functions():
+        info = await host.info(addr)
+        for method in info.reset_methods:
+            before = {a: await host.read_config(a) for a in await host.functions()}
+            refused = ""
+            try:
+                await host.reset_function(addr, method)
+            except ResetFailed as exc:
+                refused = exc.why
+            assert refused in ("", "Inappropriate ioctl for device"), (str(addr), method, refused)
+            for a, data in before.items():
+                if a not in info.virtfns:
+                    assert await host.read_config(a) == data, (str(addr), method, str(a))
+            host.reset_log.clear()
