@@ -451,8 +451,8 @@ class SysfsHost(PciHost):
             failure = exc
             raise
         finally:
-            # Write back the exact list (an empty list is written as "\n",
-            # which reset_method_store reads as "disable all"); if the kernel
+            # Write back the exact list (space-separated, as reset_method_show
+            # printed it and reset_method_store parses it); if the kernel
             # refuses it, fall back to "default" rather than leave it narrowed.
             try:
                 _write(rm, previous + "\n")
