@@ -35,9 +35,10 @@ RP = regs.EXP_TYPE_ROOT_PORT
 BRIDGE = 0x060400
 
 
-def rp(bdf: str, sec: int, sub: int | None = None, *, reset_subordinate: bool = False) -> FunctionNode:
+def rp(bdf: str, sec: int, sub: int | None = None, *, reset_subordinate: bool = False,
+       hotplug_slot: bool = False) -> FunctionNode:
     return node(bdf, config(bridge=True, secondary=sec, subordinate=sub or sec, pcie_type=RP,
-                            class_code=BRIDGE), driver="pcieport", group=0,
+                            class_code=BRIDGE, hotplug_slot=hotplug_slot), driver="pcieport", group=0,
                 reset_subordinate=reset_subordinate)
 
 
