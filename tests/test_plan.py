@@ -771,7 +771,7 @@ def test_hotplug_slot_domain_warns_about_pciehp_for_user_sbr() -> None:
     from qreset.pci.host import SlotInfo
 
     nodes = [
-        rp("00:1a.0", 9),
+        rp("00:1a.0", 9, hotplug_slot=True),  # a pciehp port: the kernel can reset its slot
         node("09:00.0", config(multifunction=True), parent="00:1a.0", driver="vfio-pci", group=40),
         node("09:00.1", config(multifunction=True), parent="00:1a.0", driver="vfio-pci", group=40),
     ]
