@@ -62,9 +62,12 @@ class Journal:
             raise JournalError(f"{self.path}: cannot open journal: {exc.strerror or exc}") from None
 
     async def close(self) -> None:
-        if self._file is not None:
-            await self._file.close()
-            self._file = None
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                await file.close()
+            except OSError as exc:  # the last flush failed: already reported per record
+                logger.warning("%s: closing the journal: %s", self.path, exc.strerror or exc)
 
     async def append(self, record: dict[str, Any]) -> dict[str, Any]:
         """Write one record (adds ``t``), flush and fsync it; returns the record written."""
@@ -92,6 +95,9 @@ class Journal:
 
 
 def read_records(path: Path) -> Iterable[dict[str, Any]]:
+    if path.exists() and not path.is_file():
+        logger.warning("%s is not a regular file: no journal to read back", path)
+        return
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from qemu.qmp import EventListener, QMPClient, QMPError
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 from qemu.qmp.protocol import Runstate
 
 from qreset.config import Mode, OnIdentityChange
@@ -307,6 +307,8 @@ class VmMonitor:
             await self._serve(client, listener)
         except (QMPError, OSError, EOFError) as exc:
             self._log.warning("QMP session ended: %s", exc or type(exc).__name__)
+        except QResetError as exc:
+            self._log.error("%s", exc)
         finally:
             self._client = None
             client.remove_listener(listener)
@@ -327,7 +329,11 @@ class VmMonitor:
 
     async def _on_connect(self, client: QMPClient) -> None:
         if self.mode is Mode.PARK:
-            await client.execute("set-action", {"reboot": "shutdown", "shutdown": "pause"})
+            try:
+                await client.execute("set-action", {"reboot": "shutdown", "shutdown": "pause"})
+            except ExecuteError as exc:
+                raise QResetError(f"VM {self.name}: set-action refused ({exc}): park mode needs "
+                                  "QEMU >= 6.0; use mode = \"stop-on-reset\"") from None
         else:
             # Undo a park-mode leftover: QEMU's defaults (qemu-options.hx: -action).
             await client.execute("set-action", {"reboot": "reset", "shutdown": "poweroff"})
@@ -398,6 +404,9 @@ class VmMonitor:
             self.status = "paused" if self.status == "running" else self.status
         elif name == "RESUME":
             self.status = "running"
+            if self.state is VmState.STOPPED:  # the operator resumed a VM we had left stopped
+                self._log.info("resumed by someone else; was stopped: %s", self.stopped_reason)
+                self.state, self.stopped_reason = VmState.RUNNING, None
         if self._closing.is_set():
             return
         if self.mode is Mode.PARK and name == "SHUTDOWN":
@@ -441,6 +450,10 @@ class VmMonitor:
             self.state = VmState.CYCLE
             try:
                 summary = await self._run_cycle(client, cyc)
+            except (QResetError, QMPError, OSError) as exc:
+                # e.g. the journal's disk is full: the cycle cannot be recorded, but
+                # the guest must not stay parked because of it.
+                summary = await self._abort(client, cyc, exc)
             except asyncio.CancelledError:
                 # The daemon is being torn down mid-cycle: never leave the guest parked.
                 with contextlib.suppress(Exception):
@@ -456,6 +469,30 @@ class VmMonitor:
             for fut in cyc.waiters:
                 if not fut.done():
                     fut.set_result(summary)
+
+    async def _abort(self, client: QMPClient, cyc: _Cycle, exc: BaseException) -> dict[str, Any]:
+        """A cycle broke outside the engine: resume the guest anyway, say why once."""
+        self._log.error("cycle %s aborted: %s; resuming the VM", cyc.cid, exc)
+        resumed = False
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2 * RESET_SETTLE_TIMEOUT):
+                await self._resume(client)
+                resumed = True
+        summary: dict[str, Any] = {
+            "vm": self.name, "cycle": cyc.cid, "phase": "failed", "outcome": "failed",
+            "mode": cyc.mode.value, "trigger": cyc.trigger, "event_ts": round(cyc.wall_event, 6),
+            "vm_resumed": resumed, "devices": [str(a) for a in self.owned],
+            "durations": dict(cyc.durations), "error": f"cycle aborted: {exc}", "report": None,
+        }
+        self.cycles += 1
+        self.failures += 1
+        self.last_cycle = summary
+        with contextlib.suppress(Exception):
+            summary = await self.ctx.journal.append(summary)
+        self.ctx.cycle_done(self, summary)
+        self.ctx.emit("QRESET_RESET_FAILED", {k: summary[k] for k in (
+            "vm", "cycle", "outcome", "mode", "vm_resumed", "durations", "error")})
+        return summary
 
     async def _run_cycle(self, client: QMPClient, cyc: _Cycle) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
