@@ -214,7 +214,9 @@ async def test_crs_for_a_while_is_polled_with_backoff_then_restored(sim_dir: Pat
     assert res.ok, res.error
     by = {f.address: f for f in res.functions}
     # 0.5 s with 1 ms doubling: about 9 polls (pci_dev_wait's backoff), not hundreds.
-    assert 5 <= by[gpu].polls <= 12
+    # At least 2: the first poll saw CRS. (A loaded machine oversleeps, so fewer polls
+    # fit in the window; the lower bound must not depend on the scheduler.)
+    assert 2 <= by[gpu].polls <= 12
     assert by[gpu].verified
 
 
@@ -346,11 +348,14 @@ async def test_same_domain_from_two_vms_is_serialized(sim_dir: Path) -> None:
     [a], [b] = await asyncio.gather(ex1.run([d]), ex2.run([d]))
     assert a.ok, a.error
     assert b.ok, b.error
-    first, second = sorted((a, b), key=lambda r: r.phases["lock"])
-    # The second waited for the whole of the first (save to verify), not just its reset.
-    assert second.phases["lock"] >= (first.end - first.start) * 0.9
     s1, s2 = sorted((r for r in host.reset_log if r.method == "sbr"), key=lambda r: r.start)
     assert s1.end < s2.start
+    # The second waited for the whole of the first (through restore), not just its
+    # reset: every restore write of the first cycle lands before the second SBR starts.
+    restore_writes = min(sum(f.writes for f in r.functions) for r in (a, b))
+    assert restore_writes > 0
+    between = [w for w in host.config_writes if s1.end <= w.t < s2.start]
+    assert len(between) >= restore_writes
 
 
 async def test_one_failing_domain_does_not_stop_the_others(sim_dir: Path) -> None:
