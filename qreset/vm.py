@@ -296,6 +296,8 @@ class VmMonitor:
         try:
             self.state = VmState.CONNECTING
             await self._on_connect(client)
+            if self.status == "running":
+                self.stopped_reason = None  # a new QEMU, or someone resumed it meanwhile
             served = True
             self.state = VmState.STOPPED if self.stopped_reason else VmState.RUNNING
             self.ctx.emit("QRESET_VM_CONNECTED", {

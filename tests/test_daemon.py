@@ -329,6 +329,12 @@ async def test_daemon_sigkilled_while_parked_next_daemon_resumes_within_2s(mode:
                 lambda r: r["cycle"] == parked["cycle"] and r.get("recovered"), 5)
             d2.send_signal(signal.SIGTERM)
             rc2 = await asyncio.wait_for(d2.wait(), 15)
+            # The daemon gave QEMU its default actions back: the guest's next resets
+            # go through QEMU alone and never park it.
+            boots = g.boots()
+            await asyncio.sleep(1.0)
+            after_exit = [await status(ctl) for _ in range(5)]
+            boots_after_exit = g.boots() - boots
         finally:
             await ctl.disconnect()
             for p in (d1, d2):
@@ -342,6 +348,8 @@ async def test_daemon_sigkilled_while_parked_next_daemon_resumes_within_2s(mode:
     assert done["vm_resumed"] is True
     assert done["status_found"] == held
     assert rc2 == 0, log_text
+    assert after_exit == ["running"] * 5
+    assert boots_after_exit >= 2
     print(f"{mode}: resumed {resumed_after:.3f} s after the new daemon was started")
 
 
