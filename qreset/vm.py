@@ -74,7 +74,7 @@ REBOOT_REASONS = frozenset({"guest-reset", "host-qmp-system-reset"})
 #: qmp_quit and qemu_system_killed force SHUTDOWN_ACTION_POWEROFF, softmmu/runstate.c).
 EXITS_ANYWAY = frozenset({"host-qmp-quit", "host-signal"})
 #: Events a monitor listens to.
-EVENTS = ("SHUTDOWN", "RESET", "STOP", "RESUME")
+EVENTS = ("SHUTDOWN", "RESET", "STOP", "RESUME", "DEVICE_DELETED")
 #: How long QEMU may take to leave the ``shutdown`` state after ``system_reset``.
 RESET_SETTLE_TIMEOUT = 5.0
 
@@ -339,13 +339,19 @@ class VmMonitor:
         else:
             # Undo a park-mode leftover: QEMU's defaults (qemu-options.hx: -action).
             await client.execute("set-action", {"reboot": "reset", "shutdown": "poweroff"})
+        await self._refresh_inventory(client)
+        self.status = await self._query_status(client)
+        await self._recover(client)
+
+    async def _refresh_inventory(self, client: QMPClient) -> None:
+        before = self.owned
         try:
             self.devices = await read_inventory(client, self.name, self.configured)
         except QMPError as exc:
             self._log.warning("inventory over QMP failed (%s); using configured devices", exc)
             self.devices = merge([], self.configured)
-        self.status = await self._query_status(client)
-        await self._recover(client)
+        if self.owned != before:
+            self._log.info("devices: %s", ", ".join(map(str, self.owned)) or "none")
 
     async def _serve(self, client: QMPClient, listener: EventListener) -> None:
         events = asyncio.create_task(self._consume(client, listener), name=f"vm[{self.name}].events")
@@ -411,7 +417,11 @@ class VmMonitor:
                 self.state, self.stopped_reason = VmState.RUNNING, None
         if self._closing.is_set():
             return
-        if self.mode is Mode.PARK and name == "SHUTDOWN":
+        if name == "DEVICE_DELETED":
+            # A hot-unplugged vfio-pci device is no longer this VM's (QEMU 7.2 has no
+            # DEVICE_ADDED event: a hot-plugged one is picked up at the next connect).
+            await self._refresh_inventory(client)
+        elif self.mode is Mode.PARK and name == "SHUTDOWN":
             if reason in REBOOT_REASONS:
                 await self._cycle(client, event)
             elif reason in EXITS_ANYWAY:
