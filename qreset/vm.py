@@ -75,6 +75,8 @@ REBOOT_REASONS = frozenset({"guest-reset", "host-qmp-system-reset"})
 EXITS_ANYWAY = frozenset({"host-qmp-quit", "host-signal"})
 #: Events a monitor listens to.
 EVENTS = ("SHUTDOWN", "RESET", "STOP", "RESUME", "DEVICE_DELETED")
+#: How long connecting (greeting + negotiation) may take.
+CONNECT_TIMEOUT = 5.0
 #: How long QEMU may take to leave the ``shutdown`` state after ``system_reset``.
 RESET_SETTLE_TIMEOUT = 5.0
 
@@ -283,9 +285,13 @@ class VmMonitor:
         """One connection. Returns True if it got as far as serving events."""
         client = QMPClient(self.name)
         try:
-            await client.connect(str(self.qmp))
-        except (QMPError, OSError) as exc:
-            self._log.debug("connect %s: %s", self.qmp, exc)
+            # A hung QEMU accepts but never greets: bound it, or shutdown would hang too.
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await client.connect(str(self.qmp))
+        except (QMPError, OSError, TimeoutError) as exc:
+            self._log.debug("connect %s: %s", self.qmp, exc or type(exc).__name__)
+            with contextlib.suppress(Exception):
+                await client.disconnect()
             return False
         listener = EventListener(EVENTS)
         client.register_listener(listener)
@@ -295,7 +301,8 @@ class VmMonitor:
         served = False
         try:
             self.state = VmState.CONNECTING
-            await self._on_connect(client)
+            async with asyncio.timeout(CONNECT_TIMEOUT + self.ctx.settings().cycle_timeout):
+                await self._on_connect(client)  # may finish a recovered cycle
             if self.status == "running":
                 self.stopped_reason = None  # a new QEMU, or someone resumed it meanwhile
             served = True
@@ -307,7 +314,7 @@ class VmMonitor:
             self._log.info("connected (%s mode, status %s, devices %s)", self.mode.value,
                            self.status, ", ".join(map(str, self.owned)) or "none")
             await self._serve(client, listener)
-        except (QMPError, OSError, EOFError) as exc:
+        except (QMPError, OSError, EOFError, TimeoutError) as exc:
             self._log.warning("QMP session ended: %s", exc or type(exc).__name__)
         except QResetError as exc:
             self._log.error("%s", exc)

@@ -553,3 +553,32 @@ async def test_journal_write_failure_still_resumes_the_guest(mode: str) -> None:
     assert event["vm_resumed"] is True
     assert "No space left on device" in event["error"]
     assert st == "running"
+
+
+async def test_a_frozen_qemu_blocks_neither_other_vms_nor_shutdown() -> None:
+    """vm2's QEMU is SIGSTOPped (accepts on its socket, never greets): vm1 is served all the same."""
+    with short_tmpdir() as wd, guests(wd, "vm1", "vm2", paused=True) as (g1, g2):
+        assert g2.proc is not None
+        g2.proc.send_signal(signal.SIGSTOP)
+        try:
+            host = SimHost.from_toml(DEMO, time_scale=0.01)
+            cfg = make_config(wd, {"vm1": (g1, [NIC1]), "vm2": (g2, [SOUND])})
+            daemon = Daemon(cfg, host=host, control=False)
+            task = asyncio.create_task(daemon.run())
+            await daemon.wait_event("QRESET_VM_CONNECTED", about("vm1"), timeout=10, past=True)
+            ctl = await g1.ctl()
+            try:
+                await ctl.execute("cont")
+                await wait_cycles(daemon, "vm1", 4, timeout=20)
+            finally:
+                await ctl.disconnect()
+            vm2_connected = daemon.monitors["vm2"].connected
+            t0 = time.monotonic()
+            daemon.request_stop()
+            await asyncio.wait_for(task, 15)
+            stop_took = time.monotonic() - t0
+        finally:
+            g2.proc.send_signal(signal.SIGCONT)
+    assert vm2_connected is False
+    assert all(c["outcome"] == "resumed" for c in daemon.history if c["vm"] == "vm1")
+    assert stop_took < 7.0
