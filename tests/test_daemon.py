@@ -582,3 +582,26 @@ async def test_a_frozen_qemu_blocks_neither_other_vms_nor_shutdown() -> None:
     assert vm2_connected is False
     assert all(c["outcome"] == "resumed" for c in daemon.history if c["vm"] == "vm1")
     assert stop_took < 7.0
+
+
+@pytest.mark.parametrize(("fault", "why"), [
+    (Fault.eio(), "Input/output error"),
+    (Fault.crs(None), "engine did not finish within cycle_timeout=0.5s"),
+], ids=["eio", "never-ready"])
+async def test_engine_failure_or_timeout_still_resumes_the_guest(fault: Fault, why: str) -> None:
+    with short_tmpdir() as wd, guests(wd, "vm1", paused=True) as (g,):
+        host = SimHost.from_toml(DEMO, time_scale=0.01)
+        cfg = make_config(wd, {"vm1": (g, [NIC1])}, cycle_timeout=0.5)
+        async with running(cfg, host) as daemon:
+            host.inject(A(NIC1), fault)
+            t0 = time.monotonic()
+            summary = await daemon.reset_vm("vm1")
+            took = time.monotonic() - t0
+            st = await wait_running(g)
+            status_counters = await daemon.query_status()
+    assert summary["outcome"] == "failed"
+    assert summary["vm_resumed"] is True
+    assert why in summary["error"], summary["error"]
+    assert st == "running"
+    assert took < 5.0
+    assert status_counters["failures"] == 1
