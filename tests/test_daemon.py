@@ -353,11 +353,12 @@ async def test_daemon_sigkilled_while_parked_next_daemon_resumes_within_2s(mode:
     print(f"{mode}: resumed {resumed_after:.3f} s after the new daemon was started")
 
 
+@pytest.mark.parametrize("mode", ["park", "stop-on-reset"])
 @pytest.mark.parametrize("action", ["stop", "resume"])
-async def test_device_with_new_identity_is_escalated_not_restored(action: str) -> None:
+async def test_device_with_new_identity_is_escalated_not_restored(action: str, mode: str) -> None:
     with short_tmpdir() as wd, guests(wd, "vm1", paused=True) as (g,):
         host = SimHost.from_toml(DEMO, time_scale=0.01)
-        cfg = make_config(wd, {"vm1": (g, [NIC1])}, on_identity_change=action)
+        cfg = make_config(wd, {"vm1": (g, [NIC1])}, mode, on_identity_change=action)
         async with running(cfg, host) as daemon:
             host.inject(A(NIC1), Fault.new_identity(device_id=0x1539))
             changed = asyncio.create_task(daemon.wait_event("QRESET_DEVICE_CHANGED", timeout=10))
