@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,23 @@ def test_qreset_run_reports_bad_config_and_exits_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines == [f"qreset: {path}: policy.mode: expected 'park' or 'stop-on-reset', got 'pause'"]
+
+
+def test_qreset_run_sim_override_and_sigterm(tmp_path: Path) -> None:
+    """--sim replaces the host; SIGTERM stops the daemon cleanly (exit 0), journal created."""
+    path = write(tmp_path, '[daemon]\njournal = "j/journal.jsonl"\ncontrol_socket = ""\n')
+    demo = ROOT / "configs" / "sim" / "demo.toml"
+    argv = [sys.executable, "-m", "qreset", "run", "--config", str(path), "--sim", str(demo)]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "running:" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=30)[1]
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert f"host sim:{demo}" in lines[-1]
+    assert "stopped" in rest
+    assert (tmp_path / "j" / "journal.jsonl").exists()
