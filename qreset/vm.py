@@ -683,14 +683,22 @@ class VmMonitor:
         engine_done = "engine-done" in phases
         self._log.warning("cycle %s was left open by a previous daemon (phases %s; QEMU status %s)",
                           cid, ",".join(str(p) for p in phases), status)
+        done = next((r for r in records if r.get("phase") == "engine-done"), {})
+        changed = [str(a) for a in done.get("identity_changed") or []]
+        # The previous daemon had decided to leave the VM stopped: keep to it.
+        stop_it = bool(changed) and self.ctx.settings().on_identity_change is OnIdentityChange.STOP
         t0 = time.monotonic()
         try:
             async with asyncio.timeout(2 * RESET_SETTLE_TIMEOUT):
-                await self._resume(client)
+                await self._resume(client, cont=not stop_it)
             outcome = "resumed" if engine_done else "failed"
             error = None if engine_done else (
                 "previous daemon died before the engine finished: the devices may not have been reset")
             resumed = True
+            if stop_it:
+                self.stopped_reason = ("identity changed: " + ", ".join(changed)
+                                       + " (on_identity_change=stop)")
+                outcome, error, resumed = "stopped", self.stopped_reason, False
         except (QMPError, OSError, TimeoutError, QResetError) as exc:
             outcome, error, resumed = "failed", f"recovery could not resume the VM: {exc}", False
         summary: dict[str, Any] = {

@@ -606,3 +606,49 @@ async def test_engine_failure_or_timeout_still_resumes_the_guest(fault: Fault, w
     assert st == "running"
     assert took < 5.0
     assert status_counters["failures"] == 1
+
+
+@pytest.mark.parametrize("left", ["no-record", "engine-done", "identity-changed"])
+async def test_start_finishes_what_a_dead_daemon_left_parked(left: str) -> None:
+    """A guest found parked at start-up: the journal says how far the dead daemon got."""
+    with short_tmpdir() as wd, guests(wd, "vm1", paused=True) as (g,):
+        ctl = await g.ctl()
+        try:
+            # Park the guest as a daemon would have: its reset became a shutdown+pause.
+            await ctl.execute("set-action", {"reboot": "shutdown", "shutdown": "pause"})
+            await ctl.execute("cont")  # the guest resets itself, and is parked
+            async with asyncio.timeout(10):
+                while await status(ctl) != "shutdown":
+                    await asyncio.sleep(0.01)
+            jpath = wd / "journal.jsonl"
+            base = {"t": time.time(), "vm": "vm1", "cycle": "vm1-dead-1"}
+            if left != "no-record":
+                lines = [{**base, "phase": "cycle-start"}, {**base, "phase": "parked"},
+                         {**base, "phase": "engine-done", "ok": left == "engine-done",
+                          "identity_changed": [NIC1] if left == "identity-changed" else []}]
+                jpath.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"torn": ')
+            host = SimHost.from_toml(DEMO, time_scale=0.01)
+            cfg = make_config(wd, {"vm1": (g, [NIC1])}, on_identity_change="stop")
+            async with running(cfg, host) as daemon:
+                async with asyncio.timeout(5):
+                    while daemon.monitors["vm1"].cycles < 1:
+                        await asyncio.sleep(0.01)
+                first = daemon.history[-1]
+                st = await status(ctl)
+                state = daemon.monitors["vm1"].state
+        finally:
+            await ctl.disconnect()
+    if left == "no-record":
+        assert first["outcome"] == "resumed"      # a full cycle, as if the event had just come
+        assert touching(host.reset_log, [NIC1])
+    else:
+        assert first["recovered"] is True
+        assert first["cycle"] == "vm1-dead-1"
+        assert first["status_found"] == "shutdown"
+        assert host.reset_log == []               # finished, not redone
+    if left == "identity-changed":
+        assert first["outcome"] == "stopped"
+        assert st == "prelaunch"                  # reset finished, left stopped on purpose
+        assert state is VmState.STOPPED
+    else:
+        assert st == "running"
