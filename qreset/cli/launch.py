@@ -35,6 +35,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -161,21 +162,24 @@ def _socket_ok(path: Path) -> None:
         raise LaunchError(f"socket path {path} is longer than {_UNIX_PATH_MAX - 1} bytes; use --run-dir")
 
 
-def run_dir(given: Path | None) -> Path:
-    """--run-dir, else /run/qreset when we can write there, else a private temp dir."""
+def run_dir(given: Path | None) -> tuple[Path, bool]:
+    """
+    --run-dir, else /run/qreset when we can write there, else a private temp
+    dir; and whether it was made here for this run (then it is removed at exit).
+    """
     if given is not None:
         try:
             given.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise LaunchError(f"--run-dir {given}: {exc.strerror or exc}") from None
-        return given
+        return given, False
     try:
         RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
         if os.access(RUN_DIR, os.W_OK | os.X_OK):
-            return RUN_DIR
+            return RUN_DIR, False
     except OSError:
         pass
-    return Path(tempfile.mkdtemp(prefix="qreset-"))
+    return Path(tempfile.mkdtemp(prefix="qreset-")), True
 
 
 def _in_use(path: Path) -> bool:
@@ -360,7 +364,18 @@ async def _launch(args: argparse.Namespace, qemu_argv: list[str]) -> int:
             devices.append(str(PciAddress.parse(bdf)))
         except QResetError as exc:
             raise LaunchError(f"device {bdf!r}: {exc}") from None
-    rundir = run_dir(args.run_dir)
+    rundir, temporary = run_dir(args.run_dir)
+    try:
+        return await _run(args, qemu_argv, cfg, name, devices, rundir)
+    finally:
+        if temporary:
+            shutil.rmtree(rundir, ignore_errors=True)
+
+
+async def _run(args: argparse.Namespace, qemu_argv: list[str], cfg: Config, name: str,
+               devices: list[str], rundir: Path) -> int:
+    from qreset.errors import QResetError
+
     qmp, own = rundir / f"{name}.qmp", rundir / f"{name}.launch.qmp"
     for path in (qmp, own):
         _socket_ok(path)
