@@ -142,6 +142,8 @@ class _Cycle:
     t_event: float                 # loop.time() when the event was received
     wall_event: float              # QEMU's event timestamp (UNIX time)
     durations: dict[str, float] = field(default_factory=dict)
+    #: QEMU's run status when the cycle began (park mode checks it first).
+    status: str | None = None
     waiters: list[asyncio.Future[dict[str, Any]]] = field(default_factory=list)
 
 
@@ -466,6 +468,8 @@ class VmMonitor:
             )
             if data.get("reason") == "host-qmp-system-reset":
                 cyc.waiters, self._reset_waiters = self._reset_waiters, []
+            if self.mode is Mode.PARK and not await self._still_parked(client, cyc):
+                return
             self.state = VmState.CYCLE
             try:
                 summary = await self._run_cycle(client, cyc)
@@ -488,6 +492,28 @@ class VmMonitor:
             for fut in cyc.waiters:
                 if not fut.done():
                     fut.set_result(summary)
+
+    async def _still_parked(self, client: QMPClient, cyc: _Cycle) -> bool:
+        """Whether a SHUTDOWN event still describes QEMU's state.
+
+        A ``system_reset`` sent while the guest was already parked (``reset-vm``
+        during a cycle) queues a second SHUTDOWN that the first cycle's own reset
+        has already absorbed: by the time it is read the guest runs again, and
+        resetting its devices now would pull them from under a running guest.
+        """
+        try:
+            cyc.status = await self._query_status(client)
+        except (QMPError, QResetError):
+            return True  # let the cycle meet the error and report it
+        if cyc.status != "running":  # shutdown (parked), or prelaunch/paused: the guest cannot run
+            return True
+        self._log.info("%s(%s) already handled (QEMU status %s): no cycle", cyc.trigger["event"],
+                       cyc.trigger["reason"], cyc.status)
+        for fut in cyc.waiters:
+            if not fut.done():
+                fut.set_result(self.last_cycle or {"vm": self.name, "outcome": "resumed",
+                                                   "vm_resumed": True, "error": None})
+        return False
 
     async def _abort(self, client: QMPClient, cyc: _Cycle, exc: BaseException) -> dict[str, Any]:
         """A cycle broke outside the engine: resume the guest anyway, say why once."""
@@ -535,7 +561,7 @@ class VmMonitor:
                                                "devices": [str(a) for a in self.owned]})
         cyc.durations.update(stop_latency)
         try:
-            self.status = await self._query_status(client)
+            self.status = cyc.status or await self._query_status(client)
         except QMPError as exc:
             return await self._end(cyc, "failed", None, f"QEMU went away before the reset: {exc}",
                                    resumed=False)

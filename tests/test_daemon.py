@@ -652,3 +652,22 @@ async def test_start_finishes_what_a_dead_daemon_left_parked(left: str) -> None:
         assert state is VmState.STOPPED
     else:
         assert st == "running"
+
+
+async def test_reset_request_during_a_parked_cycle_is_absorbed_not_rerun() -> None:
+    """reset-vm while the guest is parked: QEMU queues a second SHUTDOWN that the running
+    cycle's own reset absorbs; the daemon must not reset the devices of the now running guest."""
+    with short_tmpdir() as wd, guests(wd, "vm1", paused=True) as (g,):
+        host = SimHost.from_toml(DEMO, time_scale=0.2)   # the bus reset of LPT: ~220 ms
+        cfg = make_config(wd, {"vm1": (g, [LPT])}, allow=[SOUND])
+        async with running(cfg, host) as daemon:
+            started = asyncio.create_task(daemon.wait_event("QRESET_RESET_STARTED", timeout=10))
+            first = asyncio.create_task(daemon.reset_vm("vm1"))
+            await started
+            second = await daemon.reset_vm("vm1")     # sent while the first cycle runs
+            one = await first
+            await asyncio.sleep(0.3)  # the stale SHUTDOWN has been read and dropped by now
+            requested = [c for c in daemon.history if c["trigger"]["reason"] == "host-qmp-system-reset"]
+    assert one["outcome"] == "resumed"
+    assert second["cycle"] == one["cycle"]
+    assert [c["cycle"] for c in requested] == [one["cycle"]]
