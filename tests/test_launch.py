@@ -16,27 +16,19 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from qreset.cli.launch import exit_code, qemu_name, vfio_devices
-from qreset.config import parse_config
-from qreset.daemon import Daemon
 from qreset.pci.address import PciAddress
 from qreset.pci.sim import SimHost
 from qreset.qmpsync import call
 from tests.conftest import ROOT
 from tests.guest import count_boots, write_boot_image
 from tests.qemu_helpers import QEMU, have_qemu, short_tmpdir
-
-DEMO = ROOT / "configs" / "sim" / "demo.toml"
-NIC1 = "0000:01:00.0"       # configs/sim/demo.toml: FLR, own root port
-GPU = "0000:03:00.0"
-GPU_AUDIO = "0000:03:00.1"
+from tests.test_hook import DEMO, GPU, GPU_AUDIO, NIC1, daemon_on
 
 needs_qemu = pytest.mark.skipif(not have_qemu(),
                                 reason="qemu-system-x86_64 not installed (scripts/install-deps)")
@@ -120,24 +112,6 @@ async def poll(what: Any, timeout: float = 60) -> Any:
             if value:
                 return value
             await asyncio.sleep(0.05)
-
-
-@asynccontextmanager
-async def daemon_on(workdir: Path, host: SimHost) -> AsyncIterator[Daemon]:
-    cfg = parse_config({
-        "daemon": {"journal": str(workdir / "journal.jsonl"), "control_socket": str(workdir / "c.sock")},
-        "sim": {"topology": str(DEMO), "time_scale": 0.01},
-        "policy": {"connect_backoff_max": 0.3},
-    }, "test")
-    daemon = Daemon(cfg, host=host)
-    task = asyncio.create_task(daemon.run(), name="daemon")
-    try:
-        async with asyncio.timeout(10):
-            await daemon.started.wait()
-        yield daemon
-    finally:
-        daemon.request_stop()
-        await asyncio.wait_for(task, 30)
 
 
 @needs_qemu
