@@ -252,3 +252,18 @@ async def test_bad_invocations_exit_2() -> None:
         rc, _out, err = await finish(await launch(wd, "--device", "01:00", qemu_args=["true"]))
         assert rc == 2
         assert "device '01:00'" in err
+
+
+async def test_a_qemu_that_never_opens_its_sockets_is_stopped() -> None:
+    with short_tmpdir() as wd:
+        cfg = wd / "qreset.toml"
+        cfg.write_text(f'[daemon]\njournal = "journal.jsonl"\ncontrol_socket = ""\n'
+                       f'[sim]\ntopology = "{DEMO}"\ntime_scale = 0.01\n')
+        # Not QEMU at all: it ignores the monitor options it is given.
+        proc = await launch(wd, "--config", str(cfg), "--name", "vm1", "--start-timeout", "1",
+                            qemu_args=["sh", "-c", "exec sleep 60", "not-qemu"])
+        child = (await poll(lambda: children(proc.pid), 10))[0]
+        rc, out, err = await finish(proc, 30)
+        assert (rc, out) == (2, "")
+        assert f"QEMU created no QMP socket at {wd / 'vm1.qmp'} within 1 s" in err
+        assert not alive(child)

@@ -86,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                         help="a host PCI function the VM uses that QEMU's arguments do not name")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help=f"where the QMP sockets go (default: {RUN_DIR} if writable, else a temp dir)")
+    parser.add_argument("--start-timeout", type=float, default=START_TIMEOUT, metavar="SECONDS",
+                        help="for QEMU's sockets to appear, then for the daemon to connect "
+                             "(default: %(default)s)")
     parser.add_argument("--no-release", dest="release", action="store_false",
                         help="do not reset the VM's devices for the host when QEMU exits")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (stderr)")
@@ -402,21 +405,31 @@ async def _run(args: argparse.Namespace, qemu_argv: list[str], cfg: Config, name
 
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, forward, sig)
-        if await _wait_path(qmp, proc, START_TIMEOUT) and await _wait_path(own, proc, START_TIMEOUT):
+        try:
+            sockets = all([await _wait_path(p, proc, args.start_timeout) for p in (qmp, own)])
+        except TimeoutError:
+            # With -S added the guest would wait for a cont that cannot come: stop QEMU (finally).
+            raise LaunchError(
+                f"QEMU created no QMP socket at {qmp} within {args.start_timeout:g} s") from None
+        if sockets:
             try:
                 await coordinator.add(name, qmp, devices, args.mode)
                 registered = True
-                async with asyncio.timeout(START_TIMEOUT):
+                async with asyncio.timeout(args.start_timeout):
                     while not await coordinator.connected(name) and proc.returncode is None:
                         await asyncio.sleep(0.05)
                 _say(f"{name}: registered with the {coordinator.where}"
                      + (f", devices {', '.join(devices)}" if devices else ", no assigned devices"))
             except (QResetError, TimeoutError) as exc:
-                why = str(exc) or f"the daemon did not connect within {START_TIMEOUT:.0f} s"
+                why = str(exc) or f"the daemon did not connect within {args.start_timeout:g} s"
                 _say(f"{name}: guest resets are NOT coordinated: {why}")
             if added_s and proc.returncode is None:
-                with contextlib.suppress(Exception):
+                try:
                     await _cont(own)
+                except Exception as exc:
+                    # Never leave the guest waiting in prelaunch with nobody to start it.
+                    _say(f"{name}: cannot start the guest's CPUs (cont on {own}): {exc}; stopping QEMU")
+                    proc.terminate()
         returncode = await proc.wait()
     finally:
         if proc is not None and proc.returncode is None:
