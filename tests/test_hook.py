@@ -276,6 +276,12 @@ async def test_bad_domain_xml_fails_prepare_only(xml: str, why: str) -> None:
 
 def test_hook_and_daemon_agree_on_the_default_socket() -> None:
     assert Path(DEFAULT_SOCKET) == DEFAULT_CONTROL_SOCKET
+    from qreset.cli import build_parser
+    from qreset.cli.hook import add_arguments
+
+    _parser, subs = build_parser()
+    add_arguments(subs["hook"], "hook")
+    assert DEFAULT_SOCKET in " ".join(subs["hook"].format_help().split())
 
 
 def test_operators_doc_shows_the_snippet_the_hook_understands() -> None:

@@ -34,8 +34,6 @@ import os
 import sys
 from typing import Any
 
-from qreset.qmpsync import DEFAULT_SOCKET
-
 #: Operations whose non-zero exit aborts the guest start.
 _GATING = ("prepare", "start")
 
@@ -53,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("subop", nargs="?", default="-")
     parser.add_argument("extra", nargs="?", default="-")
     parser.add_argument(
-        "--socket", default=os.environ.get("QRESET_SOCKET", DEFAULT_SOCKET),
-        help="the daemon's control socket (default: $QRESET_SOCKET or %(default)s)",
+        "--socket", default=os.environ.get("QRESET_SOCKET"),
+        help="the daemon's control socket (default: $QRESET_SOCKET, else the daemon's default, "
+             "/run/qreset/qreset.sock)",
     )
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds to wait for the daemon (release can take a while)")
@@ -76,7 +75,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from qreset.errors import QResetError
     from qreset.libvirt import default_qmp_path, parse_domain_xml
-    from qreset.qmpsync import DaemonUnreachable
+    from qreset.qmpsync import DEFAULT_SOCKET, DaemonUnreachable
+
+    # Imported here, not for the argparse default: ignored operations (most of
+    # libvirt's calls) then exit without loading the socket and JSON modules.
+    args.socket = args.socket or DEFAULT_SOCKET
 
     try:
         xml = sys.stdin.read() if not sys.stdin.isatty() else ""
