@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 from tests.guest import count_boots, write_boot_image
 
@@ -139,10 +139,22 @@ class QemuGuest:
         return count_boots(self.debug_log)
 
     async def ctl(self) -> QMPClient:
-        """A connected client on the test's own monitor (disconnect it when done)."""
-        client = QMPClient(f"ctl-{self.name}")
-        await client.connect(str(self.ctl_path))
-        return client
+        """A connected client on the test's own monitor (disconnect it when done).
+
+        Retries a failed negotiation: QEMU may send an event of the rebooting
+        guest before its reply to ``qmp_capabilities``, which qemu.qmp's
+        negotiation does not expect (seen with QEMU 7.2 and qemu.qmp 0.0.6).
+        """
+        for attempt in range(10):
+            client = QMPClient(f"ctl-{self.name}")
+            try:
+                await client.connect(str(self.ctl_path))
+                return client
+            except ConnectError:
+                if attempt == 9:
+                    raise
+                await asyncio.sleep(0.05)
+        raise AssertionError("unreachable")
 
 
 async def status(client: QMPClient) -> str:

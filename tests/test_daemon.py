@@ -638,8 +638,6 @@ async def test_start_finishes_what_a_dead_daemon_left_parked(left: str) -> None:
                         await asyncio.sleep(0.01)
                 first = daemon.history[0]
                 state = daemon.monitors["vm1"].state
-                windows = [(c["report"]["started"], c["report"]["started"] + c["report"]["duration"])
-                           for c in daemon.history if c.get("report")]
                 if left == "identity-changed":
                     st = await status(ctl)
                 else:
@@ -648,6 +646,8 @@ async def test_start_finishes_what_a_dead_daemon_left_parked(left: str) -> None:
                             await asyncio.sleep(0.01)
         finally:
             await ctl.disconnect()
+    windows = [(c["report"]["started"], c["report"]["started"] + c["report"]["duration"])
+               for c in daemon.history if c.get("report")]
     if left == "no-record":
         assert first["outcome"] == "resumed"      # a full cycle, as if the event had just come
         assert touching(host.reset_log, [NIC1])
