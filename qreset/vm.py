@@ -57,8 +57,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
 from qemu.qmp.protocol import Runstate
+from qemu.qmp.qmp_client import NegotiationError
 
 from qreset.config import Mode, OnIdentityChange
 from qreset.errors import QResetError
@@ -198,6 +199,7 @@ class VmMonitor:
         self._closing = asyncio.Event()
         self._reset_waiters: list[asyncio.Future[dict[str, Any]]] = []
         self._gone_announced = False
+        self._retry_soon = False
         self._log = logger.getChild(name)
 
     # ------------------------------------------------------------------
@@ -274,8 +276,12 @@ class VmMonitor:
                         attempt = 0
                         announced_wait = False
                         continue  # reconnect at once: QEMU may be restarting right now
-                delay = backoff_delay(attempt, self.ctx.settings().connect_backoff_max)
-                attempt += 1
+                if self._retry_soon:
+                    self._retry_soon = False
+                    delay = random.uniform(0.01, 0.05)
+                else:
+                    delay = backoff_delay(attempt, self.ctx.settings().connect_backoff_max)
+                    attempt += 1
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._closing.wait()
@@ -294,6 +300,9 @@ class VmMonitor:
             self._log.debug("connect %s: %s", self.qmp, exc or type(exc).__name__)
             with contextlib.suppress(Exception):
                 await client.disconnect()
+            # QEMU is there but an event of a busy guest overtook the reply to
+            # qmp_capabilities (qemu.qmp 0.0.6 then fails the negotiation): retry soon.
+            self._retry_soon = isinstance(exc, ConnectError) and isinstance(exc.exc, NegotiationError)
             return False
         listener = EventListener(EVENTS)
         client.register_listener(listener)

@@ -682,3 +682,32 @@ async def test_reset_request_during_a_parked_cycle_is_absorbed_not_rerun() -> No
     assert one["outcome"] == "resumed"
     assert second["cycle"] == one["cycle"]
     assert [c["cycle"] for c in requested] == [one["cycle"]]
+
+
+@pytest.mark.parametrize("mode", ["park", "stop-on-reset"])
+async def test_attaches_when_the_socket_appears_to_an_already_busy_guest(mode: str) -> None:
+    """Daemon first, QEMU later and not paused: its guest already reboots in a loop
+    (events can overtake the negotiation reply); the daemon attaches and coordinates."""
+    with short_tmpdir() as wd:
+        g = QemuGuest("late", wd)
+        try:
+            host = SimHost.from_toml(DEMO, time_scale=0.01)
+            cfg = make_config(wd, {"late": (g, [NIC1])}, mode)
+            daemon = Daemon(cfg, host=host, control=False)
+            task = asyncio.create_task(daemon.run())
+            try:
+                await asyncio.wait_for(daemon.started.wait(), 10)
+                await asyncio.sleep(0.3)
+                assert daemon.monitors["late"].connects == 0
+                g.start()
+                t0 = time.monotonic()
+                await daemon.wait_event("QRESET_VM_CONNECTED", about("late"), timeout=10)
+                attach = time.monotonic() - t0
+                cycles = await wait_cycles(daemon, "late", 3, timeout=20)
+            finally:
+                daemon.request_stop()
+                await asyncio.wait_for(task, 15)
+        finally:
+            g.stop()
+    assert attach < 5.0
+    assert all(c["outcome"] == "resumed" for c in cycles)
