@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import pydantic
 
+from qreset import sdnotify
 from qreset.config import Config, Mode, VmSection
 from qreset.engine import CycleReport, Engine, EngineSettings, ProgressEvent
 from qreset.errors import ConfigError, QResetError
@@ -216,14 +217,10 @@ class Daemon:
                 self.started.set()
                 logger.info("running: %d VM(s), host %s, journal %s", len(self.monitors),
                             self._host.name, self.journal.path)
-                from qreset import sdnotify
-
                 sdnotify.ready(f"serving {len(self.monitors)} VM(s)")
                 await self._stop.wait()
                 self.state = DaemonState.STOPPING
-                from qreset import sdnotify as _sd
-
-                _sd.notify("STOPPING=1")
+                sdnotify.notify("STOPPING=1")
                 for monitor in list(self.monitors.values()):
                     await monitor.close()
         finally:
