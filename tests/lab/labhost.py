@@ -153,8 +153,14 @@ def bind_group_vfio(addr: PciAddress) -> int:
     for member in sorted((SYS / "kernel" / "iommu_groups" / str(group) / "devices").iterdir()):
         a = PciAddress.parse(member.name)
         header = int(read(PCI / str(a) / "class"), 16) >> 8
-        if header != 0x0604:  # PCI-to-PCI bridges (class 06 04) are allowed in a viable group
+        if header != 0x0604:
             bind_vfio(a)
+        elif driver(a) not in (None, "pcieport"):
+            # A PCI-to-PCI bridge (class 06 04) may stay in a viable group
+            # driverless or on pcieport; one bound to shpchp (the SHPC hotplug
+            # driver of a pcie-pci-bridge under native hotplug) made Linux 6.1
+            # call the group not viable, so it is detached, as an operator would.
+            write(PCI / str(a) / "driver" / "unbind", str(a))
     return group
 
 
