@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from qreset.pci.host import PciHost
 
 if TYPE_CHECKING:
+    from qreset.pci.address import PciAddress
     from qreset.topology import Topology
 
 
@@ -91,3 +92,58 @@ async def load_topology(args: argparse.Namespace, time_scale: float = 1.0) -> To
         return await Topology.load(host)
     finally:
         await host.close()
+
+
+# -- the arguments `qreset plan` and `qreset reset` share ---------------------------
+
+
+class BadArguments(ValueError):
+    """A command-line argument that does not parse; the message quotes it."""
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """The functions to plan for, whose they are, and the policy (``plan``, ``reset``)."""
+    parser.add_argument("functions", nargs="+", metavar="BDF", help="functions of one VM")
+    parser.add_argument("--vm", default="cli", help="name of the VM the functions belong to (default: cli)")
+    parser.add_argument("--policy", choices=("all", "gaps"), default="all",
+                        help="all: reset everything ourselves; gaps: only what QEMU's reset cannot")
+    parser.add_argument("--allow", nargs="+", action="extend", default=[], metavar="BDF",
+                        help="functions of other VMs or host drivers a reset may hit anyway")
+    parser.add_argument("--other", action="append", default=[], metavar="VM=BDF,BDF",
+                        help="functions held by another VM (repeatable)")
+    parser.add_argument("--vfio-ioctl-ok", action="store_true",
+                        help="the VFIO groups are idle: VFIO hot reset may be planned")
+
+
+def parse_plan_arguments(
+    args: argparse.Namespace,
+) -> tuple[list[PciAddress], frozenset[PciAddress], dict[str, list[PciAddress]]]:
+    """``(functions, allow, other VMs)`` from :func:`add_plan_arguments`' options.
+
+    Raises :class:`BadArguments` naming the option and quoting the value.
+    """
+    from qreset.errors import AddressError
+    from qreset.pci.address import PciAddress
+
+    try:
+        mine = [PciAddress.parse(b) for b in args.functions]
+        allow = frozenset(PciAddress.parse(b) for b in args.allow)
+    except AddressError as exc:
+        raise BadArguments(str(exc)) from None
+    verb = {"plan": "planned"}.get(args.command, args.command)
+    others: dict[str, list[PciAddress]] = {}
+    for item in args.other:
+        name, sep, rest = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not rest.strip():
+            raise BadArguments(f"--other {item!r}: expected VM=BDF[,BDF...]")
+        if name == args.vm:
+            raise BadArguments(f"--other {item!r}: {name} is the VM being {verb} (--vm)")
+        try:
+            others.setdefault(name, []).extend(PciAddress.parse(b) for b in rest.split(",") if b.strip())
+        except AddressError as exc:
+            raise BadArguments(f"--other {item!r}: {exc}") from None
+    clash = sorted(set(mine) & {a for v in others.values() for a in v})
+    if clash:
+        raise BadArguments(f"{', '.join(map(str, clash))} listed both for {args.vm} and in --other")
+    return mine, allow, others

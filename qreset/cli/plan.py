@@ -18,11 +18,14 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from qreset.cli.common import (
+    BadArguments,
     add_host_arguments,
     add_json_argument,
+    add_plan_arguments,
     fail,
     host_argument_error,
     load_topology,
+    parse_plan_arguments,
     print_json,
 )
 
@@ -48,43 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         "  qreset plan --sim configs/sim/demo.toml 05:01.0 --other vm2=05:02.0 --allow 05:02.0 --json\n"
         "exit status: 0 plan OK, 1 refused, 2 bad arguments"
     )
-    parser.add_argument("functions", nargs="+", metavar="BDF", help="functions of the VM to plan for")
-    parser.add_argument("--vm", default="cli", help="name of the VM the functions belong to (default: cli)")
-    parser.add_argument("--policy", choices=("all", "gaps"), default="all",
-                        help="all: reset everything ourselves; gaps: only what QEMU's reset cannot")
-    parser.add_argument("--allow", nargs="+", action="extend", default=[], metavar="BDF",
-                        help="functions of other VMs or host drivers a reset may hit anyway")
-    parser.add_argument("--other", action="append", default=[], metavar="VM=BDF,BDF",
-                        help="functions held by another VM (repeatable)")
-    parser.add_argument("--vfio-ioctl-ok", action="store_true",
-                        help="the VFIO groups are idle: VFIO hot reset may be planned")
+    add_plan_arguments(parser)
     parser.add_argument("--pm-last", action="store_true",
                         help="like QEMU, use a PM reset only when no slot/bus reset is allowed")
     add_host_arguments(parser)
     add_json_argument(parser)
-
-
-class _BadArgs(ValueError):
-    pass
-
-
-def _parse_others(items: list[str], vm: str) -> dict[str, list[PciAddress]]:
-    from qreset.errors import AddressError
-    from qreset.pci.address import PciAddress
-
-    out: dict[str, list[PciAddress]] = {}
-    for item in items:
-        name, sep, rest = item.partition("=")
-        name = name.strip()
-        if not sep or not name or not rest.strip():
-            raise _BadArgs(f"--other {item!r}: expected VM=BDF[,BDF...]")
-        if name == vm:
-            raise _BadArgs(f"--other {item!r}: {name} is the VM being planned (--vm)")
-        try:
-            out.setdefault(name, []).extend(PciAddress.parse(b) for b in rest.split(",") if b.strip())
-        except AddressError as exc:
-            raise _BadArgs(f"--other {item!r}: {exc}") from None
-    return out
 
 
 def _print_text(plan: Plan, topo: Topology, owners: Mapping[PciAddress, Owner]) -> None:
@@ -123,19 +94,13 @@ def _print_text(plan: Plan, topo: Topology, owners: Mapping[PciAddress, Owner]) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from qreset.errors import AddressError, ConfigError, QResetError
-    from qreset.pci.address import PciAddress
+    from qreset.errors import ConfigError, QResetError
     from qreset.plan import Policy, Takeover, make_plan, owners_of
 
     try:
-        mine = [PciAddress.parse(b) for b in args.functions]
-        allow = frozenset(PciAddress.parse(b) for b in args.allow)
-        others = _parse_others(args.other, args.vm)
-    except (AddressError, _BadArgs) as exc:
+        mine, allow, others = parse_plan_arguments(args)
+    except BadArguments as exc:
         return fail(str(exc))
-    clash = sorted(set(mine) & {a for v in others.values() for a in v})
-    if clash:
-        return fail(f"{', '.join(map(str, clash))} listed both for {args.vm} and in --other")
     bad_host = host_argument_error(args)
     if bad_host is not None:
         return fail(bad_host)
