@@ -33,6 +33,11 @@ EXPECTED = (
     "test_reset::test_user_sbr_finds_and_restores_cleared_registers",
     "test_bench::test_bench_qemu_vs_qreset",
     "test_daemon::test_park_mode_cycles_on_real_devices",
+    "test_lspci::test_lab_sysfs_decodes_like_lspci",
+    "test_sysfs::test_lab_info_agrees_with_the_kernel",
+    "test_sysfs::test_lab_reset_runs_the_chosen_method",
+    "test_sysfs::test_lab_resets_overlap",
+    "test_sysfs::test_lab_config_writes_and_errors",
 )
 
 pytestmark = [

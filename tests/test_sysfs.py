@@ -634,7 +634,12 @@ async def test_lab_info_agrees_with_the_kernel() -> None:
             assert info.driver == lab_driver(addr)
             assert info.iommu_group == iommu_group(addr)
             assert list(info.reset_methods) == lab_reset_methods(addr)
-            assert info.has_reset == bool(info.reset_methods)
+            # Methods imply a `reset` file. Not the converse: the kernel decides the
+            # attributes' visibility once, at enumeration, when a function 0 alone on
+            # its bus so far gets a stale `bus`; a later `reset_method=default`
+            # (tests/lab/test_reset.py writes it) re-probes and may empty the list.
+            if info.reset_methods:
+                assert info.has_reset
         parents = {"virtio1": "rp_virtio1", "e1000e": "rp_e1000e", "switch_dn1": "switch_up",
                    "sw_e1000e": "switch_dn1", "mf1": "rp_multifn", "pci_serial": "pcibridge"}
         for child, parent in parents.items():
