@@ -247,6 +247,36 @@ async def test_eio_is_reported_and_nothing_written(sim_dir: Path) -> None:
     assert host.write_count() == 0
 
 
+class _DeafCommandHost(SimHost):
+    """A simulated host whose ``deaf`` function drops writes to its Command register.
+
+    Stands in for a wedged part: the restore is issued but does not take, so
+    only the verify re-read can tell.
+    """
+
+    deaf: PciAddress | None = None
+
+    async def write_config(self, addr: PciAddress, offset: int, data: bytes) -> None:
+        if addr == self.deaf and offset <= regs.COMMAND < offset + len(data):
+            return
+        await super().write_config(addr, offset, data)
+
+
+async def test_restore_that_does_not_take_is_reported_not_verified(sim_dir: Path) -> None:
+    host = _DeafCommandHost.from_toml(sim_dir / "gpu-audio.toml", time_scale=SCALE)
+    rp, gpu, audio = (host.address_of(n) for n in ("rp1", "gpu", "gpu-audio"))
+    host.deaf = gpu
+    [res] = await run(host, bus_domain(rp, [gpu, audio]))
+    assert not res.ok
+    out = {o.address: o for o in res.functions}
+    assert (out[gpu].change, out[gpu].restored, out[gpu].verified) == ("state", True, False)
+    assert out[gpu].error is not None
+    assert "did not verify" in out[gpu].error
+    assert "Command" in out[gpu].error
+    # The sibling whose writes took is verified; one bad function does not taint it.
+    assert (out[audio].restored, out[audio].verified, out[audio].error) == (True, True, None)
+
+
 async def test_identity_change_after_sbr_gets_zero_writes(sim_dir: Path) -> None:
     host = sim(sim_dir, "gpu-audio")
     rp, gpu, audio = (host.address_of(n) for n in ("rp1", "gpu", "gpu-audio"))

@@ -7,7 +7,7 @@ from pathlib import Path
 from qreset.diff import Change, diff_config
 from qreset.pci.address import PciAddress
 from qreset.pci.sim import Fault, SimHost
-from qreset.restore import plan_writes, restore
+from qreset.restore import plan_writes, restore, verify
 from tests.test_diff import AER, BASE, EXP, LTR, MSI, PM, RES, SRIOV, changed, endpoint
 
 
@@ -119,3 +119,15 @@ async def test_restore_on_sim_writes_nothing_for_identity(sim_dir: Path) -> None
     result = await restore(host, gpu, before, d)
     assert (result.writes, result.verified) == (0, False)
     assert host.write_count(gpu) == 0
+
+
+async def test_verify_reports_a_register_still_off(sim_dir: Path) -> None:
+    host = SimHost.from_toml(sim_dir / "gpu-audio.toml", time_scale=0.001)
+    gpu = host.address_of("gpu")
+    before = await host.read_config(gpu)
+    assert await verify(host, gpu, before) == (True, ())
+    # The saved copy had Memory Space on; the device now has it off.
+    saved = changed(before, (0x04, 2, int.from_bytes(before[4:6], "little") ^ 0x2))
+    ok, remaining = await verify(host, gpu, saved)
+    assert not ok
+    assert [r.name for r in remaining] == ["Command"]
