@@ -264,15 +264,17 @@ class _DeafCommandHost(SimHost):
 
 async def test_restore_that_does_not_take_is_reported_not_verified(sim_dir: Path) -> None:
     host = _DeafCommandHost.from_toml(sim_dir / "gpu-audio.toml", time_scale=SCALE)
+    assert isinstance(host, _DeafCommandHost)
     rp, gpu, audio = (host.address_of(n) for n in ("rp1", "gpu", "gpu-audio"))
     host.deaf = gpu
     [res] = await run(host, bus_domain(rp, [gpu, audio]))
     assert not res.ok
     out = {o.address: o for o in res.functions}
     assert (out[gpu].change, out[gpu].restored, out[gpu].verified) == ("state", True, False)
-    assert out[gpu].error is not None
-    assert "did not verify" in out[gpu].error
-    assert "Command" in out[gpu].error
+    error = out[gpu].error
+    assert error is not None
+    assert "did not verify" in error
+    assert "Command" in error
     # The sibling whose writes took is verified; one bad function does not taint it.
     assert (out[audio].restored, out[audio].verified, out[audio].error) == (True, True, None)
 
