@@ -24,6 +24,7 @@ a device is reported, never a crash of the VM's connection.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 from collections.abc import Iterable, Sequence
@@ -95,6 +96,17 @@ def _int(obj: dict[str, Any], key: str, where: str) -> int:
     return value
 
 
+def _opt_int(obj: object, key: str) -> int:
+    """A descriptive field (vendor, device, class): 0 when absent or not an integer.
+
+    These only label the guest view; a QEMU that sends a string or null there
+    must not cost the VM its inventory (``int("x")`` would raise ValueError,
+    which no caller expects from a reply).
+    """
+    value = obj.get(key) if isinstance(obj, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 def walk_query_pci(reply: object, where: str = "query-pci") -> list[GuestFunction]:
     """Flatten a ``query-pci`` reply, descending into every bridge's devices."""
     if not isinstance(reply, list):
@@ -110,14 +122,14 @@ def walk_query_pci(reply: object, where: str = "query-pci") -> list[GuestFunctio
             if not isinstance(dev, dict):
                 raise ProtocolError(f"{where}: a device entry is not an object")
             ident = dev.get("id")
-            ident = ident if isinstance(ident, dict) else {}
             cls = dev.get("class_info")
-            cls = cls if isinstance(cls, dict) else {}
+            qdev_id = dev.get("qdev_id")
             out.append(GuestFunction(
                 bus=_int(dev, "bus", where), slot=_int(dev, "slot", where),
                 function=_int(dev, "function", where),
-                vendor=int(ident.get("vendor", 0)), device=int(ident.get("device", 0)),
-                class_code=int(cls.get("class", 0)), qdev_id=str(dev.get("qdev_id", "")),
+                vendor=_opt_int(ident, "vendor"), device=_opt_int(ident, "device"),
+                class_code=_opt_int(cls, "class"),
+                qdev_id=qdev_id if isinstance(qdev_id, str) else "",
             ))
             bridge = dev.get("pci_bridge")
             if isinstance(bridge, dict) and "devices" in bridge:
@@ -151,6 +163,8 @@ async def vfio_devices(qmp: Executor, vm: str) -> list[AssignedDevice]:
                 guest_by_id[fn.qdev_id] = fn
     except ProtocolError as exc:
         logger.warning("%s", exc)
+    except ExecuteError as exc:  # guest addresses only label the devices: go on without them
+        logger.warning("VM %s: query-pci failed: %s", vm, exc)
     found: list[AssignedDevice] = []
     for container in PERIPHERAL_CONTAINERS:
         try:
@@ -165,12 +179,17 @@ async def vfio_devices(qmp: Executor, vm: str) -> list[AssignedDevice]:
                 continue
             name = str(child.get("name", ""))
             path = f"{container}/{name}"
+            sysfsdev: object = None
+            host: object = None
             try:
-                sysfsdev = await qmp.execute("qom-get", {"path": path, "property": "sysfsdev"})
-                host = await qmp.execute("qom-get", {"path": path, "property": "host"})
+                # Each property on its own: one that QEMU refuses must not hide the other.
+                with contextlib.suppress(ExecuteError):
+                    sysfsdev = await qmp.execute("qom-get", {"path": path, "property": "sysfsdev"})
+                with contextlib.suppress(ExecuteError):
+                    host = await qmp.execute("qom-get", {"path": path, "property": "host"})
                 addr = host_address_of(sysfsdev, host)
-            except (AddressError, ExecuteError) as exc:
-                logger.warning("VM %s: %s: %s", vm, path, exc)
+            except AddressError as exc:
+                logger.warning("VM %s: %s: vfio-pci host: %s", vm, path, exc)
                 continue
             if addr is None:
                 logger.warning("VM %s: %s has no host PCI address (sysfsdev=%r host=%r)",

@@ -40,6 +40,11 @@ logger = logging.getLogger(__name__)
 
 #: Phases after which a cycle needs nothing more from anyone.
 TERMINAL_PHASES = frozenset({"resumed", "stopped", "failed", "poweroff"})
+#: Phases that only inform (e.g. ``note``: the QMP connection was lost mid-cycle).
+#: Older daemons wrote notes under the cycle id ``-``, shared by every VM: counted
+#: as a cycle, that group never ends and made each restart "recover" a cycle
+#: that was never open (and ``cont`` a guest that another manager holds stopped).
+INFO_PHASES = frozenset({"note"})
 
 
 class JournalError(QResetError):
@@ -124,6 +129,8 @@ def unfinished_cycles(records: Iterable[dict[str, Any]]) -> dict[str, list[dict[
     cycles: dict[str, list[dict[str, Any]]] = {}
     order: list[str] = []
     for rec in records:
+        if rec.get("phase") in INFO_PHASES:
+            continue  # says something about a cycle; never opens one
         cid = rec["cycle"]
         if cid not in cycles:
             cycles[cid] = []

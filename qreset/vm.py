@@ -200,6 +200,8 @@ class VmMonitor:
         self._reset_waiters: list[asyncio.Future[dict[str, Any]]] = []
         self._gone_announced = False
         self._retry_soon = False
+        #: The id of the cycle in progress (for notes written from outside it).
+        self._cycle_id: str | None = None
         self._log = logger.getChild(name)
 
     # ------------------------------------------------------------------
@@ -365,8 +367,12 @@ class VmMonitor:
         before = self.owned
         try:
             self.devices = await read_inventory(client, self.name, self.configured)
-        except QMPError as exc:
+        except (QMPError, QResetError) as exc:
             self._log.warning("inventory over QMP failed (%s); using configured devices", exc)
+            self.devices = merge([], self.configured)
+        except Exception as exc:  # an odd reply must not stop the VM being served (parked forever)
+            self._log.warning("inventory over QMP failed (%s: %s); using configured devices",
+                              type(exc).__name__, exc)
             self.devices = merge([], self.configured)
         if self.owned != before:
             self._log.info("devices: %s", ", ".join(map(str, self.owned)) or "none")
@@ -386,7 +392,7 @@ class VmMonitor:
                     self._log.warning("QEMU went away in the middle of a cycle")
                     with contextlib.suppress(Exception):
                         await self.ctx.journal.append({
-                            "vm": self.name, "cycle": "-", "phase": "note",
+                            "vm": self.name, "cycle": self._cycle_id or "-", "phase": "note",
                             "note": "QMP connection lost during a cycle"})
                 # Let the cycle notice on its own (its next QMP command fails) and record it.
                 async with self._cycle_lock:
@@ -480,6 +486,7 @@ class VmMonitor:
             if self.mode is Mode.PARK and not await self._still_parked(client, cyc):
                 return
             self.state = VmState.CYCLE
+            self._cycle_id = cyc.cid
             try:
                 summary = await self._run_cycle(client, cyc)
             except (QResetError, QMPError, OSError) as exc:
@@ -496,6 +503,7 @@ class VmMonitor:
                         "outcome": "failed", "error": "cancelled; VM resumed"})
                 raise
             finally:
+                self._cycle_id = None
                 if self.state is VmState.CYCLE:
                     self.state = VmState.RUNNING if self.connected else VmState.WAITING
             for fut in cyc.waiters:
@@ -719,7 +727,9 @@ class VmMonitor:
         self._log.warning("cycle %s was left open by a previous daemon (phases %s; QEMU status %s)",
                           cid, ",".join(str(p) for p in phases), status)
         done = next((r for r in records if r.get("phase") == "engine-done"), {})
-        changed = [str(a) for a in done.get("identity_changed") or []]
+        listed = done.get("identity_changed")
+        # A hand-edited or damaged record: only a list of addresses means a decision to keep.
+        changed = [a for a in listed if isinstance(a, str)] if isinstance(listed, list) else []
         # The previous daemon had decided to leave the VM stopped: keep to it.
         stop_it = bool(changed) and self.ctx.settings().on_identity_change is OnIdentityChange.STOP
         t0 = time.monotonic()
