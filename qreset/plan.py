@@ -244,9 +244,11 @@ def owners_of(
 ) -> dict[PciAddress, Owner]:
     """Who owns every function of ``topo`` from ``this_vm``'s point of view.
 
-    A function listed for ``this_vm`` is THIS_VM; listed for another VM,
+    A function listed for ``this_vm`` only is THIS_VM; listed for another VM,
     OTHER_VM naming the first such VM (sorted by name, so the answer does not
-    depend on dict order); otherwise its driver decides (vfio-pci: idle, none,
+    depend on dict order) -- also when it is listed for ``this_vm`` too: which
+    of the two really has it is unknown here, and :func:`make_plan` refuses to
+    reset such a function; otherwise its driver decides (vfio-pci: idle, none,
     or a host driver).
     """
     mine = set(vms.get(this_vm, ()))
@@ -258,9 +260,11 @@ def owners_of(
             others.setdefault(addr, name)
     out: dict[PciAddress, Owner] = {}
     for addr, node in topo.functions.items():
-        if addr in mine:
-            if addr in others:
-                logger.warning("%s is listed for VM %s and VM %s", addr, this_vm, others[addr])
+        if addr in mine and addr in others:
+            logger.warning("%s is listed for VM %s and VM %s: not resetting it", addr, this_vm,
+                           others[addr])
+            out[addr] = Owner(OwnerKind.OTHER_VM, others[addr])
+        elif addr in mine:
             out[addr] = Owner(OwnerKind.THIS_VM, this_vm)
         elif addr in others:
             out[addr] = Owner(OwnerKind.OTHER_VM, others[addr])
@@ -560,13 +564,17 @@ def make_plan(
 ) -> Plan:
     """Plan the resets of ``owned`` (see module docstring). Pure."""
     owned_t = tuple(sorted(set(owned)))
-    planner = _Planner(vm, owned_t, topo, owners, policy)
+    # Listed for this VM and another one (owners_of says OTHER_VM): never ours to
+    # reset, not even as a collateral of our own domains.
+    contested = {a: o for a in owned_t
+                 if (o := owners.get(a)) is not None and o.kind is OwnerKind.OTHER_VM}
+    planner = _Planner(vm, tuple(a for a in owned_t if a not in contested), topo, owners, policy)
     elsewhere = frozenset(
-        a for a, o in owners.items() if o.kind is OwnerKind.OTHER_VM and a not in planner.owned_set
+        a for a, o in owners.items() if o.kind is OwnerKind.OTHER_VM and a not in owned_t
     )
     qemu = predict(topo, owned_t, elsewhere)
-    missing = [a for a in owned_t if a not in topo.functions]
-    present = [a for a in owned_t if a in topo.functions]
+    missing = [a for a in planner.owned if a not in topo.functions]
+    present = [a for a in planner.owned if a in topo.functions]
     left: dict[PciAddress, str] = {}
     # Targets planned as a slot/bus reset although they have PM (see Policy.pm_suffices).
     wide: set[PciAddress] = set()
@@ -577,7 +585,7 @@ def make_plan(
     else:
         targets = []
         for q in qemu:
-            if q.function not in topo.functions:
+            if q.function not in topo.functions or q.function in contested:
                 continue
             if q.action is QemuAction.NONE:
                 targets.append(q.function)
@@ -607,7 +615,12 @@ def make_plan(
             moved = True
         if not moved:
             break
-    blockers = [Blocker(a, planner.me, f"{a} is not on {topo.host_name}") for a in missing] + blockers
+    blockers = [
+        *(Blocker(a, o, f"{a} is listed for VM {vm} and for VM {o.name}: "
+                  "not resetting a function another VM may own") for a, o in contested.items()),
+        *(Blocker(a, planner.me, f"{a} is not on {topo.host_name}") for a in missing),
+        *blockers,
+    ]
     covered = {a for d in domains for a in d.covers}
     return Plan(
         vm=vm,

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from qreset.config import Config, parse_config
+from qreset.pci.address import PciAddress
 from qreset.pci.sim import SimHost
 from tests.qemu_helpers import guests, have_qemu, short_tmpdir, status
 from tests.qmp_proxy import Fail, QmpProxy, Reply, Rule
@@ -143,3 +144,37 @@ async def test_damaged_identity_record_does_not_decide_recovery(listed: object) 
     assert first["recovered"] is True
     assert first["outcome"] == "resumed"
     assert first["vm_resumed"] is True
+
+
+async def test_a_device_another_vm_owns_is_never_reset_for_this_one() -> None:
+    """
+    vm1's configuration lists NIC1; vm2's QEMU reports a vfio-pci device on
+    NIC1 too. vm2's reset must not touch NIC1 (vm1's guest may be using it):
+    the cycle fails with one line naming both VMs, and vm2 is resumed.
+    """
+    rules = [
+        Rule("qom-list", Reply([{"name": "hd0", "type": "child<vfio-pci>"}]),
+             {"path": "/machine/peripheral"}),
+        qom_get("hd0", "sysfsdev", Reply(f"/sys/bus/pci/devices/{NIC1}")),
+        qom_get("hd0", "host", Reply("")),
+    ]
+    with short_tmpdir() as wd, guests(wd, "vm1", "vm2", paused=True) as (g1, g2):
+        async with QmpProxy(wd / "proxy.sock", g2.qmp_path, rules):
+            cfg = parse_config({
+                "daemon": {"journal": str(wd / "journal.jsonl"), "control_socket": ""},
+                "sim": {"topology": str(DEMO), "time_scale": 0.01},
+                "policy": {"mode": "park", "connect_backoff_max": 0.3},
+                "vm": [{"name": "vm1", "qmp": str(g1.qmp_path), "device": [{"host": NIC1}]},
+                       {"name": "vm2", "qmp": str(wd / "proxy.sock")}],
+            }, "test")
+            host = SimHost.from_toml(DEMO, time_scale=0.01)
+            async with running(cfg, host) as daemon:
+                vm2_devices = [str(a) for a in daemon.monitors["vm2"].owned]
+                summary = await daemon.reset_vm("vm2")
+                st = await wait_running(g2)
+    assert vm2_devices == [NIC1]
+    assert not [r for r in host.reset_log if PciAddress.parse(NIC1) in r.affected]
+    assert summary["outcome"] == "failed"
+    assert summary["vm_resumed"] is True
+    assert f"{NIC1} is listed for VM vm2 and for VM vm1" in summary["error"]
+    assert st == "running"

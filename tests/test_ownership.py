@@ -1,0 +1,37 @@
+"""
+A function listed for two VMs is reset by neither (the planner's side of
+"never reset a function owned by another VM").
+
+How it happens: the configuration lists a device for one VM while another
+VM's QEMU reports it over QMP (a stale config, or a device moved between
+guests); ``add-vm`` only checks the devices it is given. Before, the VM being
+planned won (THIS_VM) and its reset hit the other guest's device.
+"""
+
+from __future__ import annotations
+
+from qreset.pci.address import PciAddress
+from qreset.plan import OwnerKind, Policy, Takeover, make_plan, owners_of
+from tests.test_plan import host
+
+A = PciAddress.parse
+
+
+def test_function_listed_for_two_vms_is_refused_by_both() -> None:
+    topo = host()
+    nic, gpu = A("02:00.0"), A("04:00.0")
+    vms = {"vm1": [nic, gpu], "vm2": [nic]}
+    for takeover in Takeover:
+        for vm in ("vm1", "vm2"):
+            owners = owners_of(topo, vms, vm)
+            other = "vm2" if vm == "vm1" else "vm1"
+            assert owners[nic].kind is OwnerKind.OTHER_VM
+            assert owners[nic].name == other
+            plan = make_plan(vm, vms[vm], topo, owners, Policy(takeover=takeover))
+            assert not any(nic in d.covers for d in plan.domains), plan.domains
+            [b] = [b for b in plan.refusals if b.function == nic]
+            assert f"listed for VM {vm} and for VM {other}" in b.reason
+            assert not plan.ok
+    # vm1's other device is still planned: one shared listing does not block the rest.
+    plan = make_plan("vm1", vms["vm1"], topo, owners_of(topo, vms, "vm1"), Policy())
+    assert any(gpu in d.covers for d in plan.domains)
