@@ -611,6 +611,26 @@ async def test_engine_failure_or_timeout_still_resumes_the_guest(fault: Fault, w
     assert status_counters["failures"] == 1
 
 
+async def test_engine_crash_still_resumes_the_guest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in the engine (an exception that is no QResetError) fails the cycle; the guest runs on."""
+    with short_tmpdir() as wd, guests(wd, "vm1", paused=True) as (g,):
+        host = SimHost.from_toml(DEMO, time_scale=0.01)
+        cfg = make_config(wd, {"vm1": (g, [NIC1])})
+        async with running(cfg, host) as daemon:
+            async def crash(vm: str, owned: Sequence[PciAddress]) -> Any:
+                raise RuntimeError(f"engine bug while resetting {vm}")
+
+            monkeypatch.setattr(daemon, "run_engine", crash)
+            async with asyncio.timeout(15):
+                summary = await daemon.reset_vm("vm1")
+            st = await wait_running(g)
+    assert summary["outcome"] == "failed"
+    assert summary["vm_resumed"] is True
+    assert "engine bug while resetting vm1" in summary["error"], summary["error"]
+    assert st == "running"
+    assert host.reset_log == []
+
+
 @pytest.mark.parametrize("left", ["no-record", "engine-done", "identity-changed"])
 async def test_start_finishes_what_a_dead_daemon_left_parked(left: str) -> None:
     """A guest found parked at start-up: the journal says how far the dead daemon got."""
