@@ -138,6 +138,11 @@ def test_writable_register_is_state(name: str, edit: tuple[int, int, int]) -> No
     ("Revision ID", (0x08, 1, 0x04)),
     ("Class Code", (0x09, 3, 0x020001)),
     ("Subsystem ID", (0x2E, 2, 0x0002)),
+    ("Subsystem Vendor ID", (0x2C, 2, 0x1043)),
+    ("CardBus CIS Pointer", (0x28, 4, 0x00000001)),
+    ("Header Type", (0x0E, 1, 0x80)),                # multi-function bit, same layout
+    ("Min_Gnt", (0x3E, 1, 0x01)),
+    ("Max_Lat", (0x3F, 1, 0x01)),
     ("Interrupt Pin", (0x3D, 1, 0x02)),
     ("Device Capabilities", (EXP + 4, 4, 0x00008FC0)),
     ("Link Capabilities", (EXP + 0xC, 4, 0x00477C12)),
@@ -243,6 +248,19 @@ def test_bridge_windows_and_bus_numbers_are_state() -> None:
     names = {r.name for r in d.state_registers}
     # Primary Bus was 0 before: not a difference, not reported.
     assert names == {"Secondary Bus", "Subordinate Bus", "Memory Base", "Memory Limit", "Bridge Control"}
+
+
+@pytest.mark.parametrize(("name", "edit"), [
+    ("Memory Base", (0x20, 2, 0xF701)),              # low nibble: read-only decode bits
+    ("I/O Base", (0x1C, 1, 0x01)),                   # 16-bit -> 32-bit I/O decode
+    ("Prefetchable Memory Limit", (0x26, 2, 0x0001)),  # 32-bit -> 64-bit prefetchable
+    ("Interrupt Pin", (0x3D, 1, 0x02)),
+])
+def test_bridge_read_only_bits_are_identity(name: str, edit: tuple[int, int, int]) -> None:
+    base = endpoint(bridge=True)
+    d = diff_config(base, changed(base, edit))
+    assert d.change is Change.IDENTITY, d.summary()
+    assert [r.name for r in d.identity_registers] == [name]
 
 
 def test_short_read_differs_in_size_is_identity() -> None:
