@@ -71,6 +71,23 @@ def test_below_uses_bus_window_even_without_parent_links() -> None:
     assert A("05:00.0") in t2.below(A("00:1e.0"))  # union: conservative
 
 
+def test_below_follows_parent_links_past_a_too_narrow_bus_window() -> None:
+    # The other half of the union: a switch whose Subordinate Bus was left at
+    # its secondary bus (stale firmware numbering) still has, per sysfs, the
+    # buses behind its downstream ports below it. Dropping them would let a
+    # bus reset hit functions nobody planned for.
+    t = sample()
+    nodes = dict(t.functions)
+    n = nodes[A("01:00.0")]
+    raw = bytearray(n.config.raw)
+    raw[regs.SUBORDINATE_BUS] = raw[regs.SECONDARY_BUS]
+    nodes[n.address] = node("01:00.0", bytes(raw), parent="00:01.0", driver="pcieport", group=2)
+    t2 = Topology(nodes, t.slots, True)
+    assert t2.functions[A("01:00.0")].config.subordinate_bus == 2
+    assert t2.below(A("01:00.0")) == t.below(A("01:00.0")) == S(
+        "02:00.0", "02:01.0", "02:02.0", "03:00.0", "04:00.0", "04:00.1", "05:00.0")
+
+
 def test_bus_scope_is_parent_secondary_bus() -> None:
     t = sample()
     assert t.bus_scope(A("04:00.1")) == ResetScope(ResetKind.BUS, A("02:01.0"), S("04:00.0", "04:00.1"))
