@@ -12,6 +12,19 @@ independent VMs never wait for each other.
 Start-up reads the journal back: a cycle with no terminal record means a
 previous daemon died while a guest was parked or stopped, and that VM's
 monitor finishes it as soon as it connects (see ``VmMonitor._recover``).
+
+VMs registered at run time (``add-vm``: the libvirt hook, ``qreset launch``)
+are journaled (``add-vm``/``remove-vm`` records, fsynced) and served again
+by the next daemon, after the configuration's VMs: a restart or a crash of
+the daemon must not leave running libvirt guests uncoordinated. On a clash
+the configuration wins (a replayed VM with the name, the QMP socket or a
+device of a configured one is skipped with a warning). A replayed VM whose
+QEMU is gone is kept (its monitor connects whenever the socket appears) and
+shown ``"stale": true`` in ``query-vms`` until it connects; it goes away with
+``remove-vm`` (the hook's ``stopped``/``release``), or is replaced by an
+``add-vm`` of the same name with other parameters. ``add-vm`` of a VM
+identical to one already served is a no-op (the hook's ``reconnect`` relies
+on it); a different one with the same name is refused.
 Shutdown lets cycles in progress complete, gives each QEMU its default
 actions back (``reboot=reset,shutdown=poweroff``: with no daemon a reset
 must not park the guest forever), and resumes anything parked meanwhile.
@@ -35,6 +48,7 @@ import enum
 import logging
 import signal
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,7 +60,7 @@ from qreset import sdnotify
 from qreset.config import Config, Mode, VmSection
 from qreset.engine import CycleReport, Engine, EngineSettings, ProgressEvent
 from qreset.errors import ConfigError, QResetError
-from qreset.journal import Journal, finished_cycles, unfinished_cycles
+from qreset.journal import Journal, finished_cycles, registered_vms, unfinished_cycles
 from qreset.pci.address import PciAddress
 from qreset.pci.host import PciHost
 from qreset.plan import Policy, Takeover
@@ -110,6 +124,8 @@ class Daemon:
         )
         self.journal = Journal(config.daemon.journal)
         self.monitors: dict[str, VmMonitor] = {}
+        #: Where each served VM came from: "config", "runtime" (add-vm) or "journal" (replayed).
+        self.origins: dict[str, str] = {}
         self.events: deque[tuple[float, str, dict[str, Any]]] = deque(maxlen=EVENTS_MAX)
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_MAX)
         self.counters: Counter[str] = Counter()
@@ -126,6 +142,8 @@ class Daemon:
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._waiters: list[_Waiter] = []
+        #: Serialises add-vm/remove-vm: a replacement awaits the old monitor's end.
+        self._registry_lock = asyncio.Lock()
         self._t_start = time.monotonic()
         self._settings = MonitorSettings(
             on_identity_change=config.policy.on_identity_change,
@@ -193,6 +211,7 @@ class Daemon:
         records = self.journal.read()
         self.history.extend(finished_cycles(records))
         unfinished = unfinished_cycles(records)
+        registered = registered_vms(records)
         await self.journal.open()
         try:
             if self._host is None:
@@ -205,7 +224,7 @@ class Daemon:
                 self._metrics = MetricsServer(self.config.metrics.listen, self.query_status)
                 await self._metrics.start()
             configured = {vm.name for vm in self.config.vm}
-            for name in sorted(set(unfinished) - configured):
+            for name in sorted(set(unfinished) - configured - set(registered)):
                 logger.warning("journal: VM %s has an open cycle but is not configured; leaving it",
                                name)
             async with asyncio.TaskGroup() as tg:
@@ -213,6 +232,8 @@ class Daemon:
                 for vm in self.config.vm:
                     self._start_monitor(vm.name, vm.qmp, self.config.mode_of(vm), vm.devices,
                                         unfinished.get(vm.name))
+                    self.origins[vm.name] = "config"
+                self._replay(registered, unfinished)
                 self.state = DaemonState.RUNNING
                 self.started.set()
                 logger.info("running: %d VM(s), host %s, journal %s", len(self.monitors),
@@ -243,6 +264,23 @@ class Daemon:
                     w.fut.cancel()
             self.state = DaemonState.STOPPED
             logger.info("stopped")
+
+    def _replay(self, registered: dict[str, dict[str, Any]],
+                unfinished: dict[str, list[dict[str, Any]]]) -> None:
+        """Serve again the VMs a previous daemon had been given with add-vm (config first)."""
+        for name, rec in registered.items():
+            if name in self.monitors:
+                logger.warning("journal: VM %s was added at run time but the configuration has a VM "
+                               "of that name: serving the configured one", name)
+                continue
+            try:
+                section, mode = self._validate_add(name, rec["qmp"], rec["devices"], rec["mode"])
+            except ConfigError as exc:
+                logger.warning("journal: not serving VM %s again: %s", name, exc)
+                continue
+            self._start_monitor(name, section.qmp, mode, section.devices, unfinished.get(name))
+            self.origins[name] = "journal"
+            logger.info("VM %s served again (added at run time; qmp %s)", name, section.qmp)
 
     def _start_monitor(self, name: str, qmp: Path, mode: Mode, devices: Sequence[PciAddress],
                        unfinished: list[dict[str, Any]] | None = None) -> VmMonitor:
@@ -334,11 +372,17 @@ class Daemon:
             known = ", ".join(sorted(self.monitors)) or "none"
             raise VmError(f"no VM named {vm!r} (known: {known})") from None
 
+    def _describe(self, m: VmMonitor) -> dict[str, Any]:
+        origin = self.origins.get(m.name, "runtime")
+        # Replayed from the journal and not seen since this daemon started: its QEMU
+        # may be gone for good (the guest stopped while no daemon ran to hear it).
+        return m.describe() | {"origin": origin, "stale": origin == "journal" and m.connects == 0}
+
     async def query_vms(self) -> list[dict[str, Any]]:
         out = []
-        for m in self.monitors.values():
+        for m in list(self.monitors.values()):
             await m.refresh_status()
-            out.append(m.describe())
+            out.append(self._describe(m))
         return out
 
     async def query_devices(self, vm: str | None) -> list[dict[str, Any]]:
@@ -378,7 +422,9 @@ class Daemon:
     async def reset_vm(self, vm: str) -> dict[str, Any]:
         return await self._monitor(vm).request_reset()
 
-    async def add_vm(self, name: str, qmp: str, devices: list[str], mode: str | None) -> dict[str, Any]:
+    def _validate_add(self, name: str, qmp: str, devices: list[str],
+                      mode: str | None) -> tuple[VmSection, Mode]:
+        """The add-vm arguments as a VmSection and the mode it resolves to (ConfigError if bad)."""
         where = f"add-vm {name!r}"
         try:
             section = VmSection.model_validate({
@@ -389,31 +435,91 @@ class Daemon:
             err = exc.errors()[0]
             key = ".".join(str(p) for p in err["loc"])
             raise ConfigError(f"{where}: {key}", str(err["msg"]).removeprefix("Value error, ")) from None
-        if name in self.monitors:
-            raise ConfigError(f"{where}: name", f"a VM named {name!r} already exists")
-        qmp_path = Path(qmp)
         for other in self.monitors.values():
-            if other.qmp == qmp_path:
+            if other.name == name:
+                continue
+            if other.qmp == section.qmp:
                 raise ConfigError(f"{where}: qmp", f"socket {qmp} is already used by VM {other.name!r}")
             clash = set(other.owned) & set(section.devices)
             if clash:
                 taken = ", ".join(map(str, sorted(clash)))
                 raise ConfigError(f"{where}: devices", f"{taken} already assigned to VM {other.name!r}")
-        monitor = self._start_monitor(name, qmp_path, section.mode or self.config.policy.mode,
-                                      section.devices)
-        logger.info("VM %s added (qmp %s)", name, qmp)
-        return monitor.describe()
+        return section, section.mode or self.config.policy.mode
 
-    async def remove_vm(self, name: str, release: bool) -> dict[str, Any]:
+    async def add_vm(self, name: str, qmp: str, devices: list[str], mode: str | None) -> dict[str, Any]:
+        async with self._registry_lock:
+            return await self._add_vm(name, qmp, devices, mode)
+
+    async def _add_vm(self, name: str, qmp: str, devices: list[str], mode: str | None) -> dict[str, Any]:
+        where = f"add-vm {name!r}"
+        section, resolved = self._validate_add(name, qmp, devices, mode)
+        existing = self.monitors.get(name)
+        if existing is not None:
+            differences = [
+                what for what, same in (
+                    (f"qmp {existing.qmp}", existing.qmp == section.qmp),
+                    ("devices " + (",".join(map(str, sorted(existing.configured))) or "none"),
+                     set(existing.configured) == set(section.devices)),
+                    (f"mode {existing.mode.value}", existing.mode is resolved),
+                ) if not same
+            ]
+            if not differences:
+                # The same registration again (libvirt's 'reconnect' after libvirtd
+                # restarts, a retried hook): nothing to do, and no journal record.
+                logger.info("VM %s: add-vm of an identical VM: already served", name)
+                return self._describe(existing) | {"added": False}
+            if not (self.origins.get(name) == "journal" and existing.connects == 0):
+                raise ConfigError(f"{where}: name", f"a VM named {name!r} already exists with "
+                                  + ", ".join(differences))
+            # A replayed VM never seen since this daemon started: its guest stopped
+            # while no daemon ran, and this is the guest started anew. Replace it.
+            logger.warning("VM %s: replacing the stale VM replayed from the journal (%s)", name,
+                           ", ".join(differences))
+            await self._stop_monitor(name)
+        monitor = self._start_monitor(name, section.qmp, resolved, section.devices)
+        self.origins[name] = "runtime"
+        logger.info("VM %s added (qmp %s)", name, qmp)
+        persisted = await self._journal_registry({
+            "vm": name, "phase": "add-vm", "qmp": str(section.qmp),
+            "devices": [str(a) for a in section.devices], "mode": resolved.value,
+        })
+        return self._describe(monitor) | {"added": True, "persisted": persisted}
+
+    async def _journal_registry(self, record: dict[str, Any]) -> bool:
+        """
+        Journal an add-vm/remove-vm (fsynced). A failure is logged and reported
+        (``persisted: false``), not raised: the VM is served (or removed) now
+        either way, only a restart would not know about it.
+        """
+        try:
+            await self.journal.append({"cycle": f"reg-{uuid.uuid4().hex[:16]}", **record})
+        except QResetError as exc:
+            logger.error("VM %s: %s not journaled, a restarted daemon will not know of it: %s",
+                         record["vm"], record["phase"], exc)
+            return False
+        return True
+
+    async def _stop_monitor(self, name: str) -> VmMonitor:
+        """End a VM's monitor (its cycle in progress completes) and forget it."""
         monitor = self._monitor(name)
-        owned = list(monitor.owned)
         await monitor.close()
         task = self._tasks.pop(name, None)
         if task is not None:
             await asyncio.wait({task}, timeout=self._settings.cycle_timeout + 15)
         self.monitors.pop(name, None)
+        self.origins.pop(name, None)
+        return monitor
+
+    async def remove_vm(self, name: str, release: bool) -> dict[str, Any]:
+        async with self._registry_lock:
+            origin = self.origins.get(name)
+            monitor = await self._stop_monitor(name)
+            persisted = True
+            if origin != "config":  # configured VMs come back from the file at start anyway
+                persisted = await self._journal_registry({"vm": name, "phase": "remove-vm"})
+        owned = list(monitor.owned)
         logger.info("VM %s removed", name)
-        result: dict[str, Any] = {"vm": name, "removed": True, "released": None}
+        result: dict[str, Any] = {"vm": name, "removed": True, "released": None, "persisted": persisted}
         if release and owned:
             # The functions go back to the host: reset them now that no VM owns them,
             # and re-probe those whose identity changed (qreset.release).

@@ -18,6 +18,15 @@ outcome), which is what ``qreset history`` shows.
 A torn last line (the daemon died mid-write) is skipped with a warning, never
 a crash: the cycle it belonged to then looks unfinished, which is the safe
 reading.
+
+The journal also records the VMs registered at run time (``add-vm`` from the
+libvirt hook or ``qreset launch``) and their removal, phases ``add-vm`` and
+``remove-vm`` (:data:`REGISTRY_PHASES`), fsynced like cycle records: only the
+control socket ever told the daemon about those VMs, so without the record a
+restarted daemon (``systemctl restart``, or a crash and ``Restart=on-failure``)
+would leave them uncoordinated until libvirt restarts the guest.
+:func:`registered_vms` folds them into the set a new daemon must serve again.
+Each has its own cycle id (``reg-...``) and never opens or ends a cycle.
 """
 
 from __future__ import annotations
@@ -45,6 +54,8 @@ TERMINAL_PHASES = frozenset({"resumed", "stopped", "failed", "poweroff"})
 #: as a cycle, that group never ends and made each restart "recover" a cycle
 #: that was never open (and ``cont`` a guest that another manager holds stopped).
 INFO_PHASES = frozenset({"note"})
+#: Registration of a VM at run time (``add-vm``) and its end (``remove-vm``): not cycles.
+REGISTRY_PHASES = frozenset({"add-vm", "remove-vm"})
 
 
 class JournalError(QResetError):
@@ -129,8 +140,8 @@ def unfinished_cycles(records: Iterable[dict[str, Any]]) -> dict[str, list[dict[
     cycles: dict[str, list[dict[str, Any]]] = {}
     order: list[str] = []
     for rec in records:
-        if rec.get("phase") in INFO_PHASES:
-            continue  # says something about a cycle; never opens one
+        if rec.get("phase") in INFO_PHASES or rec.get("phase") in REGISTRY_PHASES:
+            continue  # says something about a cycle, or a registration; never opens one
         cid = rec["cycle"]
         if cid not in cycles:
             cycles[cid] = []
@@ -150,3 +161,32 @@ def unfinished_cycles(records: Iterable[dict[str, Any]]) -> dict[str, list[dict[
 def finished_cycles(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The terminal record of every cycle, oldest first (what ``history`` shows)."""
     return [r for r in records if r.get("phase") in TERMINAL_PHASES]
+
+
+def registered_vms(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """
+    The VMs registered at run time and not removed since, by name, in the
+    order they were (last) added: each value is the ``add-vm`` record (with
+    ``qmp``, ``devices``, ``mode``). A later ``add-vm`` of the same name
+    replaces the earlier one. A record missing a field or with one of the
+    wrong type is skipped with a warning (hand-edited or damaged journal).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        phase = rec.get("phase")
+        if phase not in REGISTRY_PHASES:
+            continue
+        vm = rec["vm"]
+        if phase == "remove-vm":
+            out.pop(vm, None)
+            continue
+        devices = rec.get("devices")
+        mode = rec.get("mode")
+        if not isinstance(rec.get("qmp"), str) or not isinstance(devices, list) \
+                or not all(isinstance(d, str) for d in devices) \
+                or not (mode is None or isinstance(mode, str)):
+            logger.warning("journal: add-vm record of VM %s lacks qmp/devices/mode; ignoring it", vm)
+            continue
+        out.pop(vm, None)  # re-added: its place is now at the end
+        out[vm] = rec
+    return out

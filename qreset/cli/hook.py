@@ -21,7 +21,11 @@ synchronous QMP client only — no asyncio event loop, no pydantic).
 - ``release``: ``remove-vm`` again (idempotent) in case ``stopped`` failed,
   without the reset: libvirt has re-attached managed devices to host drivers
   by then.
-- Any other operation (migrate, restore, reconnect, attach, ...): nothing.
+- ``reconnect`` (libvirtd restarted and re-attaches to a running guest): the
+  same ``add-vm`` as ``started``. The daemon treats an identical ``add-vm``
+  as a no-op, so this re-registers a guest the daemon lost (it was down when
+  the guest started, or its journal was lost) and changes nothing otherwise.
+- Any other operation (migrate, restore, attach, ...): nothing.
 
 Only ``prepare``/``start`` may exit non-zero: failing any other operation
 would not undo anything and libvirt only logs it.
@@ -71,7 +75,7 @@ def _call(sock: str, timeout: float, command: str, **arguments: Any) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     op: str = args.op
-    if op not in ("prepare", "start", "started", "stopped", "release"):
+    if op not in ("prepare", "start", "started", "reconnect", "stopped", "release"):
         return 0
     from qreset.errors import QResetError
     from qreset.libvirt import default_qmp_path, parse_domain_xml
@@ -97,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                 for reason in verdict.get("reasons", []):
                     _err(f"unsafe to start {args.guest}: {reason}")
                 return 1
-        elif op == "started":
+        elif op in ("started", "reconnect"):
             if not devices:
                 return 0
             qmp = (dom.qmp if dom else None) or default_qmp_path(args.guest)
