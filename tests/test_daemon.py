@@ -156,8 +156,12 @@ async def test_twenty_guest_reboots_each_coordinated(mode: str) -> None:
         for dev in (NIC1, GPU, GPU_AUDIO):
             assert any(t0 <= r.start <= r.end <= t1 for r in touching(host.reset_log, [dev])), (dev, c)
         if mode == "stop-on-reset":
-            assert c["durations"]["event_to_stop_ms"] >= 0
-            assert c["durations"]["recv_to_stop_ms"] < 1000
+            # QEMU stamps the event before the daemon reads it: event-to-stop covers
+            # recv-to-stop (1 ms slack for wall vs monotonic clock), and the stop
+            # round trip to QEMU is never free.
+            recv, event = c["durations"]["recv_to_stop_ms"], c["durations"]["event_to_stop_ms"]
+            assert 0 < recv < 1000
+            assert recv - 1 <= event < 1000
     # Every phase of a cycle was journaled, in order.
     first = cycles[0]["cycle"]
     phases = [r["phase"] for r in records if r["cycle"] == first]

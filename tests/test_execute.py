@@ -153,8 +153,10 @@ async def test_children_of_a_bridge_that_changed_identity_are_not_waited_for(sim
     below = sorted(a for n, a in host.names().items() if n not in ("hostbridge", "rp1"))
     host.inject(up, Fault.new_identity(device_id=0x8725))
     t0 = time.monotonic()
-    [res] = await run(host, bus_domain(rp, below), settings=EngineSettings(poll_timeout=600.0))
-    assert time.monotonic() - t0 < 5.0  # no 600 s (6 s wall) poll of unreachable functions
+    [res] = await run(host, bus_domain(rp, below), settings=EngineSettings(poll_timeout=6000.0))
+    # No 6000 s (60 s wall) poll of unreachable functions; the clean path takes
+    # milliseconds, so the bound has a wide margin either way on a loaded host.
+    assert time.monotonic() - t0 < 10.0
     by = {f.address: f for f in res.functions}
     assert by[up].change == "identity"
     others = [f for a, f in by.items() if a != up]

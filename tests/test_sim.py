@@ -270,7 +270,7 @@ async def test_kernel_reset_takes_the_kernel_delays() -> None:
         await host.reset_function(nic, method)
         took = time.monotonic() - t0
         assert took >= spec_s * 0.1 * 0.95, (method, took)
-        assert took < 1.0, (method, took)  # scaled: 60 s of kernel polling would not fit
+        assert took < 3.0, (method, took)  # scaled: 60 s of kernel polling (6 s) would not fit
 
 
 async def test_reset_subordinate_restores_the_whole_tree() -> None:

@@ -251,8 +251,10 @@ async def test_load_reads_concurrently_and_matches() -> None:
     t = await Topology.load(host)
     elapsed = loop.time() - t0
     assert set(t.functions) == set(src.functions)
-    assert host.peak >= len(src.functions)  # every function in flight at once
-    assert elapsed < 0.02 * len(src.functions)  # far below a sequential read
+    # Every function in flight at once: an event count, not a wall-clock bound
+    # (a sequential load would peak at 1; a timing ratio flakes on a loaded host).
+    assert host.peak >= len(src.functions)
+    assert elapsed >= 0.02  # each read really waited for its delay
     for a in src.functions:
         assert t.node(a).config == parse_config(src.node(a).config.raw)
         assert t.bus_scope(a) == src.bus_scope(a)
