@@ -467,6 +467,7 @@ class Daemon:
                 # The same registration again (libvirt's 'reconnect' after libvirtd
                 # restarts, a retried hook): nothing to do, and no journal record.
                 logger.info("VM %s: add-vm of an identical VM: already served", name)
+                existing.nudge()  # its QEMU is (back) there: connect now if not connected
                 return self._describe(existing) | {"added": False}
             if not (self.origins.get(name) == "journal" and existing.connects == 0):
                 raise ConfigError(f"{where}: name", f"a VM named {name!r} already exists with "

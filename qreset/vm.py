@@ -197,6 +197,8 @@ class VmMonitor:
         self._client: QMPClient | None = None
         self._cycle_lock = asyncio.Lock()
         self._closing = asyncio.Event()
+        #: Ends the backoff wait early: set by close() and nudge().
+        self._wake = asyncio.Event()
         self._reset_waiters: list[asyncio.Future[dict[str, Any]]] = []
         self._gone_announced = False
         self._retry_soon = False
@@ -257,6 +259,17 @@ class VmMonitor:
     async def close(self) -> None:
         """Ask :meth:`run` to finish: the cycle in progress completes, QEMU gets its default actions back."""
         self._closing.set()
+        self._wake.set()
+
+    def nudge(self) -> None:
+        """
+        Try to connect now, not at the end of the backoff, which may have grown
+        to ``connect_backoff_max`` while QEMU was away: someone (an identical
+        ``add-vm`` from libvirt's hook) says QEMU is there, and every reset
+        before we connect goes uncoordinated.
+        """
+        if not self.connected:
+            self._wake.set()
 
     # ------------------------------------------------------------------
     # bottom half: the VM's task
@@ -286,7 +299,10 @@ class VmMonitor:
                     attempt += 1
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
-                        await self._closing.wait()
+                        await self._wake.wait()
+                if self._wake.is_set() and not self._closing.is_set():
+                    self._wake.clear()
+                    attempt = 0  # nudged: QEMU is said to be there, the backoff starts over
         finally:
             self.state = VmState.CLOSED
             self.status = None
