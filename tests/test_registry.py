@@ -264,3 +264,50 @@ async def test_hook_reconnect_registers_the_guest_once() -> None:
     assert history
     assert all(c["outcome"] == "resumed" for c in history)
     assert all(c["report"]["domains"][0]["key"] == f"function:{NIC1}" for c in history)
+
+
+@qemu
+@pytest.mark.qemu
+async def test_stale_replayed_vm_connects_at_once_when_the_hook_says_its_guest_started(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replayed VM whose QEMU was gone waits out a long backoff unless told the guest is back."""
+    with short_tmpdir() as wd:
+        host = SimHost.from_toml(DEMO, time_scale=0.01)
+        sock = wd / "c.sock"
+        guest = QemuGuest("vm1", wd, paused=True)
+        xml = domain_xml("vm1", [NIC1], guest.qmp_path)
+        async with daemon_on(wd, host) as d1:
+            await d1.add_vm("vm1", str(guest.qmp_path), [NIC1], "stop-on-reset")
+        # Every retry after the first waits 30 s, as a backoff grown to its cap does.
+        monkeypatch.setattr("qreset.vm.backoff_delay", lambda attempt, cap: 30.0)
+        async with daemon_on(wd, host) as d2:
+            monitor = d2.monitors["vm1"]
+            await asyncio.sleep(0.3)                         # QEMU absent: into the long wait
+            stale = (await d2.query_vms())[0]
+            guest.start()
+            try:
+                await guest.await_sockets()
+                t0 = time.monotonic()
+                rc, out, err = await hook(sock, "vm1", "started", "begin", "-", xml=xml)
+                await d2.wait_event("QRESET_VM_CONNECTED", lambda e: e["vm"] == "vm1", timeout=10,
+                                    past=True)
+                connected_after = time.monotonic() - t0
+                row = (await d2.query_vms())[0]
+                ctl = await guest.ctl()
+                try:
+                    await ctl.execute("cont")
+                    async with asyncio.timeout(20):
+                        while monitor.cycles < 1:
+                            await asyncio.sleep(0.05)
+                finally:
+                    await ctl.disconnect()
+                same = d2.monitors["vm1"] is monitor
+            finally:
+                guest.stop()
+
+    assert (rc, out, err) == (0, "", "")
+    assert (stale["origin"], stale["stale"], stale["connected"]) == ("journal", True, False)
+    assert connected_after < 3.0                 # not the 30 s backoff
+    assert (row["stale"], row["connected"]) == (False, True)
+    assert same                                  # a no-op: the same monitor, nudged
+    print(f"stale VM connected {connected_after:.2f} s after the hook's add-vm")
