@@ -159,7 +159,8 @@ async def test_guest_lifecycle_through_the_hook() -> None:
                     async with asyncio.timeout(60):
                         while monitor.cycles < 4:
                             await asyncio.sleep(0.05)
-                    # Operations the hook does not act on: exit 0, silent, VM untouched.
+                    # Operations the hook does not act on, and reconnect (an add-vm identical
+                    # to the one of started: a no-op): exit 0, silent, VM untouched.
                     for op, sub, extra in (("migrate", "begin", "-"), ("restore", "begin", "-"),
                                            ("reconnect", "begin", "-"), ("attach", "begin", "-"),
                                            ("frobnicate", "sideways", "x")):
