@@ -311,3 +311,66 @@ async def test_stale_replayed_vm_connects_at_once_when_the_hook_says_its_guest_s
     assert (row["stale"], row["connected"]) == (False, True)
     assert same                                  # a no-op: the same monitor, nudged
     print(f"stale VM connected {connected_after:.2f} s after the hook's add-vm")
+
+
+def _read_journal_until(path: Path, pred: Any, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            for rec in journal(path):
+                if pred(rec):
+                    return rec
+        time.sleep(0.01)
+    raise TimeoutError(f"no matching journal record in {path}")
+
+
+@qemu
+@pytest.mark.qemu
+async def test_daemon_sigkilled_mid_cycle_of_a_runtime_vm_next_daemon_finishes_it() -> None:
+    """The open cycle of a VM known only from add-vm is finished by the next daemon, as a configured one's."""
+    lpt = "0000:06:01.0"    # a bus reset with SOUND (consented): long enough, at time_scale 1, to kill in
+    with short_tmpdir() as wd, guests(wd, "vm1", paused=True) as (g,):
+        sock, jpath, cfg = wd / "c.sock", wd / "journal.jsonl", wd / "qreset.toml"
+        cfg.write_text(
+            f'[daemon]\njournal = "{jpath}"\ncontrol_socket = "{sock}"\n'
+            f'[sim]\ntopology = "{DEMO}"\ntime_scale = 1.0\n'
+            f'[policy]\nmode = "park"\nallow = ["{SOUND}"]\nconnect_backoff_max = 0.3\n')
+        d1 = await start_daemon(cfg, sock, wd / "d1.log")
+        d2: asyncio.subprocess.Process | None = None
+        ctl = await g.ctl()
+        try:
+            await ctl_call(sock, "add-vm", name="vm1", qmp=str(g.qmp_path), devices=[lpt])
+            async with asyncio.timeout(10):
+                while not (await vm_row(sock, "vm1") or {}).get("connected"):
+                    await asyncio.sleep(0.05)
+            await ctl.execute("cont")
+            parked = await asyncio.to_thread(
+                _read_journal_until, jpath, lambda r: r.get("phase") == "parked", 20)
+            d1.send_signal(signal.SIGKILL)
+            await asyncio.wait_for(d1.wait(), 5)
+            held = await status(ctl)
+            t0 = time.monotonic()
+            d2 = await start_daemon(cfg, sock, wd / "d2.log")
+            async with asyncio.timeout(10):
+                while await status(ctl) != "running":
+                    await asyncio.sleep(0.01)
+            resumed_after = time.monotonic() - t0
+            done = await asyncio.to_thread(
+                _read_journal_until, jpath,
+                lambda r: r.get("cycle") == parked["cycle"] and r.get("recovered"), 5)
+            d2.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(d2.wait(), 20)
+        finally:
+            await ctl.disconnect()
+            for p in (d1, d2):
+                if p is not None and p.returncode is None:
+                    p.kill()
+                    await p.wait()
+        log2 = (wd / "d2.log").read_text()
+
+    assert held == "shutdown"                    # parked, with no daemon to finish the cycle
+    assert "has an open cycle but is not configured" not in log2
+    assert done["vm"] == "vm1"
+    assert done["vm_resumed"] is True
+    assert resumed_after < 3.0, log2
+    print(f"runtime VM parked at SIGKILL resumed {resumed_after:.2f} s after the new daemon was started")
