@@ -718,8 +718,7 @@ def test_cli_sim_demo_other_allow_and_pm_last(capsys: pytest.CaptureFixture[str]
 
 def _sim_path(name: str) -> Path:
     path = SIM_DIR / name
-    if not path.is_file():
-        pytest.skip(f"configs/sim/{name} not there")
+    assert path.is_file(), path
     return path
 
 
