@@ -120,9 +120,14 @@ def check_invariants(plan: Plan, topo: Topology, owners: Mapping[PciAddress, Own
         if d.kind is ResetKind.FUNCTION:
             assert d.key == f"function:{d.target}"
             assert d.method.value in topo.node(d.target).info.reset_methods
+            # A function reset covers its target and (a PF) every VF it clears.
+            vfs = {v for v in topo.node(d.target).info.virtfns if v in topo.functions}
+            assert set(d.covers) == {d.target} | vfs, d
         else:
             assert d.key == f"bus:{d.target}"
             assert d.method in plan.policy.bus_methods
+            # A bus/slot reset covers everything below its bridge: never under-estimated.
+            assert set(d.covers) == topo.below(d.target), d
     left = {a for a, _ in plan.left_to_qemu}
     refused_owned = {a for d in plan.refused_domains for a in d.owned}
     self_blocked = {b.function for b in plan.refusals if b.function in owned}
