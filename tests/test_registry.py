@@ -115,12 +115,21 @@ async def test_vm_added_at_run_time_is_served_again_after_a_restart(how: str) ->
             sig = signal.SIGTERM if how == "SIGTERM" else signal.SIGKILL
             d1.send_signal(sig)
             rc1 = await asyncio.wait_for(d1.wait(), 20)
-            t0 = time.monotonic()
+            t0, wall0 = time.monotonic(), time.time()
             d2 = await start_daemon(cfg, sock, wd / "d2.log")
             replayed = await vm_row(sock, "vm1")
-            after = await wait_cycles(sock, "vm1", 2, 20)
+            # Two guest resets coordinated by the new daemon. (After SIGKILL, a cycle
+            # d1 left open may come first, finished by recovery: not counted here.)
+            async with asyncio.timeout(20):
+                while True:
+                    rows = await ctl_call(sock, "query-resets", vm="vm1", limit=20)
+                    resets = [r for r in rows if r["t"] >= wall0 and not r.get("recovered")]
+                    if len(resets) >= 2:
+                        break
+                    await asyncio.sleep(0.1)
             served_after = time.monotonic() - t0
-            resets = await ctl_call(sock, "query-resets", vm="vm1", limit=2)
+            after = await vm_row(sock, "vm1")
+            assert after is not None
             async with asyncio.timeout(5):   # stopped only during cycles
                 while await status(ctl) != "running":
                     await asyncio.sleep(0.01)
@@ -145,8 +154,6 @@ async def test_vm_added_at_run_time_is_served_again_after_a_restart(how: str) ->
         "journal", str(g.qmp_path), "stop-on-reset", [NIC1])
     assert after["connected"] is True
     assert after["stale"] is False
-    assert isinstance(resets, list)
-    assert len(resets) == 2
     for cycle in resets:       # coordinated: the NIC's FLR under a stopped guest, then resumed
         assert cycle["outcome"] == "resumed", cycle
         assert [d["key"] for d in cycle["report"]["domains"]] == [f"function:{NIC1}"]
