@@ -647,6 +647,47 @@ async def test_engine_crash_still_resumes_the_guest(monkeypatch: pytest.MonkeyPa
     assert host.reset_log == []
 
 
+@pytest.mark.parametrize("how", ["stop", "cancel"])
+@pytest.mark.parametrize("mode", ["park", "stop-on-reset"])
+async def test_daemon_ended_mid_cycle_resumes_the_guest(mode: str, how: str) -> None:
+    """The daemon asked to stop, or its task cancelled, while the engine runs: the guest
+    still ends up running (a stop lets the cycle finish; a cancel resumes at once)."""
+    with short_tmpdir() as wd, guests(wd, "vm1", paused=True) as (g,):
+        host = SimHost.from_toml(DEMO, time_scale=0.01)
+        cfg = make_config(wd, {"vm1": (g, [NIC1])}, mode)
+        daemon = Daemon(cfg, host=host)
+        task = asyncio.create_task(daemon.run(), name="daemon")
+        try:
+            await daemon.wait_event("QRESET_VM_CONNECTED", about("vm1"), timeout=10, past=True)
+            host.inject(A(NIC1), Fault.slow(500.0))  # the engine waits 5 s (wall) for the NIC
+            pending = asyncio.create_task(daemon.reset_vm("vm1"))
+            async with asyncio.timeout(10):  # inside the engine: the NIC went through its reset
+                while not touching(host.reset_log, [NIC1]) and not pending.done():
+                    await asyncio.sleep(0.01)
+            assert not pending.done()
+            ctl = await g.ctl()
+            try:
+                held = await status(ctl)
+            finally:
+                await ctl.disconnect()
+            if how == "stop":
+                daemon.request_stop()
+            else:
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        finally:
+            daemon.request_stop()
+            await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
+        pending.cancel()
+        await asyncio.gather(pending, return_exceptions=True)
+        st = await wait_running(g)
+        records = journal(wd / "journal.jsonl")
+    assert held != "running"  # the guest really was held during the engine run
+    assert st == "running"
+    if how == "cancel":
+        assert any(r.get("error") == "cancelled; VM resumed" for r in records), records[-3:]
+
+
 @pytest.mark.parametrize("left", ["no-record", "parked", "engine-done", "identity-changed"])
 async def test_start_finishes_what_a_dead_daemon_left_parked(left: str) -> None:
     """A guest found parked at start-up: the journal says how far the dead daemon got."""
