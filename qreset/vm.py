@@ -51,6 +51,8 @@ import itertools
 import logging
 import os
 import random
+import socket
+import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -204,6 +206,11 @@ class VmMonitor:
         self._retry_soon = False
         #: The id of the cycle in progress (for notes written from outside it).
         self._cycle_id: str | None = None
+        #: Which QEMU process this connection talks to (see :func:`qemu_identity`).
+        self._qemu_id: str | None = None
+        #: (QEMU identity, cycle id) of a cycle that lost its connection with the
+        #: guest still stopped: the next connection to that same QEMU resumes it.
+        self._interrupted: tuple[str, str] | None = None
         self._log = logger.getChild(name)
 
     # ------------------------------------------------------------------
@@ -325,6 +332,7 @@ class VmMonitor:
         listener = EventListener(EVENTS)
         client.register_listener(listener)
         self._client = client
+        self._qemu_id = qemu_identity(client)
         self._gone_announced = False
         self.connects += 1
         served = False
@@ -556,6 +564,8 @@ class VmMonitor:
             async with asyncio.timeout(2 * RESET_SETTLE_TIMEOUT):
                 await self._resume(client)
                 resumed = True
+        if not resumed:
+            self._note_interrupted(cyc, keep_stopped=False)
         summary: dict[str, Any] = {
             "vm": self.name, "cycle": cyc.cid, "phase": "failed", "outcome": "failed",
             "mode": cyc.mode.value, "trigger": cyc.trigger, "event_ts": round(cyc.wall_event, 6),
@@ -640,6 +650,7 @@ class VmMonitor:
                 await self._resume(client, cont=not stop_it)
         except (QMPError, OSError, TimeoutError) as exc:
             why = f"could not resume: {exc or type(exc).__name__}"
+            self._note_interrupted(cyc, keep_stopped=stop_it)
             if not self.connected:
                 why = "QEMU went away during the cycle"
             return await self._end(cyc, "failed", report, _join(error, why), resumed=False)
@@ -726,7 +737,40 @@ class VmMonitor:
     # ------------------------------------------------------------------
     # recovery of a cycle a previous daemon left open
 
+    def _note_interrupted(self, cyc: _Cycle, *, keep_stopped: bool) -> None:
+        """The connection broke before the guest was resumed: resume it on reconnect."""
+        if keep_stopped or self._qemu_id is None:
+            return
+        self._interrupted = (self._qemu_id, cyc.cid)
+
+    async def _resume_interrupted(self, client: QMPClient) -> bool:
+        """
+        Finish a cycle whose connection broke with the guest still parked/stopped.
+
+        Only when this is the same QEMU process (a new one started with -S is in
+        ``prelaunch`` too, and ``cont`` would start it behind its manager's back)
+        and it is still where the cycle left it.
+        """
+        pending, self._interrupted = self._interrupted, None
+        if pending is None:
+            return False
+        qemu_id, cid = pending
+        expected = {"shutdown", "prelaunch"} if self.mode is Mode.PARK else {"paused"}
+        if qemu_id != self._qemu_id or self.status not in expected:
+            return False
+        self._log.warning("cycle %s lost its QMP connection with the guest %s: resuming it",
+                          cid, self.status)
+        async with asyncio.timeout(2 * RESET_SETTLE_TIMEOUT):
+            await self._resume(client)
+        with contextlib.suppress(QResetError):
+            await self.ctx.journal.append({"vm": self.name, "cycle": cid, "phase": "note",
+                                           "note": f"resumed on reconnect (status was {self.status})"})
+        self.status = "running"
+        return True
+
     async def _recover(self, client: QMPClient) -> None:
+        if await self._resume_interrupted(client):
+            return
         records, self._unfinished = self._unfinished, []
         status = self.status
         if not records:
@@ -778,6 +822,30 @@ class VmMonitor:
                       {k: summary[k] for k in ("vm", "cycle", "outcome", "mode", "vm_resumed",
                                                "durations", "error")} | {"recovered": True})
         self._log.info("recovered cycle %s: %s (QEMU status was %s)", cid, outcome, status)
+
+
+def qemu_identity(client: QMPClient) -> str | None:
+    """
+    ``PID:STARTTIME`` of the process at the other end of the QMP socket, or None.
+
+    From the socket's peer credentials (SO_PEERCRED, socket(7)) and field 22 of
+    /proc/PID/stat (proc(5): start time in clock ticks since boot), so a reused
+    PID is not taken for the same process. Used to tell a QEMU that we parked
+    and reconnected to from a new QEMU in the same state.
+    """
+    # qemu.qmp keeps its stream private; read-only use of the transport's socket.
+    writer = getattr(client, "_writer", None)
+    sock = writer.get_extra_info("socket") if writer is not None else None  # asyncio TransportSocket
+    if sock is None or getattr(sock, "family", None) != socket.AF_UNIX:
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid = struct.unpack("3i", creds)[0]
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        start = stat.rsplit(")", 1)[1].split()[19]  # field 22; fields 1-2 end at the last ')'
+    except (OSError, IndexError, struct.error):
+        return None
+    return f"{pid}:{start}"
 
 
 def _join(a: str | None, b: str | None) -> str | None:

@@ -4,7 +4,7 @@ A QMP man-in-the-middle for tests: a real QEMU behind it, chosen replies altered
 Real QEMU never sends a malformed ``query-pci`` or a vfio-pci device whose host
 is not a BDF, and it cannot be asked to vanish between two given commands. The
 proxy forwards every line both ways unchanged except for the commands a rule
-names (matched on ``execute`` and, optionally, a subset of ``arguments``):
+names (matched on ``execute`` and, if the rule gives them, exactly its ``arguments``):
 
 * ``Reply(value)``: answer ``{"return": value}`` itself, QEMU never sees it;
 * ``Fail(desc)``: answer a ``GenericError`` with ``desc``;
@@ -51,8 +51,7 @@ class Rule:
     def matches(self, msg: dict[str, Any]) -> bool:
         if msg.get("execute") != self.execute or (self.times is not None and self.hits >= self.times):
             return False
-        args = msg.get("arguments") or {}
-        return all(args.get(k) == v for k, v in self.arguments.items())
+        return not self.arguments or (msg.get("arguments") or {}) == self.arguments
 
 
 class QmpProxy:

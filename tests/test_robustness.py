@@ -11,6 +11,7 @@ serving, the guest running (never left parked).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -23,7 +24,7 @@ from qreset.config import Config, parse_config
 from qreset.pci.address import PciAddress
 from qreset.pci.sim import SimHost
 from tests.qemu_helpers import guests, have_qemu, short_tmpdir, status
-from tests.qmp_proxy import Fail, QmpProxy, Reply, Rule
+from tests.qmp_proxy import Cut, Fail, QmpProxy, Reply, Rule
 from tests.test_daemon import DEMO, NIC1, running, wait_running
 
 pytestmark = [
@@ -177,4 +178,47 @@ async def test_a_device_another_vm_owns_is_never_reset_for_this_one() -> None:
     assert summary["outcome"] == "failed"
     assert summary["vm_resumed"] is True
     assert f"{NIC1} is listed for VM vm2 and for VM vm1" in summary["error"]
+    assert st == "running"
+
+
+@pytest.mark.parametrize(("mode", "execute", "arguments"), [
+    ("park", "set-action", {"reboot": "reset"}),
+    ("park", "system_reset", {}),
+    ("park", "set-action", {"reboot": "shutdown"}),
+    ("park", "cont", {}),
+    ("stop-on-reset", "cont", {}),
+], ids=["park-set-action-reset", "park-system_reset", "park-set-action-shutdown", "park-cont",
+        "stop-cont"])
+async def test_connection_lost_at_each_resume_step(mode: str, execute: str,
+                                                   arguments: dict[str, Any]) -> None:
+    """
+    The QMP connection drops at one step of a cycle's resume while QEMU lives
+    on: the cycle fails with one line, the daemon reconnects, and the guest
+    runs again. Before, after the guest's own reset (``prelaunch``) or in
+    stop-on-reset mode (``paused``) nothing resumed it: the cycle was closed
+    as failed and a reconnect found no open cycle.
+    """
+    rules = [Rule(execute, Cut(), arguments, times=1)]
+    with short_tmpdir() as wd, guests(wd, "vm1", paused=True) as (g,):
+        async with QmpProxy(wd / "proxy.sock", g.qmp_path, rules) as proxy:
+            host = SimHost.from_toml(DEMO, time_scale=0.01)
+            async with running(config(wd, wd / "proxy.sock", [NIC1], mode), host) as daemon:
+                ctl = await g.ctl()
+                try:
+                    failed = asyncio.create_task(daemon.wait_event("QRESET_RESET_FAILED", timeout=10))
+                    await ctl.execute("cont")  # the guest resets itself a few times a second
+                    event = await failed
+                    await daemon.wait_event("QRESET_VM_CONNECTED", timeout=10)
+                    # It keeps rebooting (parked now and then): it must be seen running.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(3):
+                            while (st := await status(ctl)) != "running":
+                                await asyncio.sleep(0.01)
+                finally:
+                    await ctl.disconnect()
+                connected = daemon.monitors["vm1"].connected
+    assert rules[0].hits == 1, proxy.seen
+    assert event["error"] == "QEMU went away during the cycle"
+    assert event["vm_resumed"] is False
+    assert connected
     assert st == "running"
