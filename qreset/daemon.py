@@ -435,6 +435,13 @@ class Daemon:
             err = exc.errors()[0]
             key = ".".join(str(p) for p in err["loc"])
             raise ConfigError(f"{where}: {key}", str(err["msg"]).removeprefix("Value error, ")) from None
+        # The socket may appear later (QEMU not started yet), but a relative path would
+        # depend on the daemon's working directory, and a path that exists as something
+        # else would be retried forever with nothing but debug lines.
+        if not qmp or not section.qmp.is_absolute():
+            raise ConfigError(f"{where}: qmp", f"expected an absolute socket path, got {qmp!r}")
+        if section.qmp.exists() and not section.qmp.is_socket():
+            raise ConfigError(f"{where}: qmp", f"{qmp} exists and is not a socket")
         for other in self.monitors.values():
             if other.name == name:
                 continue

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from qreset.config import Config, parse_config
+from qreset.errors import QResetError
 from qreset.pci.address import PciAddress
 from qreset.pci.sim import SimHost
 from tests.qemu_helpers import guests, have_qemu, short_tmpdir, status
@@ -222,3 +223,51 @@ async def test_connection_lost_at_each_resume_step(mode: str, execute: str,
     assert event["vm_resumed"] is False
     assert connected
     assert st == "running"
+
+
+async def test_add_vm_and_remove_vm_bad_requests_get_one_line_each() -> None:
+    with short_tmpdir() as wd, guests(wd, "vm1", paused=True) as (g,):
+        (wd / "plain").write_text("")
+        host = SimHost.from_toml(DEMO, time_scale=0.01)
+        async with running(config(wd, g.qmp_path, [NIC1]), host) as daemon:
+            errors: dict[str, str] = {}
+            cases: dict[str, tuple[str, str, list[str]]] = {
+                "relative": ("vm2", "qmp.sock", []),
+                "empty": ("vm2", "", []),
+                "directory": ("vm2", str(wd), []),
+                "file": ("vm2", str(wd / "plain"), []),
+                "duplicate": ("vm1", str(wd / "other.sock"), []),
+                "same-socket": ("vm2", str(g.qmp_path), []),
+                "owned": ("vm2", str(wd / "other.sock"), [NIC1]),
+                "bad-bdf": ("vm2", str(wd / "other.sock"), ["zz:00.0"]),
+            }
+            for case, (name, qmp, devices) in cases.items():
+                with pytest.raises(QResetError) as info:
+                    await daemon.add_vm(name, qmp, devices, None)
+                errors[case] = str(info.value)
+            with pytest.raises(QResetError) as info:
+                await daemon.remove_vm("nope", release=False)
+            errors["remove-unknown"] = str(info.value)
+            vms = sorted(m["name"] for m in await daemon.query_vms())
+            st = await wait_running_or_prelaunch(g)
+    assert vms == ["vm1"]
+    assert st == "prelaunch"
+    assert all("\n" not in e for e in errors.values())
+    assert "absolute" in errors["relative"]
+    assert "absolute" in errors["empty"]
+    assert f"{wd} exists and is not a socket" in errors["directory"]
+    assert "plain exists and is not a socket" in errors["file"]
+    assert "already exists" in errors["duplicate"]
+    assert "already used by VM 'vm1'" in errors["same-socket"]
+    assert f"{NIC1} already assigned to VM 'vm1'" in errors["owned"]
+    assert "zz:00.0" in errors["bad-bdf"]
+    assert "'nope'" in errors["remove-unknown"]
+    assert "vm1" in errors["remove-unknown"]
+
+
+async def wait_running_or_prelaunch(g: Any) -> str:
+    ctl = await g.ctl()
+    try:
+        return await status(ctl)
+    finally:
+        await ctl.disconnect()

@@ -171,6 +171,7 @@ def run_dir(given: Path | None) -> tuple[Path, bool]:
     dir; and whether it was made here for this run (then it is removed at exit).
     """
     if given is not None:
+        given = given.absolute()  # add-vm takes absolute socket paths only (a daemon has its own cwd)
         try:
             given.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
