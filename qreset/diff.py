@@ -665,9 +665,15 @@ _EMPTY: tuple[tuple[_Entry, ...], int] = ((), 0)
 
 
 def present(raw: bytes) -> bool:
-    """Whether ``raw`` is a responding function (not all-ones, zero, or CRS)."""
+    """Whether ``raw`` is a responding function (not all-ones, zero, or CRS).
+
+    All-ones is judged on the Command/Status dword, as ``pci_dev_wait`` does
+    without CRS Software Visibility (drivers/pci/pci.c), not on Vendor ID: a
+    VF's Vendor and Device ID read FFFFh in hardware (SR-IOV r1.1 sec
+    3.4.1.1/3.4.1.2) while the rest of its header answers.
+    """
     vendor = _u16(raw, regs.VENDOR_ID)
-    return vendor not in (0xFFFF, 0x0000, regs.CRS_VENDOR_ID)
+    return vendor not in (0x0000, regs.CRS_VENDOR_ID) and _u32(raw, regs.COMMAND) != 0xFFFFFFFF
 
 
 _RES_TYPE = IORESOURCE_IO | IORESOURCE_MEM | IORESOURCE_PREFETCH | IORESOURCE_MEM_64

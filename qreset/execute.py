@@ -505,11 +505,14 @@ class _DomainRun:
                 data = b""
                 logger.debug("%s: poll read failed: %s", addr, err)
             vendor = u16(data, regs.VENDOR_ID)
-            # pci_dev_wait reads Vendor ID when the Root Port has CRS Software
-            # Visibility, else the Command register until it is not ~0: a VF's
-            # Vendor ID is 0xFFFF in hardware (sysfs shows the cached one), so
-            # check both.
-            if vendor not in (0xFFFF, regs.CRS_VENDOR_ID) and u32(data, regs.COMMAND) != 0xFFFFFFFF:
+            # pci_dev_wait reads Vendor ID until it is not the CRS value when the
+            # Root Port has CRS Software Visibility, else the Command register
+            # until it is not ~0 (PCI_POSSIBLE_ERROR). We do not know which, so
+            # both: not CRS, and Command/Status not all-ones. Not "Vendor ID is
+            # not 0xFFFF": a VF's Vendor ID reads FFFFh in hardware (SR-IOV r1.1
+            # sec 3.4.1.1; sysfs shows the PF's cached one), and such a VF would
+            # never look ready.
+            if vendor != regs.CRS_VENDOR_ID and u32(data, regs.COMMAND) != 0xFFFFFFFF:
                 return True
             if waited >= timeout:
                 what = "CRS" if vendor == regs.CRS_VENDOR_ID else "all-ones"

@@ -63,6 +63,12 @@ def u32(data: bytes, off: int) -> int:
     return 0xFFFFFFFF
 
 
+def _answers(data: bytes) -> bool:
+    """A responding function: Vendor ID not 0 or CRS, Command/Status not all-ones (see ``present``)."""
+    return u16(data, regs.VENDOR_ID) not in (0x0000, regs.CRS_VENDOR_ID) \
+        and u32(data, regs.COMMAND) != 0xFFFFFFFF
+
+
 @dataclass(frozen=True, slots=True)
 class Capability:
     """A standard capability: its ID and where its header sits."""
@@ -110,8 +116,13 @@ class ConfigSpace:
 
     @property
     def present(self) -> bool:
-        """False for all-ones / all-zero reads and CRS (Vendor ID 0x0001)."""
-        return self.vendor_id not in (0xFFFF, 0x0000, regs.CRS_VENDOR_ID)
+        """False for all-ones / all-zero reads and CRS (Vendor ID 0x0001).
+
+        All-ones is judged on Command/Status (``pci_dev_wait``'s test without
+        CRS SV, drivers/pci/pci.c), not Vendor ID: a VF's Vendor/Device ID read
+        FFFFh in hardware (SR-IOV r1.1 sec 3.4.1.1/3.4.1.2), the rest answers.
+        """
+        return _answers(self.raw)
 
     @property
     def is_bridge(self) -> bool:
@@ -274,7 +285,7 @@ def parse_config(data: bytes) -> ConfigSpace:
     # pci_setup_device: 6 BARs (type 0), 2 (type 1), 1 (CardBus: socket registers).
     nbars = 2 if is_bridge else (1 if is_cardbus else 6)
     bars = tuple(u32(data, regs.BASE_ADDRESS_0 + 4 * i) for i in range(nbars))
-    absent = vendor in (0xFFFF, 0x0000, regs.CRS_VENDOR_ID)
+    absent = not _answers(data)
     caps = () if absent else _walk_caps(data, htype, problems)
     ext = () if absent else _walk_ext_caps(data, problems)
     return ConfigSpace(

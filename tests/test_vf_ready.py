@@ -1,0 +1,68 @@
+"""
+VFs whose Vendor/Device ID read FFFFh, as the SR-IOV spec says (r1.1 sec
+3.4.1.1/3.4.1.2; the kernel shows the PF's IDs in sysfs instead).
+
+Before, the readiness poll, the rescan and the config parser all took
+Vendor ID FFFFh for "no function": every reset of such a VF polled for the
+whole poll timeout (60 s) and ended "absent", and a bus reset above a PF
+escalated its VFs as gone. The kernel's ``pci_dev_wait`` judges all-ones on
+the Command register (drivers/pci/pci.c), and so do we now.
+"""
+
+from __future__ import annotations
+
+from qreset.diff import Change, diff_config, present
+from qreset.execute import Executor
+from qreset.locks import DomainLocks
+from qreset.pci import regs
+from qreset.pci.config import parse_config, u16
+from qreset.pci.sim import SimHost
+from qreset.plan import Domain, Method
+from qreset.topology import ResetKind
+
+PF = {"name": "pf", "type": "endpoint", "parent": "rp", "vendor": 0x8086, "device": 0x1521,
+      "class": 0x020000, "flr": True, "bars": [{"size": "1M"}],
+      "sriov": {"total_vfs": 2, "num_vfs": 2, "vf_device": 0x1520, "vf_config_ids": "ffff",
+                "vf_bars": [{"size": "16K", "type": "mem64", "prefetch": True}]}}
+
+
+def host() -> SimHost:
+    return SimHost.from_dict({"function": [{"name": "rp", "type": "root_port", "dev": 1}, PF]},
+                             "vf.toml", time_scale=0.001)
+
+
+async def test_vf_reading_ffff_is_a_present_function() -> None:
+    h = host()
+    raw = await h.read_config(h.address_of("pf.vf0"))
+    assert u16(raw, regs.VENDOR_ID) == 0xFFFF   # the spec's value, not the PF's
+    cfg = parse_config(raw)
+    assert cfg.present
+    assert cfg.has_flr                          # its capabilities are walked
+    assert present(raw)
+    assert not present(b"\xff" * 256)           # a real all-ones read is still absent
+    assert not present(b"\x01\x00" + b"\xff" * 254)  # CRS
+    assert diff_config(raw, b"\xff" * 256).change is Change.ABSENT
+
+
+async def test_flr_of_a_vf_is_ready_at_the_first_poll() -> None:
+    h = host()
+    vf = h.address_of("pf.vf1")
+    d = Domain(f"function:{vf}", ResetKind.FUNCTION, Method.FLR, vf, (vf,), (vf,))
+    [res] = await Executor(h, DomainLocks()).run([d])
+    [f] = res.functions
+    assert res.ok, (f.change, f.error)
+    assert f.polls == 1
+    assert f.change == Change.NONE.value
+
+
+async def test_bus_reset_above_a_pf_restores_its_vfs_not_escalates_them() -> None:
+    h = host()
+    rp, pf = h.address_of("rp"), h.address_of("pf")
+    vfs = [h.address_of("pf.vf0"), h.address_of("pf.vf1")]
+    covers = (pf, *vfs)
+    d = Domain(f"bus:{rp}", ResetKind.BUS, Method.USER_SBR, rp, covers, covers)
+    [res] = await Executor(h, DomainLocks()).run([d])
+    by = {f.address: f for f in res.functions}
+    assert res.ok, [(f.address, f.change, f.error) for f in res.functions]
+    assert all(by[v].change == Change.STATE.value for v in vfs)
+    assert all(by[v].polls == 1 for v in vfs)
