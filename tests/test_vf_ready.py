@@ -11,12 +11,15 @@ the Command register (drivers/pci/pci.c), and so do we now.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from qreset.diff import Change, diff_config, present
 from qreset.execute import Executor
 from qreset.locks import DomainLocks
 from qreset.pci import regs
 from qreset.pci.config import parse_config, u16
 from qreset.pci.sim import SimHost
+from qreset.pci.sysfs import SysfsHost
 from qreset.plan import Domain, Method
 from qreset.topology import ResetKind
 
@@ -66,3 +69,37 @@ async def test_bus_reset_above_a_pf_restores_its_vfs_not_escalates_them() -> Non
     assert res.ok, [(f.address, f.change, f.error) for f in res.functions]
     assert all(by[v].change == Change.STATE.value for v in vfs)
     assert all(by[v].polls == 1 for v in vfs)
+
+
+async def test_fast_port_without_link_active_reporting_waits_1100_ms(tmp_path: Path) -> None:
+    """
+    pci_bridge_wait_for_secondary_bus on a port faster than 5 GT/s goes through
+    pcie_wait_for_link_delay, which waits 1000 + 100 ms when the port does not
+    report Data Link Layer Link Active (drivers/pci/pci.c). Before, a user SBR
+    on such a port waited only 100 ms. Real sysfs code on a tree in a directory
+    (the sim always sets DLLLARC on ports; here it is cleared in the file).
+    """
+    sim = SimHost.from_dict({"function": [
+        {"name": "rp", "type": "root_port", "dev": 1, "link_speed": 3},
+        {"name": "ep", "type": "endpoint", "parent": "rp", "vendor": 0x10EC, "device": 0x8168,
+         "class": 0x020000},
+    ]}, "fast.toml")
+    rp, ep = sim.address_of("rp"), sim.address_of("ep")
+    sim.write_tree(tmp_path)
+    cfg_file = tmp_path / "bus" / "pci" / "devices" / str(rp) / "config"
+    raw = bytearray(cfg_file.read_bytes())
+    exp = parse_config(bytes(raw)).find_cap(regs.CAP_ID_EXP)
+    assert exp is not None
+    off = exp.offset + regs.EXP_LNKCAP
+    lnkcap = int.from_bytes(raw[off:off + 4], "little")
+    assert lnkcap & regs.EXP_LNKCAP_SLS == 3  # 8 GT/s
+    raw[off:off + 4] = (lnkcap & ~regs.EXP_LNKCAP_DLLLARC).to_bytes(4, "little")
+    cfg_file.write_bytes(bytes(raw))
+    host = SysfsHost(tmp_path)
+    try:
+        d = Domain(f"bus:{rp}", ResetKind.BUS, Method.USER_SBR, rp, (ep,), (ep,))
+        [res] = await Executor(host, DomainLocks()).run([d])
+    finally:
+        await host.close()
+    assert res.phases["settle"] >= 1.1 * 0.95, res.phases
+    assert res.phases["settle"] < 3.0
