@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,6 +12,7 @@ from qreset.diff import Change, RegKind, diff_config, layout_of, register_map
 from qreset.pci import regs
 from qreset.pci.host import IORESOURCE_MEM, IORESOURCE_MEM_64, IORESOURCE_PREFETCH, Resource
 from qreset.restore import plan_writes
+from tests.test_config import Cfg
 
 PM, MSI, EXP, MSIX = 0x40, 0x50, 0x70, 0xB0
 AER, DSN, LTR, ACS, SRIOV, REBAR = 0x100, 0x140, 0x150, 0x160, 0x170, 0x1B0
@@ -274,6 +277,49 @@ def test_register_map_is_cached_by_layout() -> None:
     assert register_map(lay) is register_map(lay)
     names = {r.name for rs in register_map(lay).values() for r in rs}
     assert {"Device Control", "MSI Upper Address", "SR-IOV NumVFs", "Serial Number High"} <= names
+
+
+#: Registers the spec makes read-only (RO/HwInit: capability, ID, pointer and
+#: offset registers): a change in any of them means a different function.
+_READ_ONLY = re.compile(
+    r"(Capabilities( [12])?|Capability|header|Pointer|Serial Number (Low|High)|InitialVFs|TotalVFs|"
+    r"VF Device ID|Supported Page Sizes|Function Dependency Link|Offset/BIR|Migration State Array|"
+    r"Outstanding Capacity|Bridge Extensions)$")
+
+
+def _every_capability() -> bytes:
+    """A root port carrying every capability the register map knows (contents zero)."""
+    c = Cfg(header=regs.HEADER_TYPE_BRIDGE, class_code=0x060400).caps(
+        [(regs.CAP_ID_PM, 0x40), (regs.CAP_ID_EXP, 0x50), (regs.CAP_ID_MSIX, 0x90), (regs.CAP_ID_AF, 0xA0)])
+    c.w16(0x52, 0x0002 | regs.EXP_FLAGS_SLOT | regs.EXP_TYPE_ROOT_PORT << 4)
+    c.ext([(regs.EXT_CAP_ID_ERR, 0x100, 2), (regs.EXT_CAP_ID_VC, 0x150, 1), (regs.EXT_CAP_ID_DSN, 0x1A0, 1),
+           (regs.EXT_CAP_ID_ACS, 0x1B0, 1), (regs.EXT_CAP_ID_ARI, 0x1C0, 1), (regs.EXT_CAP_ID_ATS, 0x1D0, 1),
+           (regs.EXT_CAP_ID_SRIOV, 0x200, 1), (regs.EXT_CAP_ID_PRI, 0x280, 1),
+           (regs.EXT_CAP_ID_REBAR, 0x2A0, 1), (regs.EXT_CAP_ID_TPH, 0x2E0, 1),
+           (regs.EXT_CAP_ID_LTR, 0x300, 1),
+           (regs.EXT_CAP_ID_L1SS, 0x310, 1), (regs.EXT_CAP_ID_PASID, 0x320, 1),
+           (regs.EXT_CAP_ID_DPC, 0x330, 1), (regs.EXT_CAP_ID_PTM, 0x380, 1)])
+    c.w32(0x150 + 4, 1)       # VC: one extended VC
+    c.w32(0x2A0 + 8, 1 << 5)  # Resizable BAR: one BAR
+    return c.bytes()
+
+
+@pytest.mark.parametrize("raw", [BASE, _every_capability()], ids=["endpoint", "every-capability"])
+def test_every_read_only_register_is_identity(raw: bytes) -> None:
+    names = {r.name: r.kind for rs in register_map(layout_of(raw)).values() for r in rs}
+    read_only = {n for n in names if _READ_ONLY.search(n)}
+    assert sorted(n for n in read_only if names[n] is not RegKind.IDENTITY) == []
+    assert len(read_only) >= 15
+
+
+def test_every_capability_layout_is_mapped() -> None:
+    names = {r.name for rs in register_map(layout_of(_every_capability())).values() for r in rs}
+    assert {"PM Bridge Extensions", "Slot Capabilities 2", "Root Capabilities", "AF Capabilities",
+            "VC1 Resource Capabilities", "ARI Capabilities", "ATS Capabilities",
+            "SR-IOV Migration State Array",
+            "PRI Outstanding Capacity", "Resizable BAR 0 Capability", "TPH Requester Capabilities",
+            "L1 PM Substates Capabilities", "PASID Capabilities", "DPC Capabilities",
+            "PTM Capabilities"} <= names
 
 
 def test_every_register_sits_inside_one_dword() -> None:
