@@ -568,6 +568,7 @@ class ControlServer:
         if not stat.S_ISSOCK(st.st_mode):
             raise ControlError(where, "exists and is not a socket")
         try:
+            # 2 s: a live server accepts at once; only a hung holder of the socket takes longer.
             _r, w = await asyncio.wait_for(asyncio.open_unix_connection(where), 2.0)
         except TimeoutError:
             raise ControlError(where, "a process holds it but does not answer") from None

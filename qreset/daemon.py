@@ -301,6 +301,7 @@ class Daemon:
             except Exception:
                 attempt += 1
                 logger.exception("VM %s: monitor crashed; restarting it", monitor.name)
+                # Our choice: 0.2 s doubling to 5 s, so a crash loop neither spins nor stalls long.
                 await asyncio.sleep(min(5.0, 0.1 * 2 ** attempt))
 
     # ------------------------------------------------------------------

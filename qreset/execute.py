@@ -106,7 +106,7 @@ class EngineSettings:
 
     #: Give up on a function still answering CRS / all-ones after this long (PCIE_RESET_READY_POLL_MS).
     poll_timeout: float = PCIE_RESET_READY_POLL
-    #: First readiness-poll delay; doubled after each poll like pci_dev_wait.
+    #: First readiness-poll delay; doubled after each poll like pci_dev_wait (``delay = 1`` ms).
     poll_interval: float = 0.001
     #: Cap on one poll delay (pci_dev_wait has none; capping keeps the tail responsive).
     poll_max_interval: float = 1.0
@@ -441,7 +441,7 @@ class _DomainRun:
                 if u16(sta, exp.offset + regs.EXP_LNKSTA) & regs.EXP_LNKSTA_DLLLA:
                     up = True
                     break
-                await self.host.sleep(0.001)
+                await self.host.sleep(0.001)  # pcie_wait_for_link_status: msleep(1) between reads
                 waited += 0.001
             await self.host.sleep(PCIE_SETTLE)
             link = f"link up after {waited * 1000:.0f} ms" if up else "link not up after 1 s (polling anyway)"

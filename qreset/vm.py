@@ -78,10 +78,17 @@ REBOOT_REASONS = frozenset({"guest-reset", "host-qmp-system-reset"})
 EXITS_ANYWAY = frozenset({"host-qmp-quit", "host-signal"})
 #: Events a monitor listens to.
 EVENTS = ("SHUTDOWN", "RESET", "STOP", "RESUME", "DEVICE_DELETED")
-#: How long connecting (greeting + negotiation) may take.
+#: How long connecting (greeting + negotiation) may take. Our bound, not QEMU's: a
+#: live QEMU greets at once (monitor_qmp_event), so 5 s only catches a hung one.
 CONNECT_TIMEOUT = 5.0
 #: How long QEMU may take to leave the ``shutdown`` state after ``system_reset``.
+#: Our bound: the reset request runs at the main loop's next iteration
+#: (qemu_system_reset_request -> main_loop_should_exit), milliseconds on QEMU 7.2.
 RESET_SETTLE_TIMEOUT = 5.0
+#: Poll period while waiting for that (5 ms: a fraction of the measured park cycle).
+STATUS_POLL = 0.005
+#: Bound on a status query made for the control socket (a query must not hang a client).
+STATUS_QUERY_TIMEOUT = 2.0
 
 _cycle_ids = itertools.count(1)
 
@@ -237,7 +244,7 @@ class VmMonitor:
         if client is None or not self.connected:
             return None
         with contextlib.suppress(QMPError, OSError, TimeoutError):
-            async with asyncio.timeout(2.0):
+            async with asyncio.timeout(STATUS_QUERY_TIMEOUT):
                 self.status = await self._query_status(client)
         return self.status
 
@@ -253,6 +260,7 @@ class VmMonitor:
         except QMPError as exc:
             self._reset_waiters.remove(fut)
             raise VmError(f"VM {self.name}: system_reset failed: {exc}") from None
+        # The cycle's own bounds (engine, resume) plus 5 s of slack for QMP round trips.
         timeout = self.ctx.settings().cycle_timeout + 2 * RESET_SETTLE_TIMEOUT + 5.0
         try:
             async with asyncio.timeout(timeout):
@@ -300,7 +308,7 @@ class VmMonitor:
                         continue  # reconnect at once: QEMU may be restarting right now
                 if self._retry_soon:
                     self._retry_soon = False
-                    delay = random.uniform(0.01, 0.05)
+                    delay = random.uniform(0.01, 0.05)  # jittered, yet well under one guest reboot
                 else:
                     delay = backoff_delay(attempt, self.ctx.settings().connect_backoff_max)
                     attempt += 1
@@ -725,7 +733,7 @@ class VmMonitor:
                 status = await self._query_status(client)
                 if status != leaving:
                     return status
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(STATUS_POLL)
 
     @staticmethod
     async def _query_status(client: QMPClient) -> str:

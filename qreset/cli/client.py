@@ -124,6 +124,7 @@ async def _connect(path: str) -> QMPClient:
 async def _refusal_reason(path: str) -> str | None:
     """The ``desc`` of the error a refusing server sends instead of its greeting."""
     try:
+        # 2 s: a refusing server answers at once; this only bounds a hung one.
         reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 2.0)
     except (OSError, TimeoutError):
         return None

@@ -193,7 +193,7 @@ def _in_use(path: Path) -> bool:
     if not path.exists():
         return False
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
+        sock.settimeout(1.0)  # a live server accepts at once; bounds a hung one
         try:
             sock.connect(str(path))
         except OSError:
@@ -338,7 +338,7 @@ async def _wait_path(path: Path, proc: asyncio.subprocess.Process, timeout: floa
         while not path.exists():
             if proc.returncode is not None:
                 return False
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # QEMU creates its sockets within ms of starting
     return True
 
 
@@ -418,7 +418,7 @@ async def _run(args: argparse.Namespace, qemu_argv: list[str], cfg: Config, name
                 registered = True
                 async with asyncio.timeout(args.start_timeout):
                     while not await coordinator.connected(name) and proc.returncode is None:
-                        await asyncio.sleep(0.05)
+                        await asyncio.sleep(0.05)  # a query-vms round trip per 50 ms
                 _say(f"{name}: registered with the {coordinator.where}"
                      + (f", devices {', '.join(devices)}" if devices else ", no assigned devices"))
             except (QResetError, TimeoutError) as exc:
@@ -437,7 +437,7 @@ async def _run(args: argparse.Namespace, qemu_argv: list[str], cfg: Config, name
             # We are failing (or being cancelled) with QEMU still up: do not orphan it.
             proc.terminate()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(proc.wait(), 10)
+                await asyncio.wait_for(proc.wait(), 10)  # QEMU exits on SIGTERM in ms; bound a hung one
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if registered:
