@@ -331,14 +331,19 @@ class Topology:
         with Slot Implemented and Hot-Plug Capable (``set_pcie_hotplug_bridge``
         in drivers/pci/probe.c, which is what pciehp binds to). Seen in the lab:
         an SHPC slot behind a pcie-pci-bridge gets a bus reset, not a slot reset.
-        It hits every function in the slot and everything below them
-        (``pci_slot_resettable``/``pci_slot_save_and_disable_locked``).
+        The kernel saves and restores the functions in the slot and everything
+        below them (``pci_slot_resettable``/``pci_slot_save_and_disable_locked``),
+        but ``pciehp_reset_slot`` asserts a secondary bus reset on the port
+        (``pci_bridge_secondary_bus_reset``): the whole link goes down, so every
+        function on the port's secondary bus is hit, also one the slot's device
+        number does not name (an ARI device's functions 8 and up sit at device
+        numbers 1-31). Over-estimating only makes the planner refuse.
         """
         slot = self.slot_of(addr)
         parent = self._parent[addr]
         if slot is None or not slot.hotplug or parent is None or not self.pciehp_port(parent):
             return None
-        affected: set[PciAddress] = set()
+        affected: set[PciAddress] = set(self.below(parent))
         for fn in self.same_device(addr):
             affected.add(fn)
             if self.is_bridge(fn):
