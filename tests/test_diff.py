@@ -290,7 +290,8 @@ _READ_ONLY = re.compile(
 def _every_capability() -> bytes:
     """A root port carrying every capability the register map knows (contents zero)."""
     c = Cfg(header=regs.HEADER_TYPE_BRIDGE, class_code=0x060400).caps(
-        [(regs.CAP_ID_PM, 0x40), (regs.CAP_ID_EXP, 0x50), (regs.CAP_ID_MSIX, 0x90), (regs.CAP_ID_AF, 0xA0)])
+        [(regs.CAP_ID_PM, 0x40), (regs.CAP_ID_EXP, 0x50), (regs.CAP_ID_MSIX, 0x90), (regs.CAP_ID_AF, 0xA0),
+         (regs.CAP_ID_PCIX, 0xB0)])
     c.w16(0x52, 0x0002 | regs.EXP_FLAGS_SLOT | regs.EXP_TYPE_ROOT_PORT << 4)
     c.ext([(regs.EXT_CAP_ID_ERR, 0x100, 2), (regs.EXT_CAP_ID_VC, 0x150, 1), (regs.EXT_CAP_ID_DSN, 0x1A0, 1),
            (regs.EXT_CAP_ID_ACS, 0x1B0, 1), (regs.EXT_CAP_ID_ARI, 0x1C0, 1), (regs.EXT_CAP_ID_ATS, 0x1D0, 1),
@@ -310,6 +311,24 @@ def test_every_read_only_register_is_identity(raw: bytes) -> None:
     read_only = {n for n in names if _READ_ONLY.search(n)}
     assert sorted(n for n in read_only if names[n] is not RegKind.IDENTITY) == []
     assert len(read_only) >= 15
+
+
+#: Registers software writes (control, command, masks, addresses, windows, bus
+#: numbers): what a reset loses and restore writes back. PM Data is read-only
+#: and AF Control only holds the self-clearing Initiate FLR bit.
+_WRITABLE = re.compile(
+    r"(Control( [12])?|Command|Mask|Severity|Interrupt Line|Cache Line Size|Latency Timer|Latency|"
+    r"Bus|Base|Limit|Upper( 16| 32)?|Expansion ROM|BAR \d|Address|Data|Page Size|Allocation|NumVFs|"
+    r"Control/Status)$")
+_NOT_WRITABLE = frozenset({"PM Data", "AF Control"})
+
+
+@pytest.mark.parametrize("raw", [BASE, _every_capability()], ids=["endpoint", "every-capability"])
+def test_writable_registers_are_exactly_the_state_ones(raw: bytes) -> None:
+    names = {r.name: r.kind for rs in register_map(layout_of(raw)).values() for r in rs}
+    writable = {n for n in names if _WRITABLE.search(n)} - _NOT_WRITABLE
+    assert {n for n, k in names.items() if k is RegKind.STATE} == writable
+    assert len(writable) >= 40
 
 
 def test_every_capability_layout_is_mapped() -> None:
