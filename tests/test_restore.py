@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qreset.diff import Change, diff_config
+from qreset.pci import regs
 from qreset.pci.address import PciAddress
 from qreset.pci.sim import Fault, SimHost
 from qreset.restore import plan_writes, restore, verify
@@ -131,3 +132,34 @@ async def test_verify_reports_a_register_still_off(sim_dir: Path) -> None:
     ok, remaining = await verify(host, gpu, saved)
     assert not ok
     assert [r.name for r in remaining] == ["Command"]
+
+
+class _FirstBarWriteLostHost(SimHost):
+    """A simulated host whose ``flaky`` function drops the first write to BAR 0
+    (what ``pci_restore_config_dword``'s re-read-and-retry loop is for)."""
+
+    flaky: PciAddress | None = None
+    lost = 0
+
+    async def write_config(self, addr: PciAddress, offset: int, data: bytes) -> None:
+        if addr == self.flaky and offset == regs.BASE_ADDRESS_0 and not self.lost:
+            self.lost += 1
+            return
+        await super().write_config(addr, offset, data)
+
+
+async def test_bar_write_that_does_not_take_is_retried(sim_dir: Path) -> None:
+    host = _FirstBarWriteLostHost.from_toml(sim_dir / "gpu-audio.toml", time_scale=0.001)
+    assert isinstance(host, _FirstBarWriteLostHost)
+    rp, gpu = host.address_of("rp1"), host.address_of("gpu")
+    before = await host.read_config(gpu)
+    await _sbr(host, rp)
+    d = diff_config(before, await host.read_config(gpu))
+    assert "BAR 0" in {r.name for r in d.state_registers}
+    host.flaky = gpu
+    result = await restore(host, gpu, before, d)
+    assert host.lost == 1
+    assert result.verified, result.remaining
+    bar0 = [w for w in host.config_writes if w.addr == gpu and w.offset == regs.BASE_ADDRESS_0]
+    assert len(bar0) == 1  # the lost write never reached the sim's log; the retry did
+    assert result.writes == len(plan_writes(d)) + 1
