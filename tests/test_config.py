@@ -282,8 +282,15 @@ def test_crs_vendor_id_is_not_present() -> None:
 
 def test_status_all_ones_with_valid_vendor_has_no_caps() -> None:
     # Half-gone function: the vendor dword latched, the rest reads as ones.
+    # Command/Status all-ones is pci_dev_wait's "not there" test: absent.
     b = bytearray(b"\xff" * 256)
     b[0:2] = (0x8086).to_bytes(2, "little")
+    cfg = parse_config(bytes(b))
+    assert not cfg.present
+    assert cfg.capabilities == ()
+    # Command answers but Status reads all-ones: present, yet its list is not walked
+    # (a real Status has reserved bits that read 0; a walk would invent capabilities).
+    b[regs.COMMAND:regs.COMMAND + 2] = (0x0406).to_bytes(2, "little")
     cfg = parse_config(bytes(b))
     assert cfg.present
     assert cfg.capabilities == ()
