@@ -529,7 +529,10 @@ async def test_slow_client_is_dropped_without_blocking(server: ControlServer) ->
                 assert event["data"]["i"] == i
                 received += 1
             assert received == 200
-            assert worst < 0.2, f"emit blocked for {worst:.3f} s"
+            # emit() is synchronous: had it waited for the slow reader, the loop would
+            # have stalled and the fast client's wait_for above timed out. The bound
+            # only flags a pathological copy; it is loose so a loaded host cannot trip it.
+            assert worst < 1.0, f"emit blocked for {worst:.3f} s"
             for _ in range(100):
                 if server.clients == 1:
                     break
