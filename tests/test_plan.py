@@ -247,6 +247,26 @@ def test_bus_reset_above_subsumes_bus_reset_below(bridge_driver: str | None) -> 
     assert alone.covers == (A("08:00.0"),)
 
 
+def test_partially_overlapping_resets_are_never_merged_into_the_smaller() -> None:
+    """A PF whose VF shows up behind another port (a partial overlap, no containment):
+    the PF's FLR hits {PF, VF}; the other port's bus reset hits {VF, its device}. No
+    bridge covers both, so both are refused; merging one into the other would leave a
+    function the VM needs reset out of every domain."""
+    pf = node("01:00.0", config(flr=True), parent="00:01.0", driver="vfio-pci", group=40, methods=("flr",))
+    vf = node("02:00.1", config(flr=True), parent="00:02.0", driver="vfio-pci", group=41, methods=("flr",))
+    pf = FunctionNode(dataclasses.replace(pf.info, virtfns=(vf.address,)), pf.config)
+    vf = FunctionNode(dataclasses.replace(vf.info, physfn=pf.address), vf.config)
+    dev = node("02:00.0", config(), parent="00:02.0", driver="vfio-pci", group=42)
+    nodes = [rp("00:01.0", 1), rp("00:02.0", 2), pf, vf, dev]
+    topo = Topology({n.address: n for n in nodes}, [], True, "partial")
+    owners = owners_of(topo, {"vm1": [pf.address, dev.address]}, "vm1")
+    plan = make_plan("vm1", [pf.address, dev.address], topo, owners, Policy())
+    check_invariants(plan, topo, owners)
+    assert plan.domains == ()
+    assert {b.function for b in plan.refusals} == {pf.address, dev.address}
+    assert all("no bridge covers both" in b.reason for b in plan.refusals)
+
+
 def test_bridge_below_owned_by_another_vm_still_blocks() -> None:
     topo = nested("vfio-pci")
     plan = plan_for(topo, ["07:01.0"], {"vm2": ["07:00.0"]})
