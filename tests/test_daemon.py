@@ -688,6 +688,32 @@ async def test_daemon_ended_mid_cycle_resumes_the_guest(mode: str, how: str) -> 
         assert any(r.get("error") == "cancelled; VM resumed" for r in records), records[-3:]
 
 
+async def test_reset_arriving_as_the_daemon_leaves_still_ends_running() -> None:
+    """A guest reset that lands just as the daemon stops (QEMU parked the guest on its
+    own): whether the last cycle or the leaving monitor handles it, the guest runs.
+    (The narrower race, a SHUTDOWN read by nobody before _release, cannot be forced
+    from outside; _release's own finish-the-park branch is not reached here.)"""
+    with short_tmpdir() as wd, guests(wd, "vm1", paused=True) as (g,):
+        host = SimHost.from_toml(DEMO, time_scale=0.01)
+        cfg = make_config(wd, {"vm1": (g, [NIC1])})
+        daemon = Daemon(cfg, host=host)
+        task = asyncio.create_task(daemon.run(), name="daemon")
+        try:
+            await daemon.wait_event("QRESET_VM_CONNECTED", about("vm1"), timeout=10, past=True)
+            ctl = await g.ctl()
+            try:
+                await ctl.execute("system_reset")  # park mode: QEMU turns it into shutdown+pause
+                daemon.request_stop()              # before the daemon's reader gets a turn
+                await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
+            finally:
+                await ctl.disconnect()
+        finally:
+            daemon.request_stop()
+            await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
+        st = await wait_running(g)
+    assert st == "running"
+
+
 @pytest.mark.parametrize("left", ["no-record", "parked", "engine-done", "identity-changed"])
 async def test_start_finishes_what_a_dead_daemon_left_parked(left: str) -> None:
     """A guest found parked at start-up: the journal says how far the dead daemon got."""
