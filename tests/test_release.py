@@ -76,6 +76,18 @@ async def test_identity_change_removes_the_device_and_rescans_its_bridge() -> No
     assert topo.node(GPU).config.device_id == 0x1E87
 
 
+async def test_release_never_hits_a_function_of_a_vm_still_running() -> None:
+    """Releasing the GPU alone would need the bus reset that also hits the audio
+    function; while another VM holds the audio, the release is refused, nothing reset."""
+    host = _host()
+    report = await release(Engine(host), "vm1", [GPU], {"vm2": [AUDIO]}, Policy())
+    assert not report.ok
+    assert not report.cycle.plan.ok
+    assert AUDIO in {b.function for b in report.cycle.plan.refusals}
+    assert not any(AUDIO in r.affected for r in host.reset_log)
+    assert host.write_count() == 0
+
+
 def test_release_cli_on_the_simulated_host() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "qreset", "release", "--sim", str(SIM_DIR / "gpu-audio.toml"),
