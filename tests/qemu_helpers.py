@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qemu.qmp import ConnectError, QMPClient
 
@@ -180,3 +182,27 @@ def guests(workdir: Path, *names: str, paused: bool = False) -> Iterator[list[Qe
 
 def cpu_count() -> int:
     return os.cpu_count() or 1
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """The daemon's journal records; a last line torn by SIGKILL is skipped."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def wait_journal_record(path: Path, pred: Callable[[dict[str, Any]], object],
+                        timeout: float) -> dict[str, Any]:
+    """Poll ``path`` until a record satisfies ``pred`` (blocking: run it in a thread)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            for rec in read_journal(path):
+                if pred(rec):
+                    return rec
+        time.sleep(0.01)
+    raise TimeoutError(f"no matching journal record in {path}")

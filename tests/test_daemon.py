@@ -37,7 +37,14 @@ from qreset.pci.address import PciAddress
 from qreset.pci.sim import Fault, ResetRecord, SimHost
 from qreset.vm import VmState
 from tests.conftest import ROOT
-from tests.qemu_helpers import QemuGuest, guests, have_qemu, short_tmpdir, status
+from tests.qemu_helpers import (
+    QemuGuest,
+    guests,
+    have_qemu,
+    short_tmpdir,
+    status,
+    wait_journal_record,
+)
 
 pytestmark = [
     pytest.mark.qemu,
@@ -280,27 +287,6 @@ async def test_qemu_killed_mid_cycle_then_back() -> None:
     assert again["outcome"] == "resumed"
 
 
-def _read_journal_until(path: Path, pred: Any, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            for rec in journal_tolerant(path):
-                if pred(rec):
-                    return rec
-        time.sleep(0.01)
-    raise TimeoutError(f"no matching journal record in {path}")
-
-
-def journal_tolerant(path: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
-
-
 @pytest.mark.parametrize("mode", ["park", "stop-on-reset"])
 async def test_daemon_sigkilled_while_parked_next_daemon_resumes_within_2s(mode: str) -> None:
     with short_tmpdir() as wd, guests(wd, "vm1", paused=True) as (g,):
@@ -325,7 +311,7 @@ async def test_daemon_sigkilled_while_parked_next_daemon_resumes_within_2s(mode:
                     await asyncio.sleep(0.02)
             await ctl.execute("cont")
             parked = await asyncio.to_thread(
-                _read_journal_until, jpath, lambda r: r["phase"] == "parked", 20)
+                wait_journal_record, jpath, lambda r: r["phase"] == "parked", 20)
             d1.send_signal(signal.SIGKILL)
             await asyncio.wait_for(d1.wait(), 5)
             held = "shutdown" if mode == "park" else "paused"
@@ -341,7 +327,7 @@ async def test_daemon_sigkilled_while_parked_next_daemon_resumes_within_2s(mode:
                     await asyncio.sleep(0.01)
             resumed_after = time.monotonic() - t0
             done = await asyncio.to_thread(
-                _read_journal_until, jpath,
+                wait_journal_record, jpath,
                 lambda r: r["cycle"] == parked["cycle"] and r.get("recovered"), 5)
             d2.send_signal(signal.SIGTERM)
             rc2 = await asyncio.wait_for(d2.wait(), 15)

@@ -15,7 +15,6 @@ guest idempotently.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -33,7 +32,15 @@ from qreset.journal import registered_vms, unfinished_cycles
 from qreset.pci.sim import SimHost
 from qreset.qmpsync import DaemonUnreachable, call
 from tests.conftest import ROOT
-from tests.qemu_helpers import QemuGuest, guests, have_qemu, short_tmpdir, status
+from tests.qemu_helpers import (
+    QemuGuest,
+    guests,
+    have_qemu,
+    read_journal,
+    short_tmpdir,
+    status,
+    wait_journal_record,
+)
 from tests.test_hook import commandline_args, daemon_on, domain_xml, hook
 
 DEMO = ROOT / "configs" / "sim" / "demo.toml"
@@ -42,16 +49,6 @@ GPU = "0000:03:00.0"
 SOUND = "0000:06:02.0"
 
 qemu = pytest.mark.skipif(not have_qemu(), reason="qemu-system-x86_64 not installed (scripts/install-deps)")
-
-
-def journal(path: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line torn by SIGKILL
-    return out
 
 
 async def ctl_call(sock: Path, command: str, **arguments: Any) -> Any:
@@ -141,7 +138,7 @@ async def test_vm_added_at_run_time_is_served_again_after_a_restart(how: str) ->
                 if p is not None and p.returncode is None:
                     p.kill()
                     await p.wait()
-        records = journal(jpath)
+        records = read_journal(jpath)
         log2 = (wd / "d2.log").read_text()
 
     assert added["added"] is True
@@ -195,7 +192,7 @@ async def test_remove_vm_is_honoured_and_config_wins_across_a_restart() -> None:
         finally:
             d2.request_stop()
             await asyncio.wait_for(task, 30)
-        records = journal(wd / "journal.jsonl")
+        records = read_journal(wd / "journal.jsonl")
 
     assert removed["persisted"] is True
     assert set(served) == {"kept", "clash"}
@@ -260,7 +257,7 @@ async def test_hook_reconnect_registers_the_guest_once() -> None:
                 still = daemon.monitors["vm1"] is monitor
         finally:
             guest.stop()
-        records = journal(wd / "journal.jsonl")
+        records = read_journal(wd / "journal.jsonl")
 
     assert outs == [(0, "", "")] * 2
     assert monitor.mode.value == "stop-on-reset"
@@ -320,17 +317,6 @@ async def test_stale_replayed_vm_connects_at_once_when_the_hook_says_its_guest_s
     print(f"stale VM connected {connected_after:.2f} s after the hook's add-vm")
 
 
-def _read_journal_until(path: Path, pred: Any, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            for rec in journal(path):
-                if pred(rec):
-                    return rec
-        time.sleep(0.01)
-    raise TimeoutError(f"no matching journal record in {path}")
-
-
 @qemu
 @pytest.mark.qemu
 async def test_daemon_sigkilled_mid_cycle_of_a_runtime_vm_next_daemon_finishes_it() -> None:
@@ -352,7 +338,7 @@ async def test_daemon_sigkilled_mid_cycle_of_a_runtime_vm_next_daemon_finishes_i
                     await asyncio.sleep(0.05)
             await ctl.execute("cont")
             parked = await asyncio.to_thread(
-                _read_journal_until, jpath, lambda r: r.get("phase") == "parked", 20)
+                wait_journal_record, jpath, lambda r: r.get("phase") == "parked", 20)
             d1.send_signal(signal.SIGKILL)
             await asyncio.wait_for(d1.wait(), 5)
             held = await status(ctl)
@@ -363,7 +349,7 @@ async def test_daemon_sigkilled_mid_cycle_of_a_runtime_vm_next_daemon_finishes_i
                     await asyncio.sleep(0.01)
             resumed_after = time.monotonic() - t0
             done = await asyncio.to_thread(
-                _read_journal_until, jpath,
+                wait_journal_record, jpath,
                 lambda r: r.get("cycle") == parked["cycle"] and r.get("recovered"), 5)
             d2.send_signal(signal.SIGTERM)
             await asyncio.wait_for(d2.wait(), 20)
