@@ -13,6 +13,7 @@ from qreset.pci.host import PciHost
 
 if TYPE_CHECKING:
     from qreset.pci.address import PciAddress
+    from qreset.plan import Policy
     from qreset.topology import Topology
 
 
@@ -113,6 +114,24 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="functions held by another VM (repeatable)")
     parser.add_argument("--vfio-ioctl-ok", action="store_true",
                         help="the VFIO groups are idle: VFIO hot reset may be planned")
+    parser.add_argument(
+        "--bus-method", action="append", default=[], metavar="METHOD",
+        choices=("bus", "reset_subordinate", "vfio_hot_reset", "user_sbr"),
+        help="allowed method for slot/bus domains, repeatable, in preference order "
+             "(default: bus, reset_subordinate, vfio_hot_reset, user_sbr)",
+    )
+
+
+def policy_from_arguments(args: argparse.Namespace, allow: frozenset[PciAddress]) -> Policy:
+    """The :class:`~qreset.plan.Policy` the planning options describe."""
+    from qreset.plan import Method, Policy, Takeover
+
+    extra: dict[str, Any] = {}
+    if args.bus_method:
+        extra["bus_methods"] = tuple(dict.fromkeys(Method(m) for m in args.bus_method))
+    if getattr(args, "pm_last", False):
+        extra["pm_suffices"] = False
+    return Policy(takeover=Takeover(args.policy), allow=allow, vfio_ioctl_ok=args.vfio_ioctl_ok, **extra)
 
 
 def parse_plan_arguments(

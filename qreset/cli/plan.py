@@ -26,6 +26,7 @@ from qreset.cli.common import (
     host_argument_error,
     load_topology,
     parse_plan_arguments,
+    policy_from_arguments,
     print_json,
 )
 
@@ -95,7 +96,7 @@ def _print_text(plan: Plan, topo: Topology, owners: Mapping[PciAddress, Owner]) 
 
 def run(args: argparse.Namespace) -> int:
     from qreset.errors import ConfigError, QResetError
-    from qreset.plan import Policy, Takeover, make_plan, owners_of
+    from qreset.plan import make_plan, owners_of
 
     try:
         mine, allow, others = parse_plan_arguments(args)
@@ -114,8 +115,7 @@ def run(args: argparse.Namespace) -> int:
                if a not in topo.functions]
     if unknown:
         return fail(f"no such PCI function on {topo.host_name}: {', '.join(unknown)}")
-    policy = Policy(takeover=Takeover(args.policy), allow=allow, vfio_ioctl_ok=args.vfio_ioctl_ok,
-                    pm_suffices=not args.pm_last)
+    policy = policy_from_arguments(args, allow)
     vms = {args.vm: mine, **others}
     owners = owners_of(topo, vms, args.vm)
     plan = make_plan(args.vm, mine, topo, owners, policy)

@@ -30,6 +30,7 @@ from qreset.cli.common import (
     fail,
     host_argument_error,
     parse_plan_arguments,
+    policy_from_arguments,
     print_json,
 )
 
@@ -110,7 +111,6 @@ async def _run(args: argparse.Namespace, mine: list[PciAddress], allow: frozense
     from qreset.cli.common import open_host
     from qreset.engine import Engine
     from qreset.errors import ConfigError, QResetError
-    from qreset.plan import Policy, Takeover
 
     try:
         host = open_host(args, time_scale)
@@ -126,7 +126,7 @@ async def _run(args: argparse.Namespace, mine: list[PciAddress], allow: frozense
                    if a not in topo.functions]
         if unknown:
             return fail(f"no such PCI function on {topo.host_name}: {', '.join(unknown)}")
-        policy = Policy(takeover=Takeover(args.policy), allow=allow, vfio_ioctl_ok=args.vfio_ioctl_ok)
+        policy = policy_from_arguments(args, allow)
         plan = await engine.plan(args.vm, mine, {args.vm: mine, **others}, policy)
         if not plan.ok or args.dry_run:
             if args.json:
