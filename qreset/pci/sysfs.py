@@ -151,6 +151,21 @@ def _link_address(path: Path) -> PciAddress | None:
         raise HostError(str(path), f"link target {name!r} is not a PCI address") from exc
 
 
+def _open(path: Path, flags: int, error: type[HostError] = HostError,
+          missing: type[HostError] | None = None) -> int:
+    """``os.open`` a sysfs file, mapping errors to one line naming ``path``.
+
+    A missing file raises ``missing`` (default: ``error``): for ``config`` that
+    is NoSuchFunction, the function is gone.
+    """
+    try:
+        return os.open(path, flags | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise (missing or error)(str(path), "missing") from None
+    except OSError as exc:
+        raise error(str(path), _why(exc)) from exc
+
+
 def _write(path: Path, text: str, error: type[HostError] = HostError) -> None:
     """One ``write(2)`` of ``text`` to a sysfs attribute (blocking: run in the pool).
 
@@ -160,12 +175,7 @@ def _write(path: Path, text: str, error: type[HostError] = HostError) -> None:
     files (tests, ``SimHost.write_tree``) hold exactly the last value.
     """
     data = text.encode("ascii")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise error(str(path), "missing") from None
-    except OSError as exc:
-        raise error(str(path), _why(exc)) from exc
+    fd = _open(path, os.O_WRONLY | os.O_TRUNC, error)
     try:
         n = os.write(fd, data)
     except OSError as exc:
@@ -305,12 +315,7 @@ class SysfsHost(PciHost):
             # The kernel returns fewer bytes than asked past what the caller
             # may read: 64 unprivileged (128 for CardBus), else dev->cfg_size
             # (pci_read_config in drivers/pci/pci-sysfs.c). Read until EOF.
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise NoSuchFunction(str(path), "missing") from None
-            except OSError as exc:
-                raise HostError(str(path), _why(exc)) from exc
+            fd = _open(path, os.O_RDONLY, missing=NoSuchFunction)
             try:
                 chunks: list[bytes] = []
                 got = 0
@@ -389,12 +394,7 @@ class SysfsHost(PciHost):
             # pci_write_config splits by alignment, so an aligned 2- or 4-byte
             # pwrite becomes one word/dword config write (what Bridge Control
             # or a PCIe control register needs).
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise NoSuchFunction(str(path), "missing") from None
-            except OSError as exc:
-                raise HostError(str(path), _why(exc)) from exc
+            fd = _open(path, os.O_WRONLY, missing=NoSuchFunction)
             try:
                 n = os.pwrite(fd, data, offset)
             except OSError as exc:
