@@ -14,16 +14,18 @@ run concurrently.
     if not report.ok: ...   # report.identity_changed → escalate
 
 A refused plan gives a report with ``ok`` False and no domain run: nothing
-is touched. The topology is read once and cached; it is dropped after a
-cycle in which a function changed identity or vanished (its cached config
-space is stale), or on ``topology(refresh=True)``.
+is touched. The topology is read once and cached; each plan first makes the
+run-time attributes of the functions it looks at current (driver binding,
+``reset_method``, VFs, hot plug: :meth:`Topology.refresh`). The cache is
+dropped after a cycle in which a function changed identity or vanished (its
+cached config space is stale), or on ``topology(refresh=True)``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,13 +103,25 @@ class Engine:
         self._topology: Topology | None = None
         self._topology_lock: asyncio.Lock | None = None
 
-    async def topology(self, refresh: bool = False) -> Topology:
-        """The host's topology, read once and cached (``refresh`` re-reads it)."""
+    async def topology(self, refresh: bool = False,
+                       current: Iterable[PciAddress] = ()) -> Topology:
+        """The host's topology, read once and cached (``refresh`` re-reads all of it).
+
+        ``current``: functions whose run-time attributes (driver binding,
+        ``reset_method``, VFs) must be what the host says now, and whose
+        neighbours (every function a reset of them could hit) too; hot-added
+        and removed functions are picked up at the same time
+        (:meth:`Topology.refresh`: a few sysfs reads per function, not a reload).
+        """
         if self._topology_lock is None:
             self._topology_lock = asyncio.Lock()
         async with self._topology_lock:
             if refresh or self._topology is None:
                 self._topology = await Topology.load(self.host)
+            wanted = list(current)
+            if wanted:
+                topo = self._topology
+                self._topology = await topo.refresh(self.host, topo.neighbourhood(wanted))
             return self._topology
 
     async def plan(
@@ -118,7 +132,9 @@ class Engine:
         policy: Policy,
     ) -> Plan:
         """Plan ``vm``'s resets of ``owned``, knowing every VM's functions (``vms``). No writes."""
-        topo = await self.topology()
+        # Every function the plan looks at, as the host has it now (libvirt
+        # rebinds managed devices between cycles; VFs and hot plug come and go).
+        topo = await self.topology(current=owned)
         if self.settings.bus_methods is not None:
             policy = dataclasses.replace(policy, bus_methods=self.settings.bus_methods)
         all_vms = dict(vms)

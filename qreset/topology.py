@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +91,66 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return out
 
 
+async def _read_node(host: PciHost, addr: PciAddress) -> FunctionNode | None:
+    """One function's attributes and config space; None (logged) when it vanished meanwhile.
+
+    An unreadable config space decodes as absent (``parse_config(b"")``) so
+    the rest of the tree still loads.
+    """
+    try:
+        info = await host.info(addr)
+    except NoSuchFunction as exc:
+        logger.warning("%s vanished while reading the topology: %s", addr, exc)
+        return None
+    try:
+        raw = await host.read_config(addr)
+    except NoSuchFunction as exc:
+        logger.warning("%s vanished while reading the topology: %s", addr, exc)
+        return None
+    except HostError as exc:
+        logger.warning("cannot read config space of %s: %s", addr, exc)
+        raw = b""
+    return FunctionNode(info, parse_config(raw))
+
+
+async def _gather_named(host: PciHost, what: str, jobs: Iterable[tuple[str, Awaitable[Any]]]) -> None:
+    """Run ``jobs`` concurrently (one named task each); raise the first QResetError, not a group.
+
+    Callers catch QResetError and print one line: they get the first
+    structured error rather than a group (the rest are logged).
+    """
+    async def run(coro: Awaitable[Any]) -> None:
+        await coro
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for name, coro in jobs:
+                tg.create_task(run(coro), name=f"{what}[{host.name}].{name}")
+    except BaseExceptionGroup as group:
+        errors = _leaves(group)
+        first = next((e for e in errors if isinstance(e, QResetError)), None)
+        if first is None:
+            raise
+        for other in errors:
+            if other is not first:
+                logger.warning("also failed while reading the topology: %s", other)
+        raise first from None
+
+
+def _what_changed(old: FunctionInfo, new: FunctionInfo) -> str:
+    parts = []
+    if old.driver != new.driver:
+        parts.append(f"driver {old.driver or 'none'} -> {new.driver or 'none'}")
+    if old.driver_override != new.driver_override:
+        parts.append(f"driver_override {old.driver_override} -> {new.driver_override}")
+    if old.reset_methods != new.reset_methods:
+        parts.append(f"reset_method {' '.join(old.reset_methods) or '(none)'} -> "
+                     f"{' '.join(new.reset_methods) or '(none)'}")
+    if old.virtfns != new.virtfns:
+        parts.append(f"{len(old.virtfns)} -> {len(new.virtfns)} VF(s)")
+    return ", ".join(parts) or "attributes changed"
+
+
 #: PCIe port types that lead to a link below them (``pcie_downstream_port()`` in
 #: drivers/pci/pci.h); ACS on these decides IOMMU group isolation.
 _ACS_PORT_TYPES = (regs.EXP_TYPE_ROOT_PORT, regs.EXP_TYPE_DOWNSTREAM)
@@ -144,43 +204,99 @@ class Topology:
         (``parse_config(b"")``) so the rest of the tree still loads.
         """
         addrs = await host.functions()
+        nodes: dict[PciAddress, FunctionNode] = {}
+        extra: dict[str, Any] = {}
 
-        async def read_one(addr: PciAddress) -> FunctionNode | None:
-            try:
-                info = await host.info(addr)
-            except NoSuchFunction as exc:
-                logger.warning("%s vanished while loading the topology: %s", addr, exc)
-                return None
-            try:
-                raw = await host.read_config(addr)
-            except NoSuchFunction as exc:
-                logger.warning("%s vanished while loading the topology: %s", addr, exc)
-                return None
-            except HostError as exc:
-                logger.warning("cannot read config space of %s: %s", addr, exc)
-                raw = b""
-            return FunctionNode(info, parse_config(raw))
+        async def read_one(addr: PciAddress) -> None:
+            node = await _read_node(host, addr)
+            if node is not None:
+                nodes[addr] = node
 
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tasks = [
-                    tg.create_task(read_one(a), name=f"topology[{host.name}].read[{a}]") for a in addrs
-                ]
-                slots_task = tg.create_task(host.slots(), name=f"topology[{host.name}].slots")
-                iommu_task = tg.create_task(host.has_iommu_groups(), name=f"topology[{host.name}].iommu")
-        except BaseExceptionGroup as group:
-            # Callers catch QResetError and print one line: hand them the first
-            # structured error rather than a group (the rest are logged).
-            errors = _leaves(group)
-            first = next((e for e in errors if isinstance(e, QResetError)), None)
-            if first is None:
-                raise
-            for other in errors:
-                if other is not first:
-                    logger.warning("also failed while loading the topology: %s", other)
-            raise first from None
-        nodes = {n.address: n for t in tasks if (n := t.result()) is not None}
-        return cls(nodes, slots_task.result(), iommu_task.result(), host.name)
+        async def other(key: str, coro: Awaitable[Any]) -> None:
+            extra[key] = await coro
+
+        await _gather_named(host, "topology", [
+            *((f"read[{a}]", read_one(a)) for a in addrs),
+            ("slots", other("slots", host.slots())),
+            ("iommu", other("iommu", host.has_iommu_groups())),
+        ])
+        return cls(nodes, extra["slots"], extra["iommu"], host.name)
+
+    async def refresh(self, host: PciHost, addrs: Iterable[PciAddress]) -> Topology:
+        """This topology with what changes at run time made current for ``addrs``.
+
+        Driver binding (libvirt binds managed devices to vfio-pci at domain
+        start and back at stop), ``reset_method`` and VFs are re-read for each
+        of ``addrs`` (:meth:`PciHost.runtime`: a few sysfs reads each); one
+        listing of the host's functions finds hot-added and removed ones (and
+        VFs from an ``sriov_numvfs`` write): only those are read in full, and
+        a PF whose VFs came or went is re-read too. Returns ``self`` when
+        nothing changed, else a new :class:`Topology` (this one is immutable).
+        """
+        listed = set(await host.functions())
+        known = set(self.functions)
+        added, removed = listed - known, known - listed
+        want = {a for a in addrs if a in listed and a not in added}
+        for a in added | removed:
+            node = self.functions.get(a)
+            pf = node.info.physfn if node is not None else None
+            if pf is not None and pf in listed and pf not in added:
+                want.add(pf)
+        nodes = {a: n for a, n in self.functions.items() if a not in removed}
+        changed = bool(removed)
+
+        async def runtime(addr: PciAddress) -> None:
+            nonlocal changed
+            try:
+                state = await host.runtime(addr)
+            except NoSuchFunction as exc:
+                logger.info("%s is gone: %s", addr, exc)
+                nodes.pop(addr, None)
+                changed = True
+                return
+            node = nodes[addr]
+            info = state.apply(node.info)
+            if info is not node.info:
+                logger.info("%s: %s", addr, _what_changed(node.info, info))
+                nodes[addr] = FunctionNode(info, node.config)
+                changed = True
+
+        async def full(addr: PciAddress) -> None:
+            nonlocal changed
+            node = await _read_node(host, addr)
+            if node is not None:
+                logger.info("%s appeared on %s", addr, host.name)
+                nodes[addr] = node
+                # A new VF's PF lists it (virtfnN) even when the listing did
+                # not show the PF as changed.
+                pf = node.info.physfn
+                if pf is not None and pf in nodes and pf not in want and pf not in added:
+                    await runtime(pf)
+                changed = True
+
+        await _gather_named(host, "refresh", [
+            *((f"runtime[{a}]", runtime(a)) for a in sorted(want)),
+            *((f"read[{a}]", full(a)) for a in sorted(added)),
+        ])
+        if not changed:
+            return self
+        for a in sorted(removed):
+            logger.info("%s was removed from %s", a, host.name)
+        return Topology(nodes, self.slots, self.iommu, self.host_name)
+
+    def neighbourhood(self, addrs: Iterable[PciAddress]) -> frozenset[PciAddress]:
+        """Every function a reset of any of ``addrs`` could hit (function, slot or bus
+        scope), and ``addrs`` themselves: what a plan for ``addrs`` looks at."""
+        out: set[PciAddress] = set()
+        for a in addrs:
+            out.add(a)
+            if a not in self.functions:
+                continue
+            out |= self.function_scope(a).affected
+            for scope in (self.slot_scope(a), self.bus_scope(a)):
+                if scope is not None:
+                    out |= scope.affected
+        return frozenset(out)
 
     # -- basic lookups -----------------------------------------------------
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 
 from qreset.pci.address import PciAddress
@@ -88,6 +89,35 @@ class FunctionInfo:
     parent: PciAddress | None
 
 
+@dataclass(frozen=True, slots=True)
+class RuntimeState:
+    """The attributes of a function that change while the host runs.
+
+    libvirt binds a managed device to vfio-pci at domain start and back at
+    stop, an operator writes ``reset_method`` or ``sriov_numvfs``: everything
+    else in :class:`FunctionInfo` is fixed for the life of the ``struct
+    pci_dev``. A few sysfs reads, so a planner can afford them on every cycle.
+    """
+
+    driver: str | None
+    driver_override: str | None
+    reset_methods: tuple[str, ...]
+    has_reset: bool
+    virtfns: tuple[PciAddress, ...]
+
+    @classmethod
+    def of(cls, info: FunctionInfo) -> RuntimeState:
+        return cls(info.driver, info.driver_override, info.reset_methods, info.has_reset, info.virtfns)
+
+    def apply(self, info: FunctionInfo) -> FunctionInfo:
+        """``info`` with these runtime attributes (the same object when nothing differs)."""
+        if RuntimeState.of(info) == self:
+            return info
+        return dataclasses.replace(
+            info, driver=self.driver, driver_override=self.driver_override,
+            reset_methods=self.reset_methods, has_reset=self.has_reset, virtfns=self.virtfns)
+
+
 class PciHost(abc.ABC):
     """Async access to a host's PCI functions (real sysfs or simulated)."""
 
@@ -101,6 +131,13 @@ class PciHost(abc.ABC):
     @abc.abstractmethod
     async def info(self, addr: PciAddress) -> FunctionInfo:
         """Attributes of one function. Raises NoSuchFunction/HostError."""
+
+    async def runtime(self, addr: PciAddress) -> RuntimeState:
+        """The attributes of ``addr`` that change at run time (driver, reset_method, VFs).
+
+        Implementations override it with fewer reads than :meth:`info`.
+        """
+        return RuntimeState.of(await self.info(addr))
 
     @abc.abstractmethod
     async def read_config(self, addr: PciAddress, size: int = 4096) -> bytes:

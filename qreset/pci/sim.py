@@ -61,6 +61,7 @@ from qreset.pci.address import PciAddress
 from qreset.pci.host import (
     FunctionInfo,
     PciHost,
+    RuntimeState,
     SlotInfo,
 )
 from qreset.pci.sim_config import (
@@ -182,6 +183,7 @@ class SimHost(PciHost):
         self.config_writes: list[ConfigWrite] = []
         self.reset_log: list[ResetRecord] = []
         boot = Enumeration(top, name)
+        self._enum = boot
         self._fns = boot.functions
         self._order = boot.order
         self._by_name = boot.by_name
@@ -286,6 +288,11 @@ class SimHost(PciHost):
             virtfns=tuple(v.addr for v in f.virtfns if v.present),
             parent=f.parent.addr if f.parent is not None else None,
         )
+
+    async def runtime(self, addr: PciAddress) -> RuntimeState:
+        f = self._get(addr)
+        return RuntimeState(f.driver, f.driver_override, f.reset_methods, bool(f.reset_methods),
+                            tuple(v.addr for v in f.virtfns if v.present))
 
     async def read_config(self, addr: PciAddress, size: int = 4096) -> bytes:
         f = self._get(addr)
@@ -711,6 +718,25 @@ class SimHost(PciHost):
 
     def set_driver(self, addr: PciAddress, name: str | None) -> None:
         self._get(addr).driver = name
+
+    def set_num_vfs(self, pf: PciAddress, n: int) -> list[PciAddress]:
+        """``echo N > sriov_numvfs`` at run time; returns the VFs that appeared.
+
+        sriov_numvfs_store (drivers/pci/iov.c): N above TotalVFs is EINVAL, a
+        change from one non-zero count to another is EBUSY (write 0 first).
+        """
+        f = self._get(pf)
+        path = self._path(pf, "sriov_numvfs")
+        if f.spec.sriov is None:
+            raise HostError(path, "No such file or directory (not an SR-IOV PF)")
+        if not 0 <= n <= f.spec.sriov.total_vfs:
+            raise HostError(path, f"Invalid argument: {n} VFs (TotalVFs {f.spec.sriov.total_vfs})")
+        now = sum(1 for v in f.virtfns if v.present)
+        if n == now:
+            return []
+        if n and now:
+            raise HostError(path, f"Device or resource busy: {now} VFs already enabled")
+        return [v.addr for v in self._enum.set_num_vfs(f, n)]
 
     def write_count(self, addr: PciAddress | None = None) -> int:
         return sum(1 for w in self.config_writes if addr is None or w.addr == addr)

@@ -39,7 +39,7 @@ from qreset.pci.host import (
     IORESOURCE_PREFETCH,
     Resource,
 )
-from qreset.pci.sim_config import Assigned, BarSlot, ConfigImage, build_image, configure, default_pm, get
+from qreset.pci.sim_config import Assigned, BarSlot, ConfigImage, build_image, configure, default_pm, get, put
 from qreset.pci.sim_model import AfSpec, FunctionSpec, TopologySpec
 
 if TYPE_CHECKING:
@@ -272,33 +272,9 @@ class Enumeration:
         # SR-IOV: VFs appear when sriov_numvfs is written (after boot enumeration).
         for pf in list(self._order):
             s = pf.spec.sriov
-            if s is None:
-                continue
-            for i in range(s.num_vfs):
-                rid = (pf.addr.bus << 8 | pf.addr.devfn) + s.offset + s.stride * i
-                vspec = FunctionSpec.model_validate({
-                    "name": f"{pf.spec.name}.vf{i}", "type": "endpoint", "parent": pf.spec.parent,
-                    "dev": (rid >> 3) & 0x1F, "fn": rid & 7, "vendor": pf.spec.vendor,
-                    "device": s.vf_device, "class": pf.spec.class_code, "revision": pf.spec.revision,
-                    "subsystem_vendor": pf.spec.subsystem_vendor,
-                    "subsystem_device": pf.spec.subsystem_device,
-                    "bars": s.vf_bars, "pm": False,
-                    "msix": {"vectors": s.vf_msix, "bar": 3} if s.vf_msix else False,
-                    "flr": s.vf_flr, "aer": False, "ready_ms": s.vf_ready_ms,
-                    "driver": s.vf_drivers[i] if i < len(s.vf_drivers) else s.vf_driver,
-                })
-                vf = SimFunction(vspec, PciAddress(pf.addr.domain, rid >> 8, (rid >> 3) & 0x1F, rid & 7),
-                                 pf.parent, False, ConfigImage(0, bytearray(), bytearray(), bytearray()),
-                                 physfn=pf, vf_index=i)
-                vf.img = vf.rebuild()
-                if vf.addr in self._fns:
-                    raise ConfigError(f"{self.source}:function ({pf.spec.name!r}).sriov",
-                                      f"VF{i} at {vf.addr} collides with another function")
-                pf.virtfns.append(vf)
-                if pf.parent is not None:
-                    pf.parent.children.append(vf)
-                self._add(vf)
-                vf.reset_methods = self._probe_methods(vf, alone=False)
+            if s is not None:
+                for i in range(s.num_vfs):
+                    self._new_vf(pf, i)
         self._assign_resources()
         for f in self._order:
             f.cfg = configure(f.img, f.spec, f.asg, is_vf=f.physfn is not None,
@@ -308,6 +284,80 @@ class Enumeration:
             f.ids = read_ids(f)
             f.resources = resources_of(f)
         self._assign_groups()
+
+    def _new_vf(self, pf: SimFunction, i: int) -> SimFunction:
+        """VF ``i`` of ``pf`` at Routing ID PF + offset + stride * i (pci_iov_add_virtfn)."""
+        s = pf.spec.sriov
+        assert s is not None
+        rid = (pf.addr.bus << 8 | pf.addr.devfn) + s.offset + s.stride * i
+        vspec = FunctionSpec.model_validate({
+            "name": f"{pf.spec.name}.vf{i}", "type": "endpoint", "parent": pf.spec.parent,
+            "dev": (rid >> 3) & 0x1F, "fn": rid & 7, "vendor": pf.spec.vendor,
+            "device": s.vf_device, "class": pf.spec.class_code, "revision": pf.spec.revision,
+            "subsystem_vendor": pf.spec.subsystem_vendor,
+            "subsystem_device": pf.spec.subsystem_device,
+            "bars": s.vf_bars, "pm": False,
+            "msix": {"vectors": s.vf_msix, "bar": 3} if s.vf_msix else False,
+            "flr": s.vf_flr, "aer": False, "ready_ms": s.vf_ready_ms,
+            "driver": s.vf_drivers[i] if i < len(s.vf_drivers) else s.vf_driver,
+        })
+        vf = SimFunction(vspec, PciAddress(pf.addr.domain, rid >> 8, (rid >> 3) & 0x1F, rid & 7),
+                         pf.parent, False, ConfigImage(0, bytearray(), bytearray(), bytearray()),
+                         physfn=pf, vf_index=i)
+        vf.img = vf.rebuild()
+        other = self._fns.get(vf.addr)
+        if other is not None and (other.present or other.physfn is not pf):
+            raise ConfigError(f"{self.source}:function ({pf.spec.name!r}).sriov",
+                              f"VF{i} at {vf.addr} collides with another function")
+        pf.virtfns.append(vf)
+        if pf.parent is not None:
+            pf.parent.children.append(vf)
+        self._add(vf)
+        vf.reset_methods = self._probe_methods(vf, alone=False)
+        return vf
+
+    def set_num_vfs(self, pf: SimFunction, n: int) -> list[SimFunction]:
+        """``echo N > sriov_numvfs`` after boot (sriov_enable/sriov_disable in drivers/pci/iov.c).
+
+        The kernel refuses to go from one non-zero count to another (EBUSY);
+        callers write 0 first. Disabling removes the VFs (their struct
+        pci_dev is freed); enabling adds VF 0..N-1 with the PF's VF BARs,
+        default drivers and IOMMU groups, and sets NumVFs + VF Enable. Returns
+        the VFs added.
+        """
+        s = pf.spec.sriov
+        assert s is not None
+        o = pf.img.ext_caps[regs.EXT_CAP_ID_SRIOV]
+        if n == 0:
+            for vf in pf.virtfns:
+                vf.present = False
+                vf.driver = None
+                vf.driver_override = None
+            put(pf.cfg, o + regs.SRIOV_CTRL, 2, get(pf.cfg, o + regs.SRIOV_CTRL, 2)
+                   & ~(regs.SRIOV_CTRL_VFE | regs.SRIOV_CTRL_MSE))
+            put(pf.cfg, o + regs.SRIOV_NUM_VF, 2, 0)
+            return []
+        put(pf.cfg, o + regs.SRIOV_NUM_VF, 2, n)
+        put(pf.cfg, o + regs.SRIOV_CTRL, 2, get(pf.cfg, o + regs.SRIOV_CTRL, 2)
+               | regs.SRIOV_CTRL_VFE | regs.SRIOV_CTRL_MSE)
+        added: list[SimFunction] = []
+        for i in range(n):
+            vf = pf.virtfns[i] if i < len(pf.virtfns) else self._new_vf(pf, i)
+            vf.present = True
+            for slot in vf.img.bars:
+                base = pf.asg.vf_bar_addr.get(slot.index, 0)
+                vf.asg.bar_addr[slot.index] = base + slot.size * vf.vf_index if base else 0
+            vf.cfg = configure(vf.img, vf.spec, vf.asg, is_vf=True)
+            vf.driver = vf.spec.driver
+            vf.driver_override = None
+            vf.ids = read_ids(vf)
+            vf.resources = resources_of(vf)
+            if vf.group is None:
+                vf.group = self._group_for(vf)
+                if vf.group is None:
+                    vf.group = 1 + max((g.group for g in self._order if g.group is not None), default=-1)
+            added.append(vf)
+        return added
 
     def _add(self, f: SimFunction) -> None:
         f.order = len(self._order)

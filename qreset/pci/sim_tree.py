@@ -27,6 +27,7 @@ shapes and formats of drivers/pci/pci-sysfs.c and drivers/pci/slot.c:
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,8 +58,23 @@ def _dir_of(host: SimHost, f: SimFunction, root: Path) -> Path:
     return base.joinpath(*reversed(chain))
 
 
+#: Marks a directory as written by :func:`write_tree`, so writing it again may replace it.
+MARKER = ".qreset-sim-tree"
+
+
 def write_tree(host: SimHost, root: Path) -> None:
+    """Write ``host`` as it is now under ``root``.
+
+    Writing again over a tree this function wrote replaces it (a driver
+    unbound, VFs disabled or a function removed since leave no stale links);
+    any other non-empty directory is written into, never cleared.
+    """
+    if (root / MARKER).exists():
+        for sub in ("devices", "bus", "kernel"):
+            if (root / sub).is_dir() and not (root / sub).is_symlink():
+                shutil.rmtree(root / sub)
     root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("written by qreset.pci.sim_tree; safe to replace\n")
     devices = root / "bus" / "pci" / "devices"
     drivers = root / "bus" / "pci" / "drivers"
     groups = root / "kernel" / "iommu_groups"

@@ -31,7 +31,6 @@ path and the reason, and garbage in a file (a non-hex id, a malformed
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -44,7 +43,7 @@ from typing import TypeVar
 from qreset.errors import AddressError, HostError, NoSuchFunction, ResetFailed
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
-from qreset.pci.host import FunctionInfo, PciHost, Resource, SlotInfo
+from qreset.pci.host import FunctionInfo, PciHost, Resource, RuntimeState, SlotInfo
 
 logger = logging.getLogger(__name__)
 
@@ -249,22 +248,49 @@ class SysfsHost(PciHost):
                 raise NoSuchFunction(str(d), "removed while reading its attributes") from exc
             raise
 
-    def _info(self, addr: PciAddress, d: Path) -> FunctionInfo:
-        override = _read_optional(d / "driver_override")
+    async def runtime(self, addr: PciAddress) -> RuntimeState:
+        d = self._devdir(addr)
+        try:
+            return self._runtime(d)
+        except HostError as exc:
+            if not isinstance(exc, NoSuchFunction) and not os.path.isdir(d):
+                raise NoSuchFunction(str(d), "removed while reading its attributes") from exc
+            raise
+
+    @staticmethod
+    def _runtime(d: Path) -> RuntimeState:
+        """driver link, driver_override, reset_method, reset, virtfnN links: one listdir + 3 reads."""
+        try:
+            entries = os.listdir(d)
+        except FileNotFoundError:
+            raise NoSuchFunction(str(d), "removed while reading its attributes") from None
+        except OSError as exc:
+            raise HostError(str(d), _why(exc)) from exc
+        override = _read_optional(d / "driver_override") if "driver_override" in entries else None
         override = None if override is None else override.strip()
-        methods_text = _read_optional(d / "reset_method")
+        methods_text = _read_optional(d / "reset_method") if "reset_method" in entries else None
+        virtfns: list[tuple[int, PciAddress]] = []
+        for entry in entries:
+            m = _VIRTFN_RE.fullmatch(entry)
+            if m:
+                vf = _link_address(d / entry)
+                if vf is not None:
+                    virtfns.append((int(m[1]), vf))
+        return RuntimeState(
+            driver=_link_name(d / "driver") if "driver" in entries else None,
+            # driver_override_show prints "%s\n" of a NULL pointer as "(null)".
+            driver_override=None if override in (None, "", "(null)") else override,
+            reset_methods=tuple(methods_text.split()) if methods_text is not None else (),
+            has_reset="reset" in entries,
+            virtfns=tuple(vf for _, vf in sorted(virtfns)),
+        )
+
+    def _info(self, addr: PciAddress, d: Path) -> FunctionInfo:
+        state = self._runtime(d)
         resources_text = _read_optional(d / "resource")
         group = _link_name(d / "iommu_group")
         if group is not None and not re.fullmatch(r"[0-9]+", group):
             raise HostError(str(d / "iommu_group"), f"link target {group!r} is not a group number")
-        virtfns: list[tuple[int, PciAddress]] = []
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.listdir(d):
-                m = _VIRTFN_RE.fullmatch(entry)
-                if m:
-                    vf = _link_address(d / entry)
-                    if vf is not None:
-                        virtfns.append((int(m[1]), vf))
         return FunctionInfo(
             address=addr,
             vendor=_read_hex(d / "vendor", 0xFFFF),
@@ -273,16 +299,15 @@ class SysfsHost(PciHost):
             revision=_read_hex(d / "revision", 0xFF),
             subsystem_vendor=_read_hex(d / "subsystem_vendor", 0xFFFF),
             subsystem_device=_read_hex(d / "subsystem_device", 0xFFFF),
-            driver=_link_name(d / "driver"),
-            # driver_override_show prints "%s\n" of a NULL pointer as "(null)".
-            driver_override=None if override in (None, "", "(null)") else override,
+            driver=state.driver,
+            driver_override=state.driver_override,
             iommu_group=None if group is None else int(group),
-            reset_methods=tuple(methods_text.split()) if methods_text is not None else (),
-            has_reset=os.path.exists(d / "reset"),
+            reset_methods=state.reset_methods,
+            has_reset=state.has_reset,
             has_reset_subordinate=os.path.exists(d / "reset_subordinate"),
             resources=() if resources_text is None else _parse_resources(d / "resource", resources_text),
             physfn=_link_address(d / "physfn"),
-            virtfns=tuple(vf for _, vf in sorted(virtfns)),
+            virtfns=state.virtfns,
             parent=self._parent(addr, d),
         )
 
