@@ -136,6 +136,7 @@ class Run:
         self.samples: list[dict[str, Any]] = []
         self.status_ms: dict[str, list[float]] = {}
         self.not_ready = 0
+        self.stuck: set[str] = set()
         self.timeouts: list[str] = []
 
     def poll(self) -> None:
@@ -148,14 +149,19 @@ class Run:
         self.poll()
         ready: list[Guest] = []
         deadline = time.monotonic() + READY_TIMEOUT
-        pending = list(guests)
+        # A guest that missed its NMI window once is not waited for again (the end check
+        # reports it): a stuck guest must not stretch every later wave by READY_TIMEOUT.
+        candidates = [g for g in guests if g.name not in self.stuck]
+        self.not_ready += len(guests) - len(candidates)
+        pending = candidates
         while pending:  # a guest is ready once its firmware re-armed LINT1 after the last reset
             pending = [g for g in pending if g.starts() < 1 + self.track.terminals(g.name)]
-            ready = [g for g in guests if g not in pending]
+            ready = [g for g in candidates if g not in pending]
             if not pending or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.01)
         self.not_ready += len(pending)
+        self.stuck |= {g.name for g in pending}
         targets = {g.name: self.track.terminals(g.name) + 1 for g in ready}
         for g in ready:
             g.injected += 1
@@ -296,6 +302,7 @@ async def one_run(n: int, burst: int, soak: float, rounds: int, time_scale: floa
             shutil.rmtree(workdir, ignore_errors=True)
     result |= run.track.summary()
     result["not_ready_skipped"] = run.not_ready
+    result["stuck"] = sorted(run.stuck)
     result["wave_timeouts"] = sorted(set(run.timeouts))
     result["journal_bytes"] = run.tail.bytes
     result["journal_rotations"] = run.tail.rotations
@@ -318,6 +325,8 @@ def verdict(res: dict[str, Any]) -> list[str]:
         why.append(f"{len(res['lost'])} lost cycle(s) (started, never ended): {res['lost'][:5]}")
     if res.get("failures"):
         why.append(f"{res['failures']} failed cycle(s)")
+    if res.get("stuck"):
+        why.append(f"{len(res['stuck'])} guest(s) never re-armed after a cycle: {res['stuck'][:5]}")
     if res.get("unanswered"):
         why.append(f"{res['unanswered']} inject(s) answered by no cycle")
     return why
