@@ -301,3 +301,59 @@ async def test_a_guest_without_pci_hostdevs_is_left_alone_silently() -> None:
                             ("stopped", "end"), ("release", "end")):
                 assert await hook(wd / "c.sock", "plain", op, sub, xml=xml) == (0, "", ""), op
             assert daemon.monitors == {}
+
+
+async def bare_hook(guest: str, op: str, *extra_args: str, xml: str = "") -> tuple[int, str, str]:
+    """The hook with libvirt's environment: only LC_ALL, PATH and HOME (no QRESET_SOCKET)."""
+    import os
+
+    env = {"LC_ALL": "C", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/root"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "qreset", "hook", guest, op, "begin", "-", *extra_args,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT, env=env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(xml.encode()), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_hook_finds_the_daemon_from_its_config_file_without_environment() -> None:
+    """libvirt passes no QRESET_SOCKET: the hook reads control_socket from the daemon's file."""
+    with short_tmpdir() as wd:
+        host = SimHost.from_toml(DEMO, time_scale=0.01)
+        async with daemon_on(wd, host):
+            cfg = wd / "qreset.toml"
+            cfg.write_text('[daemon]\ncontrol_socket = "c.sock"\n')  # relative to the file, as the daemon reads it
+            # The same device as a VM the daemon serves would make prepare fail: prove the call reached it.
+            xml = domain_xml("vm1", [NIC1], wd / "vm1.qmp")
+            rc, out, err = await bare_hook("vm1", "started", "--config", str(cfg), xml=xml)
+            assert (rc, out, err) == (0, "", "")
+            rc, out, err = await bare_hook("vm2", "prepare", "--config", str(cfg),
+                                           xml=domain_xml("vm2", [NIC1], wd / "vm2.qmp"))
+        assert rc == 1, err
+        assert f"{NIC1} is assigned to running VM 'vm1'" in err
+        # Without the file the hook falls back to the default socket (absent here): a warning only.
+        rc, out, err = await bare_hook("vm3", "prepare", "--config", str(wd / "none.toml"),
+                                       xml=domain_xml("vm3", [NIC1], wd / "vm3.qmp"))
+        assert (rc, out) == (0, "")
+        assert f"daemon not reachable at {DEFAULT_SOCKET}" in err
+
+
+async def test_prepare_refuses_park_mode_for_a_libvirt_guest() -> None:
+    """A guest configured with mode = "park" would be killed by libvirt at its first reset: refuse it."""
+    with short_tmpdir() as wd:
+        cfg = wd / "qreset.toml"
+        cfg.write_text(f'[daemon]\ncontrol_socket = "{wd / "absent.sock"}"\n\n'
+                       '[[vm]]\nname = "vm1"\nqmp = "/run/qreset/vm1.qmp"\nmode = "park"\n\n'
+                       '[[vm]]\nname = "vm2"\nqmp = "/run/qreset/vm2.qmp"\nmode = "stop-on-reset"\n')
+        rc, out, err = await bare_hook("vm1", "prepare", "--config", str(cfg),
+                                       xml=domain_xml("vm1", [NIC1], wd / "vm1.qmp"))
+        assert (rc, out) == (1, "")
+        assert 'unsafe to start vm1: vm1 is configured with mode = "park"' in err
+        assert "libvirt handles every SHUTDOWN event as a poweroff" in err
+        assert len(err.splitlines()) == 1
+        rc, out, err = await bare_hook("vm2", "prepare", "--config", str(cfg),
+                                       xml=domain_xml("vm2", [NIC1], wd / "vm2.qmp"))
+        assert (rc, out) == (0, "")  # stop-on-reset: allowed (the daemon is absent: a warning)
+        assert "daemon not reachable" in err

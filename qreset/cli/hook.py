@@ -29,6 +29,22 @@ synchronous QMP client only — no asyncio event loop, no pydantic).
 
 Only ``prepare``/``start`` may exit non-zero: failing any other operation
 would not undo anything and libvirt only logs it.
+
+Finding the daemon: libvirt runs hooks with only ``LC_ALL``, ``PATH`` and
+``HOME`` in the environment, so ``$QRESET_SOCKET`` is normally absent. The
+socket is ``--socket``, else ``$QRESET_SOCKET``, else ``[daemon]
+control_socket`` of the daemon's configuration file (``--config``, default
+``/etc/qreset/qreset.toml``, read only if it exists), else the daemon's
+default ``/run/qreset/qreset.sock``.
+
+Park mode under libvirt is refused at ``prepare``/``start``: libvirt handles
+every ``SHUTDOWN`` event as a poweroff whatever its reason (libvirt's
+``qemuProcessHandleShutdown`` kills QEMU, or with ``on_poweroff=restart``
+fake-reboots it with ``system_reset`` + ``cont``, which park mode's
+``reboot=shutdown`` turns into another shutdown), so a guest reset parked as
+``SHUTDOWN`` ends the domain. A configuration that names the guest in a
+``[[vm]]`` with ``mode = "park"`` therefore stops the start with that reason;
+the hook itself always registers guests in stop-on-reset mode.
 """
 
 from __future__ import annotations
@@ -40,6 +56,15 @@ from typing import Any
 
 #: Operations whose non-zero exit aborts the guest start.
 _GATING = ("prepare", "start")
+#: The daemon's configuration file (qreset.config's default; read only if present).
+DEFAULT_CONFIG = "/etc/qreset/qreset.toml"
+#: Why park mode cannot serve a libvirt guest (see the module docstring).
+PARK_UNDER_LIBVIRT = (
+    'is configured with mode = "park", which libvirt cannot host: libvirt handles every '
+    "SHUTDOWN event as a poweroff (it kills QEMU, or with on_poweroff=restart fake-reboots "
+    "it into \"Resetting the Virtual Machine is required\"); use mode = \"stop-on-reset\" "
+    "(docs/operators.md, \"Under libvirt\")"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -56,8 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("extra", nargs="?", default="-")
     parser.add_argument(
         "--socket", default=os.environ.get("QRESET_SOCKET"),
-        help="the daemon's control socket (default: $QRESET_SOCKET, else the daemon's default, "
-             "/run/qreset/qreset.sock)",
+        help="the daemon's control socket (default: $QRESET_SOCKET, else control_socket of "
+             "--config, else the daemon's default, /run/qreset/qreset.sock)",
+    )
+    parser.add_argument(
+        "--config", default=DEFAULT_CONFIG, metavar="FILE",
+        help="the daemon's configuration, read (if it exists) for its control socket and for "
+             "guests configured in park mode (default: %(default)s)",
     )
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds to wait for the daemon (release can take a while)")
@@ -65,6 +95,35 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 def _err(message: str) -> None:
     print(f"qreset hook: {message}", file=sys.stderr)
+
+
+def _read_config(path: str) -> tuple[str | None, dict[str, str]]:
+    """``(control_socket, {vm name: mode})`` from the daemon's TOML file; nothing if absent.
+
+    A file that cannot be read or parsed yields nothing: the daemon reports its
+    own configuration errors, and a hook must not block a start over them.
+    """
+    import tomllib
+    from pathlib import Path
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError, RecursionError):
+        return None, {}
+    daemon = data.get("daemon")
+    sock = daemon.get("control_socket") if isinstance(daemon, dict) else None
+    if isinstance(sock, str) and sock:
+        sock = str(Path(path).parent / sock) if not sock.startswith("/") else sock
+    else:
+        sock = None
+    vms = data.get("vm")
+    modes: dict[str, str] = {}
+    if isinstance(vms, list):
+        for vm in vms:
+            if isinstance(vm, dict) and isinstance(vm.get("name"), str) and isinstance(vm.get("mode"), str):
+                modes[vm["name"]] = vm["mode"]
+    return sock, modes
 
 
 def _call(sock: str, timeout: float, command: str, **arguments: Any) -> Any:
@@ -83,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
 
     # Imported here, not for the argparse default: ignored operations (most of
     # libvirt's calls) then exit without loading the socket and JSON modules.
-    args.socket = args.socket or DEFAULT_SOCKET
+    configured_socket, modes = _read_config(args.config)
+    args.socket = args.socket or configured_socket or DEFAULT_SOCKET
 
     try:
         xml = sys.stdin.read() if not sys.stdin.isatty() else ""
@@ -96,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
         if op in _GATING:
             if not devices:
                 return 0
+            if modes.get(args.guest) == "park":
+                _err(f"unsafe to start {args.guest}: {args.guest} {PARK_UNDER_LIBVIRT}")
+                return 1
             verdict = _call(args.socket, args.timeout, "check-devices", name=args.guest, devices=devices)
             if isinstance(verdict, dict) and not verdict.get("safe", True):
                 for reason in verdict.get("reasons", []):
