@@ -324,7 +324,8 @@ async def test_hook_finds_the_daemon_from_its_config_file_without_environment() 
         host = SimHost.from_toml(DEMO, time_scale=0.01)
         async with daemon_on(wd, host):
             cfg = wd / "qreset.toml"
-            cfg.write_text('[daemon]\ncontrol_socket = "c.sock"\n')  # relative to the file, as the daemon reads it
+            # relative to the file, as the daemon reads it
+            cfg.write_text('[daemon]\ncontrol_socket = "c.sock"\n')
             # The same device as a VM the daemon serves would make prepare fail: prove the call reached it.
             xml = domain_xml("vm1", [NIC1], wd / "vm1.qmp")
             rc, out, err = await bare_hook("vm1", "started", "--config", str(cfg), xml=xml)
