@@ -60,6 +60,7 @@ from qreset import sdnotify
 from qreset.config import Config, Mode, VmSection
 from qreset.engine import CycleReport, Engine, EngineSettings, ProgressEvent
 from qreset.errors import ConfigError, QResetError
+from qreset.history import page as history_page
 from qreset.journal import Journal, finished_cycles, registered_vms, unfinished_cycles
 from qreset.pci.address import PciAddress
 from qreset.pci.host import PciHost
@@ -412,13 +413,13 @@ class Daemon:
         plan = await self.engine.plan(vm, m.owned, self.ownership(), self.policy)
         return plan.to_json()
 
-    async def query_resets(self, vm: str | None, limit: int) -> list[dict[str, Any]]:
-        if vm is not None:
-            self._monitor(vm)
-        if limit <= 0:
-            raise DaemonError(f"limit must be positive, got {limit}")
-        rows = [r for r in self.history if vm is None or r.get("vm") == vm]
-        return rows[::-1][:limit]  # newest first, as query-resets documents
+    async def query_resets(self, vm: str | None, limit: int, before: str | None = None,
+                           since: float | None = None, until: float | None = None) -> dict[str, Any]:
+        """A page of finished cycles, newest first (see :func:`qreset.history.page`)."""
+        if vm is not None and vm not in self.monitors and not any(r.get("vm") == vm for r in self.history):
+            self._monitor(vm)  # neither served nor in history: "no VM named ..."
+        return history_page(reversed(self.history), vm=vm, limit=limit, before=before,
+                            since=since, until=until)
 
     async def reset_vm(self, vm: str) -> dict[str, Any]:
         return await self._monitor(vm).request_reset()

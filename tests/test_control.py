@@ -36,7 +36,7 @@ from qreset.control import (
     ControlBackend,
     ControlError,
     ControlServer,
-    _Framer,
+    Framer,
     peer_allowed,
 )
 from qreset.errors import PlanRefused
@@ -77,11 +77,16 @@ class FakeBackend:
         self._record("query_plan", vm)
         return {"vm": vm, "domains": []}
 
-    async def query_resets(self, vm: str | None, limit: int) -> list[dict[str, Any]]:
+    async def query_resets(self, vm: str | None, limit: int, before: str | None,
+                           since: float | None, until: float | None) -> dict[str, Any]:
         self._check("vm", vm, str, type(None))
         self._check("limit", limit, int)
-        self._record("query_resets", vm, limit)
-        return [{"vm": vm or "vm1", "ok": True, "n": i} for i in range(min(limit, 3))]
+        self._check("before", before, str, type(None))
+        self._check("since", since, float, type(None))
+        self._check("until", until, float, type(None))
+        self._record("query_resets", vm, limit, before, since, until)
+        return {"resets": [{"vm": vm or "vm1", "ok": True, "n": i} for i in range(min(limit, 3))],
+                "next": None}
 
     async def reset_vm(self, vm: str) -> dict[str, Any]:
         self._check("vm", vm, str)
@@ -229,8 +234,11 @@ async def test_commands_through_qmpclient(server: ControlServer, backend: FakeBa
         assert await qmp.execute("query-devices") == [{"address": "0000:01:00.0", "vm": "vm1"}]
         await qmp.execute("query-devices", {"vm": "vm2"})
         await qmp.execute("query-plan", {"vm": "vm1"})
-        assert len(await qmp.execute("query-resets")) == 3  # type: ignore[arg-type]
-        assert len(await qmp.execute("query-resets", {"vm": "vm1", "limit": 2})) == 2  # type: ignore[arg-type]
+        assert len((await qmp.execute("query-resets"))["resets"]) == 3  # type: ignore[index]
+        page = await qmp.execute("query-resets", {"vm": "vm1", "limit": 2, "before": "1.5/c", "since": 1,
+                                                  "until": 2.5})
+        assert page == {"resets": [{"vm": "vm1", "ok": True, "n": 0}, {"vm": "vm1", "ok": True, "n": 1}],
+                        "next": None}
         assert await qmp.execute("reset-vm", {"vm": "vm1"}) == {"vm": "vm1", "ok": True}
         await qmp.execute("add-vm", {"name": "g", "qmp": "/run/g.qmp"})
         await qmp.execute("add-vm", {"name": "h", "qmp": "/run/h.qmp", "devices": ["0000:02:00.0"],
@@ -245,8 +253,8 @@ async def test_commands_through_qmpclient(server: ControlServer, backend: FakeBa
         ("query_devices", (None,)),
         ("query_devices", ("vm2",)),
         ("query_plan", ("vm1",)),
-        ("query_resets", (None, 20)),
-        ("query_resets", ("vm1", 2)),
+        ("query_resets", (None, 20, None, None, None)),
+        ("query_resets", ("vm1", 2, "1.5/c", 1.0, 2.5)),
         ("reset_vm", ("vm1",)),
         ("add_vm", ("g", "/run/g.qmp", [], None)),
         ("add_vm", ("h", "/run/h.qmp", ["0000:02:00.0"], "sbr")),
@@ -262,26 +270,37 @@ async def test_commands_through_qmpclient(server: ControlServer, backend: FakeBa
 @pytest.mark.parametrize(
     ("command", "arguments", "desc"),
     [
-        ("query-plan", {}, "Parameter 'vm' is missing"),
-        ("query-plan", {"vm": 3}, "Invalid parameter type for 'vm', expected: string"),
-        ("query-plan", {"vm": None}, "Invalid parameter type for 'vm', expected: string"),
-        ("query-plan", {"vm": "a", "force": True}, "Parameter 'force' is unexpected"),
-        ("query-resets", {"limit": "5"}, "Invalid parameter type for 'limit', expected: integer"),
-        ("query-resets", {"limit": True}, "Invalid parameter type for 'limit', expected: integer"),
-        ("query-resets", {"limit": 1.5}, "Invalid parameter type for 'limit', expected: integer"),
-        ("query-resets", {"limit": 0}, "Parameter 'limit' must be between 1 and 10000"),
-        ("add-vm", {"name": "x"}, "Parameter 'qmp' is missing"),
+        ("query-plan", {}, "query-plan: Parameter 'vm' is missing"),
+        ("query-plan", {"vm": 3}, "query-plan: Invalid parameter type for 'vm', expected: string"),
+        ("query-plan", {"vm": None}, "query-plan: Invalid parameter type for 'vm', expected: string"),
+        ("query-plan", {"vm": "a", "force": True}, "query-plan: Parameter 'force' is unexpected"),
+        ("query-resets", {"limit": "5"},
+         "query-resets: Invalid parameter type for 'limit', expected: integer"),
+        ("query-resets", {"limit": True},
+         "query-resets: Invalid parameter type for 'limit', expected: integer"),
+        ("query-resets", {"limit": 1.5},
+         "query-resets: Invalid parameter type for 'limit', expected: integer"),
+        ("query-resets", {"limit": 0}, "query-resets: Parameter 'limit' must be between 1 and 1000"),
+        ("query-resets", {"limit": 1001}, "query-resets: Parameter 'limit' must be between 1 and 1000"),
+        ("query-resets", {"since": "10m"},
+         "query-resets: Invalid parameter type for 'since', expected: number"),
+        ("query-resets", {"until": False},
+         "query-resets: Invalid parameter type for 'until', expected: number"),
+        ("query-resets", {"before": 5},
+         "query-resets: Invalid parameter type for 'before', expected: string"),
+        ("query-resets", {"vm": None}, "query-resets: Invalid parameter type for 'vm', expected: string"),
+        ("add-vm", {"name": "x"}, "add-vm: Parameter 'qmp' is missing"),
         ("add-vm", {"name": "x", "qmp": "q", "devices": "0000:01:00.0"},
-         "Invalid parameter type for 'devices', expected: array of strings"),
+         "add-vm: Invalid parameter type for 'devices', expected: array of strings"),
         ("add-vm", {"name": "x", "qmp": "q", "devices": [1]},
-         "Invalid parameter type for 'devices', expected: array of strings"),
+         "add-vm: Invalid parameter type for 'devices', expected: array of strings"),
         ("remove-vm", {"name": "x", "release": "yes"},
-         "Invalid parameter type for 'release', expected: boolean"),
+         "remove-vm: Invalid parameter type for 'release', expected: boolean"),
         ("remove-vm", {"name": "x", "release": 1},
-         "Invalid parameter type for 'release', expected: boolean"),
+         "remove-vm: Invalid parameter type for 'release', expected: boolean"),
         ("doctor", {"functions": [None]},
-         "Invalid parameter type for 'functions', expected: array of strings"),
-        ("query-vms", {"vm": "x"}, "Parameter 'vm' is unexpected"),
+         "doctor: Invalid parameter type for 'functions', expected: array of strings"),
+        ("query-vms", {"vm": "x"}, "query-vms: Parameter 'vm' is unexpected"),
     ],
 )
 async def test_argument_validation(
@@ -369,7 +388,7 @@ async def test_framing_back_to_back_and_split(server: ControlServer) -> None:
 
 
 def test_framer_unit() -> None:
-    f = _Framer()
+    f = Framer()
     assert f.feed(b' {"a": "}"} 12 [1,[2]]{"b') == [b'{"a": "}"}', b"12", b"[1,[2]]"]
     assert f.pending == 3
     assert f.feed(b'": 1}') == [b'{"b": 1}']
@@ -542,6 +561,41 @@ async def test_slow_client_is_dropped_without_blocking(server: ControlServer) ->
     await slow.close()
 
 
+class BigBackend(FakeBackend):
+    async def query_resets(self, vm: str | None, limit: int, before: str | None,
+                           since: float | None, until: float | None) -> dict[str, Any]:
+        self._record("query_resets", vm, limit, before, since, until)
+        return {"resets": [{"n": i, "report": "r" * 10_000} for i in range(limit)], "next": None}
+
+
+async def test_large_reply_is_not_the_clients_backlog(sockdir: Path) -> None:
+    """
+    A reply the client asked for and has not read yet is not a backlog of
+    unread events: events emitted meanwhile do not get the client dropped
+    (issue 10, item 7), and the client gets the whole reply, then the events.
+    """
+    backend = BigBackend()
+    async with ControlServer(sockdir / "big.sock", backend, max_buffer=64 * 1024) as server:
+        raw = Raw(*await asyncio.open_unix_connection(str(server.path), limit=16 << 20))
+        await raw.negotiate()
+        await raw.send({"execute": "query-resets", "arguments": {"limit": 500}, "id": 1})  # ~5 MB
+        for _ in range(500):
+            if backend.calls:
+                break
+            await asyncio.sleep(0.01)
+        for _ in range(20):
+            await asyncio.sleep(0)  # the reply is written; the client has read none of it
+        for i in range(10):
+            server.emit("TICK", {"i": i})
+        reply = await raw.recv()
+        assert reply is not None
+        assert reply["id"] == 1
+        assert len(reply["return"]["resets"]) == 500
+        assert [(await raw.recv() or {}).get("data") for _ in range(10)] == [{"i": i} for i in range(10)]
+        assert server.clients == 1
+        await raw.close()
+
+
 async def test_event_burst_reaches_a_client_that_reads(sockdir: Path, backend: FakeBackend) -> None:
     """
     Many events in one loop iteration (the writer gets no turn in between):
@@ -623,17 +677,49 @@ async def test_other_uid_is_refused(sockdir: Path, backend: FakeBackend) -> None
         await srv.close()
 
 
-async def test_too_many_clients(sockdir: Path, backend: FakeBackend) -> None:
-    srv = ControlServer(sockdir / "n.sock", backend, max_clients=1)
+async def test_full_server_evicts_the_longest_idle_client(sockdir: Path, backend: FakeBackend) -> None:
+    """A new client gets in when the server is full: the longest-idle one makes room."""
+    srv = ControlServer(sockdir / "n.sock", backend, max_clients=2)
     await srv.start()
     try:
-        async with qmp_client(srv.path) as first:
-            raw = await Raw.open(srv.path)
-            refusal = {"error": {"class": "GenericError", "desc": "too many clients (limit 1)"}}
-            assert await raw.recv() == refusal
-            assert await raw.recv() is None
-            await raw.close()
-            assert await first.execute("query-status")
+        old = QMPClient("old")
+        await old.connect(str(srv.path))
+        async with qmp_client(srv.path) as recent:
+            with old.listener(("QRESET_CLIENT_EVICTED",)) as evicted:
+                await recent.execute("query-status")  # recent is the more recently active
+                async with qmp_client(srv.path) as newcomer:
+                    assert await newcomer.execute("query-status")
+                    event = await asyncio.wait_for(evicted.get(), 5)
+                    data = event["data"]
+                    assert isinstance(data, dict)
+                    assert "the server is full (limit 2)" in data["reason"]
+                    assert await recent.execute("query-status")
+        with pytest.raises(EOFError):  # qemu.qmp reports the hang-up on disconnect
+            await old.disconnect()
+    finally:
+        await srv.close()
+
+
+async def test_full_server_of_busy_clients_refuses(sockdir: Path, backend: FakeBackend) -> None:
+    """A client whose command runs (a reset cycle) is never evicted: the newcomer is refused."""
+    backend.reset_gate = asyncio.Event()
+    srv = ControlServer(sockdir / "b.sock", backend, max_clients=1)
+    await srv.start()
+    try:
+        busy = await Raw.open(srv.path)
+        await busy.negotiate()
+        await busy.send({"execute": "reset-vm", "arguments": {"vm": "vm1"}, "id": 1})
+        for _ in range(100):
+            if backend.calls:
+                break
+            await asyncio.sleep(0.01)
+        raw = await Raw.open(srv.path)
+        assert await raw.recv() == {"error": {"class": "GenericError", "desc": "too many clients (limit 1)"}}
+        assert await raw.recv() is None
+        await raw.close()
+        backend.reset_gate.set()
+        assert await busy.recv() == {"return": {"vm": "vm1", "ok": True}, "id": 1}
+        await busy.close()
     finally:
         await srv.close()
 
@@ -703,8 +789,9 @@ async def test_qmp_shell(server: ControlServer, sockdir: Path) -> None:
                if line.startswith("(QEMU) {")]
     assert replies == [
         {"return": [{"name": "vm1", "state": "running", "devices": ["0000:01:00.0"]}]},
-        {"return": [{"vm": "vm1", "ok": True, "n": 0}, {"vm": "vm1", "ok": True, "n": 1}]},
-        {"error": {"class": "GenericError", "desc": "Parameter 'vm' is missing"}},
+        {"return": {"resets": [{"vm": "vm1", "ok": True, "n": 0}, {"vm": "vm1", "ok": True, "n": 1}],
+                    "next": None}},
+        {"error": {"class": "GenericError", "desc": "query-plan: Parameter 'vm' is missing"}},
         {"return": {"vm": "vm1", "ok": True}},
         {"error": {"class": "CommandNotFound", "desc": "The command no-such-command has not been found"}},
     ]
@@ -795,12 +882,13 @@ json_values = st.recursive(
     max_leaves=12,
 )
 
-arg_names = st.sampled_from(sorted({a.name for c in COMMANDS.values() for a in c.args} | {"x", ""}))
+arg_names = st.sampled_from(
+    sorted({a for c in COMMANDS.values() for a in c.arguments.model_fields} | {"x", ""}))
 
 
 def _typed_request(command: str) -> st.SearchStrategy[dict[str, Any]]:
     """A request naming only the command's own arguments, with values of any type."""
-    own = {a.name: json_values for a in COMMANDS[command].args}
+    own = dict.fromkeys(COMMANDS[command].arguments.model_fields, json_values)
     return st.fixed_dictionaries(
         {"execute": st.just(command), "arguments": st.fixed_dictionaries({}, optional=own)},
         optional={"id": json_values},

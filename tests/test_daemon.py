@@ -488,7 +488,7 @@ async def test_control_socket_backend_end_to_end() -> None:
                     async with asyncio.timeout(5):
                         while "QRESET_RESET_COMPLETED" not in seen:
                             seen.append(str((await events.get())["event"]))
-                resets = await qmp.execute("query-resets", {"vm": "vm1", "limit": 1})
+                page = await qmp.execute("query-resets", {"vm": "vm1", "limit": 1})
                 st = await qmp.execute("query-status")
                 added = await qmp.execute("add-vm", {"name": "vm2", "qmp": str(g2.qmp_path),
                                                      "devices": [SOUND]})
@@ -523,8 +523,8 @@ async def test_control_socket_backend_end_to_end() -> None:
     assert summary["outcome"] == "resumed"
     assert summary["trigger"]["reason"] == "host-qmp-system-reset"
     assert seen.index("QRESET_RESET_STARTED") < seen.index("QRESET_RESET_COMPLETED")
-    assert isinstance(resets, list)
-    assert [r["cycle"] for r in resets] == [summary["cycle"]]
+    assert isinstance(page, dict)
+    assert [r["cycle"] for r in page["resets"]] == [summary["cycle"]]
     assert isinstance(st, dict)
     assert st["cycles"] == 1
     assert st["resets_by_method"] == {"flr": 1}

@@ -119,7 +119,7 @@ async def test_vm_added_at_run_time_is_served_again_after_a_restart(how: str) ->
             # d1 left open may come first, finished by recovery: not counted here.)
             async with asyncio.timeout(20):
                 while True:
-                    rows = await ctl_call(sock, "query-resets", vm="vm1", limit=20)
+                    rows = (await ctl_call(sock, "query-resets", vm="vm1", limit=20))["resets"]
                     resets = [r for r in rows if r["t"] >= wall0 and not r.get("recovered")]
                     if len(resets) >= 2:
                         break

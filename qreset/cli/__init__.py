@@ -39,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reset": ("qreset.cli.reset", "plan, reset, rescan and restore some functions now"),
     "run": ("qreset.cli.run", "run the daemon: coordinate guest resets of the configured VMs"),
     "status": ("qreset.cli.client", "show the daemon's VMs, devices and counters"),
-    "history": ("qreset.cli.client", "show past reset cycles from the daemon"),
+    "history": ("qreset.cli.history", "show past reset cycles from the daemon"),
     "events": ("qreset.cli.client", "follow the daemon's events"),
     "release": ("qreset.cli.release", "reset functions returned to the host and re-probe changed ones"),
     "hook": ("qreset.cli.hook", "libvirt hook entry point (argv: guest op subop extra)"),

@@ -1,21 +1,23 @@
 """
-``qreset status``, ``qreset history``, ``qreset events``: clients of the
-daemon's control socket.
+``qreset status`` and ``qreset events``, and what every client of the
+daemon's control socket shares (``qreset history`` is :mod:`qreset.cli.history`).
 
 The socket speaks QMP (see :mod:`qreset.control`), so these are thin
 ``qemu.qmp.QMPClient`` users: connect, negotiate, execute, print. The same
 data is available to anything that speaks QMP (``qmp-shell
-/run/qreset/control.sock``); these commands add the human formatting and
+/run/qreset/qreset.sock``); these commands add the human formatting and
 ``--json`` for scripts.
 
 - ``status``: ``query-status`` and ``query-vms`` as text, or one JSON object
   ``{"status": ..., "vms": [...]}``.
-- ``history [--vm NAME] [--limit N]``: ``query-resets``, newest first.
 - ``events``: follow the daemon's events until Ctrl-C (or the daemon goes
-  away: exit 1); with ``--json`` one JSON object per line, flushed per event.
+  away: exit 1; or stdout's reader does: exit 0); with ``--json`` one JSON
+  object per line, flushed per event.
 
 Exit codes: 0 success, 1 daemon not reachable or a command failed, 2 bad
-arguments.
+arguments. A failure is one line on stderr, never a traceback: qemu.qmp
+quotes a message it could not parse in its exceptions (MiBs for a reply cut
+short), so every message shown is shortened to one line.
 """
 
 from __future__ import annotations
@@ -28,46 +30,38 @@ import logging
 import os
 import signal
 import sys
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, Runstate
 
+from qreset.cli import stdout_closed
 from qreset.cli.common import add_json_argument, fail, print_json
+from qreset.cli.render import format_event, humanize, status_cell, table
 from qreset.qmpsync import DEFAULT_SOCKET
 
 #: Seconds to wait for the daemon to accept and greet us.
 CONNECT_TIMEOUT = 10.0
-#: Replies (history with full cycle reports) may be far larger than
+#: Replies (a page of history with full cycle reports) may be far larger than
 #: qemu.qmp's 64 KiB default line buffer.
 READ_BUFFER = 16 * 1024 * 1024
 
 
-class _ClientError(Exception):
+class ClientError(Exception):
     """A one-line, user-facing failure (becomes ``qreset: ...`` and exit 1)."""
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--socket`` and ``--json``, shared by every client command."""
     parser.add_argument(
         "--socket", metavar="PATH", default=None,
         help=f"the daemon's control socket (default: $QRESET_SOCKET or {DEFAULT_SOCKET})",
     )
-    if name == "history":
-        parser.add_argument("--vm", metavar="NAME", default=None, help="only this VM's cycles")
-        parser.add_argument("--limit", metavar="N", type=_positive, default=20,
-                            help="at most N cycles, newest first (default: %(default)s)")
     add_json_argument(parser)
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    add_client_arguments(parser)
 
 
 def socket_path(args: argparse.Namespace) -> str:
@@ -77,39 +71,59 @@ def socket_path(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    command: str = args.command
+    path = socket_path(args)
+    if command == "status":
+        return run_client(command, _status(path, args.json))
+    if command == "events":
+        return run_client(command, _events(path, args.json))
+    return fail(f"unknown client command {command!r}")
+
+
+def run_client(command: str, main: Coroutine[Any, Any, int]) -> int:
+    """Run a client command's coroutine; every failure becomes one line on stderr and exit 1."""
     # qemu.qmp logs connection failures at ERROR; without a handler Python
     # prints them to stderr. We report the failure ourselves, in one line.
     logging.getLogger("qemu.qmp").addHandler(logging.NullHandler())
     logging.getLogger("qemu.qmp").propagate = False
-    command: str = args.command
-    path = socket_path(args)
     try:
-        if command == "status":
-            return asyncio.run(_status(path, args.json))
-        if command == "history":
-            return asyncio.run(_history(path, args.vm, args.limit, args.json))
-        if command == "events":
-            return asyncio.run(_events(path, args.json))
-    except _ClientError as exc:
+        return asyncio.run(main)
+    except ClientError as exc:
         return fail(str(exc), 1)
     except KeyboardInterrupt:
         return 130
-    return fail(f"unknown client command {command!r}")
+    except Exception as exc:  # a protocol or library failure: still one line, never a traceback
+        return fail(f"{command}: {type(exc).__name__}: {short(str(exc))}", 1)
+
+
+def short(text: str, limit: int = 200) -> str:
+    """One line of at most ``limit`` characters (a protocol error may quote MiBs of reply)."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 # ---------------------------------------------------------------- connection
 
 
-async def _connect(path: str) -> QMPClient:
+async def disconnect(qmp: QMPClient) -> None:
+    """Disconnect without raising: qemu.qmp re-raises a reader failure here (quoting the message)."""
+    with contextlib.suppress(Exception):
+        await qmp.disconnect()
+
+
+# ---------------------------------------------------------------- connection
+
+
+async def connect(path: str) -> QMPClient:
     """A negotiated QMPClient, or :class:`_ClientError` saying why not, in one line."""
     qmp = QMPClient("qreset-cli", readbuflen=READ_BUFFER)
     try:
         await asyncio.wait_for(qmp.connect(path), CONNECT_TIMEOUT)
     except TimeoutError:
-        await qmp.disconnect()
-        raise _ClientError(f"daemon at {path} did not answer within {CONNECT_TIMEOUT:.0f} s") from None
+        await disconnect(qmp)
+        raise ClientError(f"daemon at {path} did not answer within {CONNECT_TIMEOUT:.0f} s") from None
     except ConnectError as exc:
-        await qmp.disconnect()
+        await disconnect(qmp)
         why = _connect_failure(path, exc.exc)
         if not isinstance(exc.exc, OSError | EOFError):
             # qemu.qmp does not keep the message that was not a greeting;
@@ -117,7 +131,7 @@ async def _connect(path: str) -> QMPClient:
             reason = await _refusal_reason(path)
             if reason:
                 why = f"{path} refused the session: {reason}"
-        raise _ClientError(why) from None
+        raise ClientError(why) from None
     return qmp
 
 
@@ -156,100 +170,31 @@ def _connect_failure(path: str, cause: BaseException) -> str:
     return f"{path} refused the session: {detail}"
 
 
-async def _execute(qmp: QMPClient, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+async def execute(qmp: QMPClient, command: str, arguments: Mapping[str, object] | None = None) -> Any:
     try:
         return await qmp.execute(command, arguments)
     except ExecuteError as exc:
-        raise _ClientError(f"{command}: {exc.error.error.desc}") from None
+        desc = short(exc.error.error.desc, 1000)
+        # The server names the command in argument errors already.
+        raise ClientError(desc if desc.startswith(f"{command}: ") else f"{command}: {desc}") from None
     except (ExecInterruptedError, EOFError, ConnectionError) as exc:
-        raise _ClientError(f"{command}: the daemon closed the connection ({exc})") from None
+        raise ClientError(f"{command}: the daemon closed the connection ({short(str(exc))})") from None
 
 
 # ---------------------------------------------------------------- formatting
 
 
-#: Keys that name an item of a list of objects (a VM's devices as dicts).
-_LABEL_KEYS = ("address", "name", "id", "vm")
-
-
-def _label(item: Mapping[str, Any]) -> str | None:
-    return next((str(item[k]) for k in _LABEL_KEYS if isinstance(item.get(k), str | int)), None)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.3f}".rstrip("0").rstrip(".") if value != int(value) else str(int(value))
-    if isinstance(value, list) and all(not isinstance(v, dict | list) for v in value):
-        return ",".join(_cell(v) for v in value) or "-"
-    if isinstance(value, list) and all(isinstance(v, dict) and _label(v) for v in value):
-        return ",".join(str(_label(v)) for v in value)
-    if isinstance(value, dict | list):
-        return json.dumps(value, separators=(",", ":"), default=str)
-    return str(value)
-
-
-def _is_flat(value: Any) -> bool:
-    """Fits in a table cell: a scalar, a list of scalars or of labelled objects."""
-    if isinstance(value, list):
-        return all(not isinstance(v, dict | list) or (isinstance(v, dict) and _label(v)) for v in value)
-    return not isinstance(value, dict)
-
-
-def table(rows: Sequence[Mapping[str, Any]], first: Sequence[str] = ()) -> list[str]:
-    """
-    Rows of dicts as aligned text columns. Columns are the keys with flat
-    values, ``first`` ones leading, then in order of first appearance; nested
-    values are left to ``--json``.
-    """
-    columns: list[str] = [c for c in first if any(c in r for r in rows)]
-    for row in rows:
-        for key, value in row.items():
-            if key not in columns and _is_flat(value):
-                columns.append(key)
-    if not columns:
-        return []
-    cells = [[c.upper() for c in columns]] + [[_cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    return ["  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in cells]
-
-
-def _when(value: Any) -> Any:
-    """UNIX times (the journal's ``t``) shown as UTC timestamps."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and value > 1e9:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(value))
-    return value
-
-
-_TIME_KEYS = ("t", "time", "started", "ended", "since", "start_time")
-
-
-def _humanize(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _when(v) if k in _TIME_KEYS else v for k, v in row.items()}
-
 
 # ---------------------------------------------------------------- commands
 
 
-def _status_cell(key: str, value: Any) -> str:
-    """A status value; counters by name and percentile blocks as ``k=v`` pairs (unset ones left out)."""
-    if key in _TIME_KEYS:
-        return _cell(_when(value))
-    if isinstance(value, dict) and all(not isinstance(v, dict | list) for v in value.values()):
-        return " ".join(f"{k}={_cell(v)}" for k, v in value.items() if v is not None) or "-"
-    return _cell(value)
-
-
 async def _status(path: str, as_json: bool) -> int:
-    qmp = await _connect(path)
+    qmp = await connect(path)
     try:
-        status = await _execute(qmp, "query-status")
-        vms = await _execute(qmp, "query-vms")
+        status = await execute(qmp, "query-status")
+        vms = await execute(qmp, "query-vms")
     finally:
-        await qmp.disconnect()
+        await disconnect(qmp)
     if as_json:
         print_json({"status": status, "vms": vms})
         return 0
@@ -257,59 +202,22 @@ async def _status(path: str, as_json: bool) -> int:
     if isinstance(status, dict):
         width = max((len(k) for k in status), default=0)
         for key, value in status.items():
-            print(f"  {key.ljust(width)}  {_status_cell(key, value)}")
+            print(f"  {key.ljust(width)}  {status_cell(key, value)}")
     if not vms:
         print("no VMs")
         return 0
     print()
-    rows = [_humanize(v) for v in vms if isinstance(v, dict)]
+    rows = [humanize(v) for v in vms if isinstance(v, dict)]
     for line in table(rows, first=("name", "state", "mode", "qmp", "devices")):
         print(line)
     return 0
 
 
-async def _history(path: str, vm: str | None, limit: int, as_json: bool) -> int:
-    qmp = await _connect(path)
-    try:
-        arguments: dict[str, object] = {"limit": limit}
-        if vm is not None:
-            arguments["vm"] = vm
-        resets = await _execute(qmp, "query-resets", arguments)
-    finally:
-        await qmp.disconnect()
-    if as_json:
-        print_json(resets)
-        return 0
-    if not resets:
-        print("no reset cycles" + (f" for {vm}" if vm else ""))
-        return 0
-    rows = [_humanize(r) for r in resets if isinstance(r, dict)]
-    first = ("t", "time", "vm", "cycle", "phase", "ok", "outcome", "trigger", "duration")
-    for line in table(rows, first=first):
-        print(line)
-    return 0
-
-
-def format_event(event: Mapping[str, Any]) -> str:
-    """One line: UTC time with microseconds, event name, data as key=value."""
-    ts = event.get("timestamp")
-    when = "-"
-    if isinstance(ts, dict) and isinstance(ts.get("seconds"), int):
-        micro = ts.get("microseconds", 0)
-        micro = micro if isinstance(micro, int) else 0
-        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts["seconds"])) + f".{micro:06d}Z"
-    data = event.get("data")
-    parts = [when, str(event.get("event", "?"))]
-    if isinstance(data, dict):
-        parts += [f"{k}={_cell(v)}" for k, v in data.items()]
-    elif data is not None:
-        parts.append(_cell(data))
-    return " ".join(parts)
 
 
 async def _events(path: str, as_json: bool) -> int:
     """Print events until SIGINT/SIGTERM (exit 0) or the daemon hangs up (exit 1)."""
-    qmp = await _connect(path)
+    qmp = await connect(path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -322,6 +230,9 @@ async def _events(path: str, as_json: bool) -> int:
             else:
                 sys.stdout.write(format_event(event) + "\n")
             sys.stdout.flush()
+            if stdout_closed():  # | head -1 has what it wanted
+                stop.set()
+                return
 
     async def hangup() -> None:
         while qmp.runstate is Runstate.RUNNING:
@@ -342,11 +253,10 @@ async def _events(path: str, as_json: bool) -> int:
                 await task
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        with contextlib.suppress(Exception):
-            await qmp.disconnect()
+        await disconnect(qmp)
     if stop.is_set():
         return 0
     for task in done:
         if not task.cancelled() and task.exception() is not None:
-            raise _ClientError(f"events: {task.exception()}")
-    raise _ClientError(f"the daemon at {path} closed the connection")
+            raise ClientError(f"events: {task.exception()}")
+    raise ClientError(f"the daemon at {path} closed the connection")
