@@ -25,9 +25,9 @@ shown ``"stale": true`` in ``query-vms`` until it connects; it goes away with
 ``add-vm`` of the same name with other parameters. ``add-vm`` of a VM
 identical to one already served is a no-op (the hook's ``reconnect`` relies
 on it); a different one with the same name is refused.
-Shutdown lets cycles in progress complete, gives each QEMU its default
-actions back (``reboot=reset,shutdown=poweroff``: with no daemon a reset
-must not park the guest forever), and resumes anything parked meanwhile.
+Shutdown lets cycles in progress complete, puts back the run-state actions
+park mode changed exactly as it found them (qreset.actions: with no daemon a
+reset must not park the guest forever), and resumes anything parked meanwhile.
 
 The daemon is also the control socket's backend
 (:class:`qreset.control.ControlBackend`): ``query_*``, ``reset_vm``,
@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 import pydantic
 
 from qreset import sdnotify
+from qreset.actions import last_actions
 from qreset.config import Config, Mode, VmSection
 from qreset.engine import CycleReport, Engine, EngineSettings, ProgressEvent
 from qreset.errors import ConfigError, QResetError
@@ -143,6 +144,8 @@ class Daemon:
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._waiters: list[_Waiter] = []
+        #: Per VM, the run-state actions a previous daemon journaled (qreset.actions).
+        self._journaled_actions: dict[str, dict[str, Any]] = {}
         #: Serialises add-vm/remove-vm: a replacement awaits the old monitor's end.
         self._registry_lock = asyncio.Lock()
         self._t_start = time.monotonic()
@@ -213,6 +216,7 @@ class Daemon:
         self.history.extend(finished_cycles(records))
         unfinished = unfinished_cycles(records)
         registered = registered_vms(records)
+        self._journaled_actions = last_actions(records)
         await self.journal.open()
         try:
             if self._host is None:
@@ -287,7 +291,7 @@ class Daemon:
                        unfinished: list[dict[str, Any]] | None = None) -> VmMonitor:
         if self._tg is None:
             raise DaemonError("daemon is not running")
-        monitor = VmMonitor(name, qmp, mode, devices, self, unfinished)
+        monitor = VmMonitor(name, qmp, mode, devices, self, unfinished, self._journaled_actions.get(name))
         self.monitors[name] = monitor
         self._tasks[name] = self._tg.create_task(self._guard(monitor), name=f"vm[{name}]")
         return monitor

@@ -53,7 +53,7 @@ TERMINAL_PHASES = frozenset({"resumed", "stopped", "failed", "poweroff"})
 #: Older daemons wrote notes under the cycle id ``-``, shared by every VM: counted
 #: as a cycle, that group never ends and made each restart "recover" a cycle
 #: that was never open (and ``cont`` a guest that another manager holds stopped).
-INFO_PHASES = frozenset({"note"})
+INFO_PHASES = frozenset({"note", "actions"})
 #: Registration of a VM at run time (``add-vm``) and its end (``remove-vm``): not cycles.
 REGISTRY_PHASES = frozenset({"add-vm", "remove-vm"})
 
@@ -85,8 +85,11 @@ class Journal:
             except OSError as exc:  # the last flush failed: already reported per record
                 logger.warning("%s: closing the journal: %s", self.path, exc.strerror or exc)
 
-    async def append(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Write one record (adds ``t``), flush and fsync it; returns the record written."""
+    async def append(self, record: dict[str, Any], *, sync: bool = True) -> dict[str, Any]:
+        """Write one record (adds ``t``), flush and (``sync``) fsync it; returns the record written.
+
+        ``sync=False``: written to the kernel (survives a daemon crash), not fsynced.
+        """
         rec = {"t": round(time.time(), 6), **record}
         line = json.dumps(rec, separators=(",", ":"), default=str) + "\n"
         async with self._lock:
@@ -95,6 +98,8 @@ class Journal:
             try:
                 await self._file.write(line)
                 await self._file.flush()
+                if not sync:
+                    return rec
                 # fsync blocks on the disk: off the event loop like any other blocking call.
                 await asyncio.to_thread(os.fsync, self._file.fileno())
             except OSError as exc:

@@ -9,7 +9,9 @@ names (matched on ``execute`` and, if the rule gives them, exactly its ``argumen
 * ``Reply(value)``: answer ``{"return": value}`` itself, QEMU never sees it;
 * ``Fail(desc)``: answer a ``GenericError`` with ``desc``;
 * ``Cut()``: close the client's connection instead of forwarding it (QEMU is
-  gone as far as the daemon can tell; the guest stays in whatever state it is).
+  gone as far as the daemon can tell; the guest stays in whatever state it is);
+* ``Tap(fn)``: call ``fn(msg)`` when the command arrives, then forward it (a
+  test looks at the world at that exact moment, or kills the client there).
 
 QEMU's greeting, events and every other reply are QEMU's own.
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +42,15 @@ class Cut:
     pass
 
 
+@dataclass(frozen=True)
+class Tap:
+    fn: Callable[[dict[str, Any]], None]
+
+
 @dataclass
 class Rule:
     execute: str
-    action: Reply | Fail | Cut
+    action: Reply | Fail | Cut | Tap
     arguments: dict[str, Any] = field(default_factory=dict)
     times: int | None = None  # None: every time
     hits: int = 0
@@ -120,6 +127,11 @@ class QmpProxy:
                 rule.hits += 1
                 if isinstance(rule.action, Cut):
                     return
+                if isinstance(rule.action, Tap):
+                    rule.action.fn(msg)
+                    qwriter.write(line)
+                    await qwriter.drain()
+                    continue
                 ans: dict[str, Any] = (
                     {"return": rule.action.value} if isinstance(rule.action, Reply)
                     else {"error": {"class": "GenericError", "desc": rule.action.desc}})

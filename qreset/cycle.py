@@ -1,0 +1,433 @@
+"""
+One reset cycle as a pure state machine: inputs in, QMP commands and journal records out.
+
+A cycle is a generator (:meth:`CycleMachine.run`) that *yields* what it wants
+done — a :class:`Command` for QEMU, a :class:`Record` for the journal, the
+:class:`RunEngine` step, a :class:`Sleep` between resume retries, an
+:class:`Emit`/:class:`Log` — and is *sent* what came of it (:class:`Reply`,
+:class:`Failed`, :class:`Written`, :class:`EngineDone`, :class:`Slept`).
+It performs no I/O and reads no clock but the one it is given, so every
+sequence (a QEMU that stops answering, a connection lost at any step, a
+SHUTDOWN that another reset already absorbed) is tested by feeding it
+(tests/test_cycle*.py). :class:`qreset.vm.VmMonitor` is the driver that
+carries the actions out over QMP (see /work/shared/reference/qmp-reset-flow.md
+for the QEMU side, checked on QEMU 7.2).
+
+``park`` (the guest was parked by ``reboot=shutdown,shutdown=pause``)::
+
+    query-status (must be "shutdown": otherwise the SHUTDOWN was already absorbed)
+    journal cycle-start, parked ; engine ; journal engine-done
+    set-action reboot=reset ; system_reset ; set-action reboot=shutdown
+    query-status until it left "shutdown" ; cont ; journal the summary
+
+``stop-on-reset`` (QEMU already reset, the guest is running)::
+
+    journal cycle-start (written, not fsynced: a daemon crash keeps it) ; stop
+    journal parked ; engine ; journal engine-done ; cont ; journal the summary
+
+Nothing but the intent record comes before ``stop``: every millisecond there
+is guest time on devices QEMU has just reset. The engine's "before"
+snapshot (its save phase) is taken after ``stop`` replied.
+
+Every way out of a cycle ends with the guest running or stopped with a
+visible reason. A resume that fails because QEMU does not answer (stalled,
+SIGSTOPped) is retried with backoff until it succeeds (the monitor shows
+:attr:`CycleMachine.problem` meanwhile); QEMU refusing it is retried a few
+times, then the VM is declared stopped with the refusal as its reason; a lost
+connection ends the cycle (the monitor resumes the guest when it reconnects
+to the same QEMU).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from qreset.backoff import backoff_delay
+from qreset.config import Mode, OnIdentityChange
+from qreset.cycle_types import (
+    COMMAND_TIMEOUT,
+    Action,
+    Command,
+    CycleSpec,
+    Emit,
+    EngineDone,
+    Failed,
+    FailKind,
+    Input,
+    Log,
+    Outcome,
+    Record,
+    Reply,
+    RunEngine,
+    Sleep,
+    Slept,
+    Steps,
+    Written,
+)
+from qreset.engine import CycleReport
+
+__all__ = [
+    "COMMAND_TIMEOUT", "RESET_SETTLE_TIMEOUT", "RESUME_REFUSALS", "STATUS_POLL", "Action", "Command",
+    "CycleMachine", "CycleSpec", "Emit", "EngineDone", "FailKind", "Failed", "Input", "Log", "Outcome",
+    "Phase", "Record", "Reply", "RunEngine", "Sleep", "Slept", "Steps", "Written", "identity_reason",
+    "parked", "report_error",
+]
+
+#: How long QEMU may take to leave ``shutdown`` after ``system_reset``. Ours: the
+#: reset request runs at the main loop's next iteration
+#: (qemu_system_reset_request -> main_loop_should_exit), milliseconds on QEMU 7.2.
+RESET_SETTLE_TIMEOUT = 5.0
+#: Poll period while waiting for that (5 ms: a fraction of the measured park cycle).
+STATUS_POLL = 0.005
+#: Resume retries: backoff 0.1 s × aiomqtt's growth, at most every 5 s (ours).
+RESUME_RETRY_SCALE = 0.1
+RESUME_RETRY_MAX = 5.0
+#: QEMU *refusing* the resume (an error reply, not silence) this many times in a
+#: row is not going to change by itself: the VM is then stopped with that reason.
+RESUME_REFUSALS = 5
+
+
+class Phase(enum.Enum):
+    """Where a cycle is (explicit, shown by the monitor)."""
+
+    CHECKING = "checking"    # park: is the guest still parked?
+    STOPPING = "stopping"    # stop-on-reset: intent journaled, stop sent
+    HELD = "held"            # the guest cannot run; journal + engine
+    RESUMING = "resuming"
+    RETRYING = "retrying"    # resume failed; waiting to try again
+    ENDED = "ended"
+    SKIPPED = "skipped"      # not a cycle (an absorbed SHUTDOWN)
+
+
+@dataclass
+class CycleMachine:
+    """One cycle; drive :meth:`run` (see the module docstring)."""
+
+    spec: CycleSpec
+    clock: Callable[[], float]
+    wall: Callable[[], float]
+    phase: Phase = Phase.CHECKING
+    #: Why the guest is not running although it should be (shown while retrying).
+    problem: str | None = None
+    #: QMP commands sent by this cycle (issue 13: the no-change path sends only what it needs).
+    commands: int = 0
+    #: QEMU's run status as last learnt by the cycle.
+    status: str | None = None
+    durations: dict[str, float] = field(default_factory=dict)
+
+    # -- helpers ---------------------------------------------------------
+
+    @property
+    def _base(self) -> dict[str, Any]:
+        return {"vm": self.spec.vm, "cycle": self.spec.cid}
+
+    def _ms_since(self, t0: float) -> float:
+        return _ms(self.clock() - t0)
+
+    def _cmd(self, execute: str, arguments: Mapping[str, Any] | None = None,
+             timeout: float = COMMAND_TIMEOUT) -> Generator[Action, Input, Reply | Failed]:
+        self.commands += 1
+        got = yield Command(execute, arguments, timeout)
+        assert isinstance(got, Reply | Failed), got
+        return got
+
+    def _record(self, record: dict[str, Any], sync: bool = True) -> Generator[Action, Input, Written]:
+        got = yield Record({**self._base, **record}, sync)
+        assert isinstance(got, Written), got
+        return got
+
+    def _status(self) -> Generator[Action, Input, str | Failed]:
+        got = yield from self._cmd("query-status")
+        if isinstance(got, Failed):
+            return got
+        value = got.value.get("status") if isinstance(got.value, dict) else None
+        if not isinstance(value, str):
+            return Failed(f"query-status: unexpected reply {got.value!r}")
+        self.status = value
+        return value
+
+    # -- the cycle -------------------------------------------------------
+
+    def run(self) -> Generator[Action, Input, Outcome | None]:
+        """The whole cycle. Returns None when there was no cycle to run (park: absorbed)."""
+        if self.spec.mode is Mode.PARK:
+            return (yield from self._park())
+        return (yield from self._stop_on_reset())
+
+    def _start_record(self) -> dict[str, Any]:
+        return {"phase": "cycle-start", "mode": self.spec.mode.value, "trigger": self.spec.trigger,
+                "devices": [str(a) for a in self.spec.devices], "qemu": self.spec.qemu}
+
+    def _park(self) -> Generator[Action, Input, Outcome | None]:
+        status = yield from self._status()
+        if isinstance(status, Failed):
+            if status.kind is FailKind.GONE:
+                return (yield from self._end("failed", None, f"QEMU went away before the reset: "
+                                             f"{status.error}", resumed=False))
+            # Silence or nonsense: the guest may be parked; nothing was reset. Resume it.
+            return (yield from self._abort(f"query-status failed: {status.error}", held=True))
+        if not parked(status, self.spec.trigger.get("reason")):
+            self.phase = Phase.SKIPPED
+            yield Log(logging.INFO, f"{self.spec.trigger['event']}({self.spec.trigger['reason']}) "
+                                    f"already handled (QEMU status {status}): no cycle")
+            return None
+        w = yield from self._record(self._start_record())
+        if w.error:
+            return (yield from self._abort(w.error, held=True))
+        yield Emit("QRESET_RESET_STARTED", self._started_event())
+        self.phase = Phase.HELD
+        self.durations["event_to_parked_ms"] = self._ms_since(self.spec.t_event)
+        w = yield from self._record({"phase": "parked", "status": status})
+        if w.error:
+            return (yield from self._abort(w.error, held=True))
+        return (yield from self._engine_and_resume())
+
+    def _stop_on_reset(self) -> Generator[Action, Input, Outcome | None]:
+        self.phase = Phase.STOPPING
+        # Journal before acting (a daemon killed after the stop must find a record),
+        # but no fsync in the window: written to the kernel, it survives our crash.
+        w = yield from self._record(self._start_record(), sync=False)
+        if w.error:  # not stopped yet: the guest runs on, the devices were not reset
+            return (yield from self._end("failed", None, f"cycle aborted: {w.error}", resumed=True))
+        got = yield from self._cmd("stop")
+        t_stop, wall_stop = self.clock(), self.wall()
+        if isinstance(got, Failed):
+            if got.kind is FailKind.GONE:
+                return (yield from self._end("failed", None, "QEMU went away before the reset",
+                                             resumed=False, interrupted=True))
+            if got.kind is FailKind.TIMEOUT:
+                # The stop may still run when QEMU wakes up: make sure the guest ends running.
+                return (yield from self._abort(f"stop: {got.error}", held=True))
+            return (yield from self._end("failed", None, f"stop failed: {got.error}", resumed=True))
+        self.status = "paused"
+        self.phase = Phase.HELD
+        self.durations.update({
+            "recv_to_stop_ms": _ms(t_stop - self.spec.t_event),
+            "event_to_stop_ms": _ms(max(0.0, wall_stop - self.spec.wall_event)),
+        })
+        yield Emit("QRESET_RESET_STARTED", self._started_event())
+        self.durations["event_to_parked_ms"] = self._ms_since(self.spec.t_event)
+        w = yield from self._record({"phase": "parked", "status": "paused",
+                                     "recv_to_stop_ms": self.durations["recv_to_stop_ms"],
+                                     "event_to_stop_ms": self.durations["event_to_stop_ms"]})
+        if w.error:
+            return (yield from self._abort(w.error, held=True))
+        return (yield from self._engine_and_resume())
+
+    def _started_event(self) -> dict[str, Any]:
+        return {**self._base, "mode": self.spec.mode.value, "trigger": self.spec.trigger,
+                "devices": [str(a) for a in self.spec.devices]}
+
+    def _engine_and_resume(self) -> Generator[Action, Input, Outcome]:
+        spec = self.spec
+        t0 = self.clock()
+        report: CycleReport | None = None
+        error: str | None = None
+        if spec.devices:
+            got = yield RunEngine(spec.devices, spec.cycle_timeout)
+            assert isinstance(got, EngineDone), got
+            report, error = got.report, got.error
+            if report is not None and not report.ok and error is None:
+                error = report_error(report)
+        self.durations["engine_ms"] = self._ms_since(t0)
+        changed = list(report.identity_changed) if report is not None else []
+        w = yield from self._record({
+            "phase": "engine-done", "ok": report is not None and report.ok and error is None,
+            "error": error, "engine_ms": self.durations["engine_ms"],
+            "identity_changed": [str(a) for a in changed]})
+        if w.error:
+            return (yield from self._abort(w.error, held=True, report=report))
+        for addr in changed:
+            yield Emit("QRESET_DEVICE_CHANGED", {
+                **self._base, "function": str(addr), "action": spec.on_identity_change.value,
+                "detail": "device came back with a different identity; config space not restored"})
+        stop_it = bool(changed) and spec.on_identity_change is OnIdentityChange.STOP
+        reason = identity_reason([str(a) for a in changed]) if stop_it else None
+        t1 = self.clock()
+        end = yield from self.resume(cont=not stop_it)
+        if isinstance(end, Outcome):  # gone, given up or left open
+            end_error = _join(error, end.summary.get("error"))
+            return (yield from self._end(end.summary["outcome"], report, end_error, resumed=False,
+                                         interrupted=end.interrupted and not stop_it,
+                                         stopped_reason=end.stopped_reason or reason,
+                                         left_open=end.left_open))
+        self.durations["resume_ms"] = self._ms_since(t1)
+        if stop_it:
+            return (yield from self._end("stopped", report, _join(error, reason), resumed=False,
+                                         stopped_reason=reason))
+        return (yield from self._end("failed" if error else "resumed", report, error, resumed=True))
+
+    def _abort(self, why: str, *, held: bool, report: CycleReport | None = None,
+               ) -> Generator[Action, Input, Outcome]:
+        """The cycle broke outside the engine: resume the guest anyway, say why once."""
+        yield Log(logging.ERROR, f"cycle {self.spec.cid} aborted: {why}; resuming the VM")
+        error = f"cycle aborted: {why}"
+        if held:
+            end = yield from self.resume(cont=True)
+            if isinstance(end, Outcome):
+                return (yield from self._end(end.summary["outcome"], report,
+                                             _join(error, end.summary.get("error")), resumed=False,
+                                             interrupted=end.interrupted,
+                                             stopped_reason=end.stopped_reason,
+                                             left_open=end.left_open))
+        return (yield from self._end("failed", report, error, resumed=True))
+
+    # -- resume (with retries) -------------------------------------------
+
+    def resume(self, *, cont: bool) -> Generator[Action, Input, Outcome | None]:
+        """
+        Finish QEMU's side of the reset and (``cont``) let the guest run, retrying
+        until it does. Returns None on success; an :class:`Outcome` skeleton when
+        the cycle must end otherwise (connection gone, QEMU refusing for good,
+        daemon leaving).
+        """
+        attempt = 0
+        refusals = 0
+        while True:
+            self.phase = Phase.RESUMING
+            got = yield from (self._finish_park(cont) if self.spec.mode is Mode.PARK
+                              else self._finish_stop(cont))
+            if got is None:
+                if attempt:
+                    self.problem = None
+                    yield Log(logging.WARNING, f"cycle {self.spec.cid}: VM resumed after "
+                                               f"{attempt} retr{'y' if attempt == 1 else 'ies'}")
+                    yield from self._record({"phase": "note", "note": f"resumed after {attempt} retries"})
+                return None
+            if got.kind is FailKind.GONE:
+                return Outcome({"outcome": "failed", "error": "QEMU went away during the cycle"},
+                               interrupted=True)
+            refusals = refusals + 1 if got.kind is FailKind.REFUSED else 0
+            self.problem = f"could not resume: {got.error}"
+            if refusals >= RESUME_REFUSALS:
+                reason = f"{self.problem} (refused {refusals} times; left stopped)"
+                yield Log(logging.ERROR, f"cycle {self.spec.cid}: {reason}")
+                return Outcome({"outcome": "stopped", "error": reason}, stopped_reason=reason)
+            if attempt == 0:
+                yield Log(logging.ERROR, f"cycle {self.spec.cid}: {self.problem}; retrying until "
+                                         "QEMU answers")
+                yield from self._record({"phase": "note", "note": self.problem})
+                yield Emit("QRESET_RESUME_PENDING", {**self._base, "error": self.problem})
+            self.phase = Phase.RETRYING
+            slept = yield Sleep(backoff_delay(attempt, RESUME_RETRY_MAX, scale=RESUME_RETRY_SCALE))
+            attempt += 1
+            if isinstance(slept, Slept) and slept.closing:
+                return Outcome({"outcome": "failed", "error": self.problem}, left_open=True)
+            self.status = None  # unknown: the next attempt asks
+
+    def _finish_stop(self, cont: bool) -> Generator[Action, Input, Failed | None]:
+        if not cont:
+            return None
+        # We stopped it ourselves: no status query needed, and cont of a running VM is a no-op.
+        got = yield from self._cmd("cont")
+        if isinstance(got, Failed):
+            return got
+        self.status = "running"
+        return None
+
+    def _finish_park(self, cont: bool) -> Generator[Action, Input, Failed | None]:
+        """The toggle that works in ``shutdown`` (qmp-reset-flow.md), then cont."""
+        status = self.status
+        if status is None:
+            got = yield from self._status()
+            if isinstance(got, Failed):
+                return got
+            status = got
+        if status == "shutdown":
+            for cmd, args in (("set-action", {"reboot": "reset"}), ("system_reset", None)):
+                got_r = yield from self._cmd(cmd, args)
+                if isinstance(got_r, Failed):
+                    return got_r
+        # Always (also on a retry that found the reset done): park the next reset again.
+        # Safe before the reset ran: system_reset's request is already a reset
+        # (qemu_system_reset_request reads the action when it is called).
+        got_r = yield from self._cmd("set-action", {"reboot": "shutdown"})
+        if isinstance(got_r, Failed):
+            return got_r
+        polls = 0
+        while status == "shutdown":  # the reset request is served by QEMU's main loop
+            if polls * STATUS_POLL >= RESET_SETTLE_TIMEOUT:
+                return Failed(f"QEMU still in 'shutdown' {RESET_SETTLE_TIMEOUT:g}s after system_reset",
+                              FailKind.TIMEOUT)
+            if polls:
+                yield Sleep(STATUS_POLL)
+            polls += 1
+            got = yield from self._status()
+            if isinstance(got, Failed):
+                return got
+            status = got
+        if cont and status != "running":
+            got_r = yield from self._cmd("cont")
+            if isinstance(got_r, Failed):
+                return got_r
+            status = "running"
+        self.status = status
+        return None
+
+    # -- the end -----------------------------------------------------------
+
+    def _end(self, outcome: str, report: CycleReport | None, error: str | None, *, resumed: bool,
+             interrupted: bool = False, stopped_reason: str | None = None,
+             left_open: bool = False) -> Generator[Action, Input, Outcome]:
+        self.phase = Phase.ENDED
+        self.durations["total_ms"] = self._ms_since(self.spec.t_event)
+        summary: dict[str, Any] = {
+            **self._base, "phase": outcome, "outcome": outcome, "mode": self.spec.mode.value,
+            "trigger": self.spec.trigger, "event_ts": round(self.spec.wall_event, 6),
+            "vm_resumed": resumed, "devices": [str(a) for a in self.spec.devices],
+            "durations": dict(self.durations), "qmp_commands": self.commands, "error": error,
+            "stopped_reason": stopped_reason, "qemu": self.spec.qemu,
+            "report": report.to_json() if report is not None else None,
+        }
+        if not left_open:  # leaving it open is what tells the next daemon to finish it
+            w = yield from self._record(summary)
+            if not w.error:
+                summary = w.record
+        return Outcome(summary, stopped_reason, interrupted, left_open)
+
+
+def parked(status: str | None, reason: object) -> bool:
+    """
+    Whether a SHUTDOWN still describes QEMU's state, so that a cycle is due.
+
+    ``shutdown``: parked by the event. ``prelaunch``: a ``system_reset`` of a
+    guest that never ran (-S) is turned into a SHUTDOWN that changes nothing
+    (vm_stop only stops a running VM, softmmu/cpus.c do_vm_stop): the reset was
+    asked for, the guest cannot run, so the cycle runs. Anything else is a
+    SHUTDOWN already absorbed: a ``system_reset`` sent while the guest was
+    parked queues a second SHUTDOWN that the first cycle's reset absorbed, and
+    by now the guest runs; a guest-reset SHUTDOWN found in ``prelaunch`` is one
+    whose cycle ended with the guest there (never a reason to resume it).
+    """
+    return status == "shutdown" or (status == "prelaunch" and reason == "host-qmp-system-reset")
+
+
+def identity_reason(changed: Sequence[str]) -> str:
+    return "identity changed: " + ", ".join(changed) + " (on_identity_change=stop)"
+
+
+def report_error(report: CycleReport) -> str:
+    """One line saying why a report is not ok (refusals first, then domain errors)."""
+    parts = [f"refused: {r.function} ({r.owner}): {r.reason}" for r in report.plan.refusals]
+    changed = report.identity_changed
+    if changed:
+        parts.append("identity changed: " + ", ".join(map(str, changed))
+                     + " (config space not restored: escalated)")
+    for d in report.domains:
+        if changed and not d.error:
+            continue  # already said why
+        if not d.ok:
+            parts.append(f"{d.domain.key}: {d.error or 'failed'}")
+    return "; ".join(parts) or "engine reported failure"
+
+
+def _join(a: str | None, b: str | None) -> str | None:
+    return "; ".join(x for x in (a, b) if x) or None
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
