@@ -8,11 +8,13 @@ is at most ``limit`` cycles, newest first, and ends with a cursor (``next``)
 naming the last cycle given; the next request passes it as ``before`` and
 gets the cycles that ended earlier.
 
-The cursor is the last row's (end time ``t``, cycle id), compared as a pair:
-it needs no state in the daemon, survives rows falling out of the in-memory
-ring or the journal being rotated between pages, and reads the same from
-any source of rows ordered newest first. A wall-clock step backwards while
-cycles end can misplace those cycles across a page boundary; nothing else does.
+The cursor names the last row given: its cycle id and end time ``t``. The
+next page skips rows up to that cycle, so it needs no state in the daemon
+and reads the same from any source ordered newest first (the in-memory ring,
+the journal's segments), even where concurrent cycles' end times are not
+quite in file order. Should the cursor's cycle be gone (fallen out of the
+ring, rotated out of the journal: everything older is gone too), the scan
+gives up once rows are :data:`ORDER_SLACK_S` older than the cursor.
 """
 
 from __future__ import annotations
@@ -23,9 +25,15 @@ from typing import Any
 
 from qreset.errors import QResetError
 
-__all__ = ["CursorError", "page", "row_key"]
+__all__ = ["ORDER_SLACK_S", "CursorError", "page", "row_key"]
 
 _SEP = "/"
+
+#: How far out of time order a source may give its rows, in seconds: end times
+#: are taken when a record is written, and concurrent cycles may write in a
+#: different order than they took their times. Our bound, generous: the
+#: journal writes a record within milliseconds of its time.
+ORDER_SLACK_S = 60.0
 
 
 class CursorError(QResetError):
@@ -60,20 +68,24 @@ def page(newest_first: Iterable[Mapping[str, Any]], *, vm: str | None, limit: in
     ``{"resets": [...], "next": CURSOR | None}`` from rows ordered newest
     first. ``since``/``until`` bound the end time (inclusive); ``next`` is
     None when no older matching row exists. Reads at most one row past the
-    page (and stops at the first row older than ``since``), so a streaming
-    source is never read to its end for one page.
+    page, and stops once rows are :data:`ORDER_SLACK_S` older than ``since``,
+    so a streaming source is never read to its end for one page.
     """
     if limit < 1:
         raise QResetError(f"limit must be at least 1, got {limit}")
-    start = decode_cursor(before) if before is not None else None
+    cursor = decode_cursor(before) if before is not None else None
     rows: list[dict[str, Any]] = []
     for row in newest_first:
-        key = row_key(row)
-        if since is not None and key[0] < since:
+        when, cycle = row_key(row)
+        if since is not None and when < since - ORDER_SLACK_S:
             break
-        if start is not None and key >= start:
+        if cursor is not None:  # still before the previous page's last row
+            if cycle == cursor[1]:
+                cursor = None
+            elif when < cursor[0] - ORDER_SLACK_S:
+                break  # that row is gone, and with it everything older
             continue
-        if until is not None and key[0] > until:
+        if (since is not None and when < since) or (until is not None and when > until):
             continue
         if vm is not None and row.get("vm") != vm:
             continue

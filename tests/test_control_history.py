@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from qreset.history import CursorError, page
+from qreset.history import ORDER_SLACK_S, CursorError, page
 
 
 def _rows(n: int) -> list[dict[str, Any]]:
@@ -41,7 +41,7 @@ def test_filters_and_cursor_together() -> None:
     assert len(want) == 11
 
 
-def test_stops_reading_at_since_and_one_past_the_page() -> None:
+def test_stops_reading_one_past_the_page_and_past_since() -> None:
     read: list[int] = []
 
     def stream() -> Any:
@@ -54,8 +54,26 @@ def test_stops_reading_at_since_and_one_past_the_page() -> None:
     assert got["next"] is not None
     assert len(read) == 6
     read.clear()
-    page(stream(), vm=None, limit=500, before=None, since=995.0, until=None)
-    assert len(read) == 13  # t 1000..995 is rows 0..11, row 12 (t 994) ends the scan
+    got = page(stream(), vm=None, limit=500, before=None, since=900.0, until=None)
+    assert len(got["resets"]) == 202  # t 1000..900, two rows a second
+    assert len(read) == 2 * (100 + ORDER_SLACK_S) + 3  # rows down to t 840, then one older
+
+
+def test_rows_slightly_out_of_time_order_are_paged_once() -> None:
+    """Concurrent cycles may reach the journal in another order than their end times."""
+    rows = _rows(30)
+    rows[4]["t"], rows[5]["t"] = rows[5]["t"] - 0.5, rows[4]["t"] + 0.5
+    for limit in (1, 2, 3, 5):
+        pages = _all_pages(rows, limit, vm=None, since=None, until=None)
+        assert [r for p in pages for r in p] == rows
+
+
+def test_cursor_of_a_row_gone_gives_an_empty_last_page() -> None:
+    rows = _rows(40)
+    first = page(rows, vm=None, limit=10, before=None, since=None, until=None)
+    rest = [r for r in rows[10:] if r["cycle"] != rows[9]["cycle"]]
+    assert page(rest, vm=None, limit=10, before=first["next"], since=None, until=None) == {
+        "resets": [], "next": None}
 
 
 def test_last_page_has_no_next_and_bad_cursor_is_one_line() -> None:
