@@ -8,18 +8,31 @@ QMP monitors: ``qmp`` for the daemon (the one a configuration names) and
 sharing the daemon's connection (a QMP socket serves one client at a time).
 Sockets live in a short directory under /tmp: ``sun_path`` holds 108 bytes
 and pytest's tmp paths can be longer.
+
+Which QEMU: ``$QRESET_QEMU`` (a path to a ``qemu-system-x86_64``) or the one on
+``PATH``; ``$QRESET_QEMU_DATADIRS`` (``:``-separated) adds ``-L`` firmware
+directories for a QEMU unpacked into a private prefix (scripts/qemu10: QEMU
+10.0 needs SeaBIOS 1.16.3, Debian 12's 1.16.2 never runs the guest).
+
+Every QEMU a test starts dies with it: the child asks the kernel for SIGKILL
+when its parent dies (PR_SET_PDEATHSIG: a pytest killed by SIGKILL or by
+pytest-timeout's thread method), and tests/conftest.py kills at each test's
+teardown whatever guest the test left running (a failed assert, or
+pytest-timeout's signal method, which runs finalizers).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,11 +43,91 @@ from qemu.qmp import ConnectError, QMPClient
 
 from tests.guest import count_boots, write_boot_image
 
-QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
+QEMU = os.environ.get("QRESET_QEMU") or shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
+#: ``-L`` firmware directories for a QEMU outside the host's packages (searched in this order).
+QEMU_DATADIRS = [d for d in os.environ.get("QRESET_QEMU_DATADIRS", "").split(":") if d]
 
 
 def have_qemu() -> bool:
-    return shutil.which("qemu-system-x86_64") is not None
+    return shutil.which(QEMU) is not None
+
+
+def qemu_command() -> list[str]:
+    """``qemu-system-x86_64`` and its ``-L`` options: the start of every test's QEMU command line."""
+    return [QEMU, *(arg for d in QEMU_DATADIRS for arg in ("-L", d))]
+
+
+# -- processes die with the test -----------------------------------------------------------------
+
+#: linux/prctl.h
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets ``sig`` when the thread that spawned it exits.
+
+    prctl(2): the "parent" is the spawning *thread*, so spawn from the main
+    thread (:func:`check_main_thread`); a child whose parent died before the
+    prctl took effect exits at once (its parent pid is no longer ours).
+    """
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if _libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            os._exit(126)
+        if os.getppid() != parent:
+            os._exit(0)
+
+    return preexec
+
+
+def check_main_thread(what: str) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(f"{what}: spawn test processes from the main thread "
+                           "(PR_SET_PDEATHSIG fires when the spawning thread exits)")
+
+
+#: Processes tests started that must not outlive the test (pid -> signal to stop it with).
+_LIVE: dict[int, QemuGuest | int] = {}
+
+
+def track(pid: int) -> None:
+    """Have the test's teardown stop ``pid`` (SIGTERM, then SIGKILL) if it still runs."""
+    _LIVE[pid] = pid
+
+
+def reap_leftovers() -> list[str]:
+    """Stop every guest or tracked process still running; what was stopped (conftest's teardown)."""
+    stopped = []
+    for pid, what in list(_LIVE.items()):
+        del _LIVE[pid]
+        if isinstance(what, QemuGuest):
+            if what.running:
+                what.stop()
+                stopped.append(f"QEMU {what.name} (pid {pid})")
+            continue
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                continue
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        for _ in range(50):
+            time.sleep(0.1)
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                    break
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stopped.append(f"pid {pid}")
+    return stopped
 
 
 @contextlib.contextmanager
@@ -79,7 +172,7 @@ class QemuGuest:
 
     def argv(self) -> list[str]:
         return [
-            QEMU, "-name", self.name,
+            *qemu_command(), "-name", self.name,
             "-machine", "q35", "-accel", "tcg", "-m", "64", "-smp", "1",
             "-nodefaults", "-display", "none", "-no-user-config",
             "-drive", f"file={self.image},format=raw,if=ide",
@@ -97,10 +190,13 @@ class QemuGuest:
         for p in (self.qmp_path, self.ctl_path):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
-        self.proc = subprocess.Popen(
-            self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=open(self.workdir / f"{self.name}.stderr", "ab"),  # noqa: SIM115 - owned by the child
-        )
+        check_main_thread(f"QEMU {self.name}")
+        with open(self.workdir / f"{self.name}.stderr", "ab") as stderr:
+            self.proc = subprocess.Popen(
+                self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                preexec_fn=die_with_parent(signal.SIGKILL),  # noqa: PLW1509 - only prctl runs in it
+            )
+        _LIVE[self.proc.pid] = self
         return self
 
     def wait_sockets(self, timeout: float = 10.0) -> None:

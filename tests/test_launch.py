@@ -27,7 +27,7 @@ from qreset.pci.sim import SimHost
 from qreset.qmpsync import call
 from tests.conftest import ROOT
 from tests.guest import count_boots, write_boot_image
-from tests.qemu_helpers import QEMU, have_qemu, short_tmpdir
+from tests.qemu_helpers import die_with_parent, have_qemu, qemu_command, short_tmpdir, track
 from tests.test_hook import DEMO, GPU, GPU_AUDIO, NIC1, daemon_on
 
 needs_qemu = pytest.mark.skipif(not have_qemu(),
@@ -66,18 +66,21 @@ def qemu_argv(workdir: Path, name: str, *extra: str) -> list[str]:
     image = workdir / f"{name}.img"
     if not image.exists():
         write_boot_image(image)
-    return [QEMU, "-name", name, "-machine", "q35", "-accel", "tcg", "-m", "64", "-smp", "1",
+    return [*qemu_command(), "-name", name, "-machine", "q35", "-accel", "tcg", "-m", "64", "-smp", "1",
             "-nodefaults", "-display", "none", "-no-user-config",
             "-drive", f"file={image},format=raw,if=ide", "-debugcon", f"file:{workdir / name}.debug",
             *extra]
 
 
 async def launch(workdir: Path, *options: str, qemu_args: list[str]) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
+    # SIGTERM when the test dies: launch then stops its QEMU (tests/qemu_helpers.die_with_parent).
+    proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "qreset", "launch", "--run-dir", str(workdir), *options, "--", *qemu_args,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
+        cwd=ROOT, preexec_fn=die_with_parent(signal.SIGTERM),
     )
+    track(proc.pid)
+    return proc
 
 
 def children(pid: int) -> list[int]:
