@@ -2,13 +2,11 @@
 
 The bytes are laid out with the register offsets of ``qreset.pci.regs``
 (pci_regs.h); the expected walk results follow ``__pci_find_next_cap_ttl`` and
-``pci_find_next_ext_capability`` in drivers/pci/pci.c. :class:`Cfg` is also
-used by tests/test_lspci_oracle.py to feed the same bytes to lspci.
+``pci_find_next_ext_capability`` in drivers/pci/pci.c. The builder, :class:`Cfg`,
+is tests/pcibuild.py's (the lspci oracle feeds the same bytes to lspci).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,70 +14,7 @@ from hypothesis import strategies as st
 
 from qreset.pci import regs
 from qreset.pci.config import Capability, ExtCapability, parse_config, u8, u16, u32
-
-
-class Cfg:
-    """A config space under construction (little-endian, like the bus)."""
-
-    def __init__(
-        self,
-        size: int = regs.CFG_SPACE_EXP_SIZE,
-        *,
-        vendor: int = 0x8086,
-        device: int = 0x10D3,
-        header: int = regs.HEADER_TYPE_NORMAL,
-        class_code: int = 0x020000,
-        revision: int = 0x01,
-        multifunction: bool = False,
-    ) -> None:
-        self.b = bytearray(size)
-        self.w16(regs.VENDOR_ID, vendor)
-        self.w16(regs.DEVICE_ID, device)
-        self.w32(regs.CLASS_REVISION, (class_code << 8) | revision)
-        self.w8(regs.HEADER_TYPE, header | (regs.HEADER_TYPE_MFD if multifunction else 0))
-        self.header = header
-
-    def w8(self, off: int, v: int) -> Cfg:
-        self.b[off] = v
-        return self
-
-    def w16(self, off: int, v: int) -> Cfg:
-        self.b[off:off + 2] = v.to_bytes(2, "little")
-        return self
-
-    def w32(self, off: int, v: int) -> Cfg:
-        self.b[off:off + 4] = v.to_bytes(4, "little")
-        return self
-
-    def caps(self, entries: Iterable[tuple[int, int]], start: int | None = None) -> Cfg:
-        """Chain standard capabilities ``(id, offset)`` in the order given."""
-        entries = list(entries)
-        self.w16(regs.STATUS, u16(bytes(self.b), regs.STATUS) | regs.STATUS_CAP_LIST)
-        if start is None:
-            start = 0x14 if self.header == regs.HEADER_TYPE_CARDBUS else regs.CAPABILITY_LIST
-        self.w8(start, entries[0][1] if entries else 0)
-        for i, (cap_id, off) in enumerate(entries):
-            nxt = entries[i + 1][1] if i + 1 < len(entries) else 0
-            self.w8(off, cap_id).w8(off + 1, nxt)
-        return self
-
-    def ext(self, entries: Iterable[tuple[int, int, int]]) -> Cfg:
-        """Chain extended capabilities ``(id, offset, version)`` in the order given."""
-        entries = list(entries)
-        for i, (cap_id, off, ver) in enumerate(entries):
-            nxt = entries[i + 1][1] if i + 1 < len(entries) else 0
-            self.w32(off, cap_id | (ver << 16) | (nxt << 20))
-        return self
-
-    def pcie(self, off: int, port_type: int, *, flr: bool = False) -> Cfg:
-        """Fill a PCIe capability's flags (version 2) and DevCap at ``off``."""
-        self.w16(off + regs.EXP_FLAGS, 2 | (port_type << 4))
-        self.w32(off + regs.EXP_DEVCAP, regs.EXP_DEVCAP_FLR if flr else 0)
-        return self
-
-    def bytes(self, length: int | None = None) -> bytes:
-        return bytes(self.b if length is None else self.b[:length])
-
+from tests.pcibuild import Cfg
 
 # -- header decoding ----------------------------------------------------------
 

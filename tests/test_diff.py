@@ -10,88 +10,25 @@ from hypothesis import strategies as st
 
 from qreset.diff import Change, RegKind, diff_config, layout_of, register_map
 from qreset.pci import regs
-from qreset.pci.host import IORESOURCE_MEM, IORESOURCE_MEM_64, IORESOURCE_PREFETCH, Resource
+from qreset.pci.host import IORESOURCE_MEM, IORESOURCE_MEM_64, Resource
 from qreset.restore import plan_writes
-from tests.test_config import Cfg
-
-PM, MSI, EXP, MSIX = 0x40, 0x50, 0x70, 0xB0
-AER, DSN, LTR, ACS, SRIOV, REBAR = 0x100, 0x140, 0x150, 0x160, 0x170, 0x1B0
-
-
-def _w(b: bytearray, off: int, size: int, v: int) -> None:
-    b[off:off + size] = v.to_bytes(size, "little")
-
-
-def endpoint(bridge: bool = False) -> bytes:
-    """A PCIe function with PM, MSI (64-bit, maskable), PCIe v2, MSI-X; AER, DSN, LTR, ACS, SR-IOV, REBAR."""
-    b = bytearray(regs.CFG_SPACE_EXP_SIZE)
-    _w(b, 0x00, 2, 0x8086)
-    _w(b, 0x02, 2, 0x1533)
-    _w(b, 0x04, 2, 0x0406)
-    _w(b, 0x06, 2, regs.STATUS_CAP_LIST)
-    _w(b, 0x08, 4, 0x02000003)
-    b[0x0C] = 0x10
-    b[0x0E] = regs.HEADER_TYPE_BRIDGE if bridge else 0
-    _w(b, 0x10, 4, 0xF7000000)
-    if bridge:
-        _w(b, 0x18, 4, 0x00020100)         # primary 0, secondary 1, subordinate 2
-        _w(b, 0x20, 4, 0xF7F0F700)         # memory window
-        _w(b, 0x3E, 2, 0x0012)             # bridge control: SERR, VGA...
-    else:
-        _w(b, 0x14, 4, 0xE000000C)         # 64-bit prefetchable BAR1/2
-        _w(b, 0x1C, 4, 0x0000E001)         # I/O BAR3
-        _w(b, 0x2C, 4, 0x00011028)
-    b[0x34] = PM
-    b[0x3C] = 0x0B
-    b[0x3D] = 0x01
-    b[PM:PM + 2] = bytes((regs.CAP_ID_PM, MSI))
-    _w(b, PM + 2, 2, 0xC823)
-    _w(b, PM + 4, 2, 0x0008)
-    b[MSI:MSI + 2] = bytes((regs.CAP_ID_MSI, EXP))
-    _w(b, MSI + 2, 2, 0x0181)              # 64-bit, maskable, enabled
-    _w(b, MSI + 4, 4, 0xFEE00000)
-    _w(b, MSI + 12, 2, 0x4021)
-    b[EXP:EXP + 2] = bytes((regs.CAP_ID_EXP, MSIX))
-    _w(b, EXP + 2, 2, 0x0002 | (regs.EXP_TYPE_ROOT_PORT << 4 if bridge else 0))
-    _w(b, EXP + 4, 4, 0x10008FC0)
-    _w(b, EXP + 8, 2, 0x2937)
-    _w(b, EXP + 0x10, 2, 0x0040)
-    _w(b, EXP + 0x12, 2, 0x1011)
-    _w(b, EXP + 0x28, 2, 0x0400)
-    b[MSIX:MSIX + 2] = bytes((regs.CAP_ID_MSIX, 0))
-    _w(b, MSIX + 2, 2, 0x8004)
-    _w(b, MSIX + 4, 4, 0x3)
-    ext = [(AER, regs.EXT_CAP_ID_ERR, 2), (DSN, regs.EXT_CAP_ID_DSN, 1), (LTR, regs.EXT_CAP_ID_LTR, 1),
-           (ACS, regs.EXT_CAP_ID_ACS, 1), (SRIOV, regs.EXT_CAP_ID_SRIOV, 1),
-           (REBAR, regs.EXT_CAP_ID_REBAR, 1)]
-    for i, (pos, cid, ver) in enumerate(ext):
-        nxt = ext[i + 1][0] if i + 1 < len(ext) else 0
-        _w(b, pos, 4, cid | ver << 16 | nxt << 20)
-    _w(b, AER + regs.ERR_UNCOR_MASK, 4, 0x00400000)
-    _w(b, AER + regs.ERR_CAP, 4, 0x000000A0)
-    _w(b, DSN + 4, 4, 0xDEADBEEF)
-    _w(b, LTR + 4, 4, 0x10031003)
-    _w(b, ACS + regs.ACS_CAP, 2, 0x001F)
-    _w(b, ACS + regs.ACS_CTRL, 2, 0x001D)
-    _w(b, SRIOV + regs.SRIOV_TOTAL_VF, 2, 8)
-    _w(b, SRIOV + regs.SRIOV_NUM_VF, 2, 4)
-    _w(b, SRIOV + regs.SRIOV_CTRL, 2, regs.SRIOV_CTRL_VFE | regs.SRIOV_CTRL_MSE)
-    _w(b, SRIOV + regs.SRIOV_VF_DID, 2, 0x1520)
-    _w(b, REBAR + regs.REBAR_CAP, 4, 0x0000F000)
-    _w(b, REBAR + regs.REBAR_CTRL, 4, 0x00000820)  # 1 BAR, size 8
-    return bytes(b)
-
-
-def changed(base: bytes, *edits: tuple[int, int, int]) -> bytes:
-    b = bytearray(base)
-    for off, size, v in edits:
-        _w(b, off, size, v)
-    return bytes(b)
-
-
-BASE = endpoint()
-RES = (Resource(0xF7000000, 0xF701FFFF, IORESOURCE_MEM),
-       Resource(0xE0000000, 0xE00FFFFF, IORESOURCE_MEM | IORESOURCE_PREFETCH | IORESOURCE_MEM_64))
+from tests.pcibuild import (
+    ACS,
+    AER,
+    BASE,
+    DSN,
+    EXP,
+    LTR,
+    MSI,
+    MSIX,
+    PM,
+    REBAR,
+    RES,
+    SRIOV,
+    Cfg,
+    changed,
+    endpoint,
+)
 
 
 def test_identical_is_none_with_no_registers() -> None:

@@ -43,7 +43,7 @@ from qreset.pci.config import ConfigSpace, parse_config
 from qreset.pci.sim import Fault, SimHost
 from qreset.pci.sysfs import SysfsHost
 from tests.conftest import SIM_DIR
-from tests.test_config import Cfg
+from tests.pcibuild import Cfg
 
 LSPCI = shutil.which("lspci")
 pytestmark = pytest.mark.skipif(LSPCI is None, reason="lspci (pciutils) is not installed")

@@ -9,7 +9,7 @@ from qreset.pci import regs
 from qreset.pci.address import PciAddress
 from qreset.pci.sim import Fault, SimHost
 from qreset.restore import plan_writes, restore, verify
-from tests.test_diff import AER, BASE, EXP, LTR, MSI, PM, RES, SRIOV, changed, endpoint
+from tests.pcibuild import AER, BASE, EXP, LTR, MSI, PM, RES, SRIOV, changed, endpoint
 
 
 def _names(before: bytes, after: bytes) -> list[str]:

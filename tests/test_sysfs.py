@@ -44,7 +44,7 @@ from tests.lab.labhost import (
 )
 from tests.lab.labhost import driver as lab_driver
 from tests.lab.labhost import reset_methods as lab_reset_methods
-from tests.test_config import Cfg
+from tests.pcibuild import Cfg
 
 A = PciAddress.parse
 
