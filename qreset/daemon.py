@@ -291,7 +291,9 @@ class Daemon:
                        unfinished: list[dict[str, Any]] | None = None) -> VmMonitor:
         if self._tg is None:
             raise DaemonError("daemon is not running")
-        monitor = VmMonitor(name, qmp, mode, devices, self, unfinished, self._journaled_actions.get(name))
+        last = next((r for r in reversed(self.history) if r.get("vm") == name), None)
+        monitor = VmMonitor(name, qmp, mode, devices, self, unfinished,
+                            self._journaled_actions.get(name), last)
         self.monitors[name] = monitor
         self._tasks[name] = self._tg.create_task(self._guard(monitor), name=f"vm[{name}]")
         return monitor

@@ -98,6 +98,7 @@ class MonitorBase:
         ctx: CycleContext,
         unfinished: list[dict[str, Any]] | None = None,
         actions: dict[str, Any] | None = None,
+        last: dict[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.qmp = qmp
@@ -114,6 +115,8 @@ class MonitorBase:
         self.last_cycle: dict[str, Any] | None = None
         self.stopped_reason: str | None = None
         self._unfinished = unfinished or []
+        #: The last finished cycle a previous daemon journaled for this VM (a stop to keep).
+        self._last = last
         #: The last journaled ``actions`` record of this VM (qreset.actions).
         self._actions_rec = actions
         #: What park mode found on this QEMU and must put back (None: nothing set).

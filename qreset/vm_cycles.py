@@ -210,6 +210,19 @@ class CycleDriver(MonitorBase):
             if machine is not None and machine.status is not None:
                 self.status = machine.status
             self._finish(out)
+        else:
+            self._keep_previous_stop()
+
+    def _keep_previous_stop(self) -> None:
+        """A previous daemon left this very QEMU stopped on purpose: it stays so (and says why)."""
+        last, self._last = self._last, None
+        if last is None or last.get("outcome") != "stopped" or self._qemu_id is None \
+                or last.get("qemu") != self._qemu_id or self.status == "running":
+            return
+        reason = last.get("stopped_reason") or last.get("error")
+        self.stopped_reason = str(reason) if reason else f"left stopped by cycle {last.get('cycle')}"
+        self._log.warning("left stopped on purpose by a previous daemon (cycle %s): %s; it stays "
+                          "stopped until resumed", last.get("cycle"), self.stopped_reason)
 
     async def _resume_interrupted(self, client: QMPClient) -> bool:
         """

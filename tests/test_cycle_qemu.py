@@ -257,3 +257,30 @@ async def test_no_shutdown_qemu_still_pauses_on_poweroff_with_qreset_and_after(m
         assert actions == []                                # stop-on-reset changes nothing
     assert not [r for r in records if r["phase"] == "poweroff"]
 
+
+
+async def test_a_stop_on_purpose_survives_a_daemon_restart() -> None:
+    """Issue 10.2 ("stays stopped until an operator says otherwise"): a new daemon found the
+    VM held in prelaunch, knew nothing of why, and its next reset-vm ran a cycle that resumed it."""
+    with short_tmpdir() as wd, guests(wd, "vm1", paused=True) as (g,):
+        host = SimHost.from_toml(DEMO, time_scale=0.01)
+        cfg = make_config(wd, {"vm1": (g, [NIC1])}, on_identity_change="stop")
+        async with running(cfg, host) as d1:
+            host.inject(A(NIC1), Fault.new_identity(device_id=0x1539))
+            one = await d1.reset_vm("vm1")
+        async with running(cfg, host) as d2:
+            monitor = d2.monitors["vm1"]
+            state, reason = monitor.state, monitor.stopped_reason
+            try:
+                await d2.reset_vm("vm1")
+                refused = ""
+            except QResetError as exc:
+                refused = str(exc)
+            await asyncio.sleep(0.5)
+            st = await _status_soon(g)
+    assert one["outcome"] == "stopped"
+    assert state is VmState.STOPPED
+    assert reason is not None
+    assert "identity changed: 0000:01:00.0" in reason
+    assert "left stopped on purpose" in refused
+    assert st == "prelaunch"
