@@ -26,13 +26,14 @@ from typing import Any
 
 import pytest
 
+from qreset.daemon import Daemon
 from qreset.errors import QResetError
 from qreset.pci.sim import Fault, SimHost
 from qreset.vm import VmState
 from tests.conftest import ROOT
 from tests.qemu_helpers import QemuGuest, guests, have_qemu, read_journal, short_tmpdir, status
 from tests.qmp_proxy import QmpProxy, Rule, Tap
-from tests.test_daemon import DEMO, LPT, NIC1, SOUND, A, about, make_config, running
+from tests.test_daemon import DEMO, LPT, NIC1, SOUND, A, about, make_config, running, wait_cycles
 
 pytestmark = [
     pytest.mark.qemu,
@@ -284,3 +285,37 @@ async def test_a_stop_on_purpose_survives_a_daemon_restart() -> None:
     assert "identity changed: 0000:01:00.0" in reason
     assert "left stopped on purpose" in refused
     assert st == "prelaunch"
+
+
+async def test_a_restarted_daemon_puts_back_the_actions_the_first_one_found() -> None:
+    """Issue 9.1: a park-mode daemon that dies leaves ``reboot=shutdown`` on QEMU. The next
+    daemon (here in stop-on-reset mode, which sets nothing) must put back what the first
+    found (journaled per QEMU identity), not QEMU's defaults: this QEMU has -no-shutdown."""
+    with short_tmpdir() as wd:
+        g = QemuGuest("vm1", wd, paused=True, extra=["-no-shutdown"]).start()
+        try:
+            await g.await_sockets()
+            host = SimHost.from_toml(DEMO, time_scale=0.01)
+            d1 = Daemon(make_config(wd, {"vm1": (g, [NIC1])}, "park"), host=host, control=False)
+            t1 = asyncio.create_task(d1.run())
+            await d1.wait_event("QRESET_VM_CONNECTED", about("vm1"), timeout=10, past=True)
+            t1.cancel()                                 # dies without putting anything back
+            await asyncio.gather(t1, return_exceptions=True)
+            async with running(make_config(wd, {"vm1": (g, [NIC1])}, "stop-on-reset"), host) as d2:
+                ctl = await g.ctl()
+                try:
+                    await ctl.execute("cont")           # it reboots itself: RESET, not a parked SHUTDOWN
+                    cycles = await wait_cycles(d2, "vm1", 3, timeout=30)
+                finally:
+                    await ctl.disconnect()
+        finally:
+            g.stop()
+        records = read_journal(wd / "journal.jsonl")
+    assert all(c["trigger"]["event"] == "RESET" for c in cycles)
+    assert all(c["outcome"] == "resumed" for c in cycles)
+    acts = [r for r in records if r["phase"] == "actions"]
+    assert acts[0]["found"] == {"reboot": "reset", "shutdown": "pause"}
+    assert acts[0]["set"] == {"reboot": "shutdown", "shutdown": "pause"}
+    assert acts[-1]["found"] == {"reboot": "reset", "shutdown": "pause"}
+    assert acts[-1]["set"] is None                      # put back by the second daemon
+    assert len(acts) == 2
