@@ -56,7 +56,7 @@ from qreset.control.framing import (
     parse_request,
     printable,
 )
-from qreset.control.schema import COMMANDS, ControlBackend, validate_arguments
+from qreset.control.schema import COMMANDS, ControlBackend, QmpCapabilities, validate_arguments
 from qreset.errors import QResetError
 
 logger = logging.getLogger("qreset.control")
@@ -374,7 +374,7 @@ class ControlServer:
                 # monitor/qmp-cmds-control.c, qmp_qmp_capabilities
                 raise RequestError("Capabilities negotiation is already complete, command ignored",
                                    "CommandNotFound")
-            enable: list[str] = getattr(args, "enable", [])
+            enable = args.enable if isinstance(args, QmpCapabilities) else []
             if enable:
                 # We offer no capability (no "oob"), so any is unknown.
                 raise RequestError(f"Parameter 'enable' does not accept value '{printable(enable[0])}'")
