@@ -6,7 +6,7 @@ optionally swaps the host for a simulated one (``--sim FILE``), logs to
 stderr (journald adds its own timestamps under systemd; we keep ours for
 the terminal and the demo) and serves until SIGTERM/SIGINT. Exit codes: 0
 after a clean stop, 1 when the daemon could not start or died, 2 for a bad
-configuration.
+configuration (checked whole before anything is created: qreset.preflight).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 
 from qreset.cli.common import fail
-from qreset.config import DEFAULT_CONFIG, SimSection, load_config
+from qreset.config import DEFAULT_CONFIG
 from qreset.errors import ConfigError, QResetError
+from qreset.preflight import validate
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -45,11 +46,11 @@ def setup_logging(verbose: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
+    # Everything about the configuration is checked before anything is created
+    # (journal, sockets, directories): a bad file is exit 2 and one line, never
+    # a half-started daemon (qreset.preflight).
     try:
-        config = load_config(args.config)
-        if args.sim is not None:
-            time_scale = config.sim.time_scale if config.sim is not None else 1.0
-            config = config.model_copy(update={"sim": SimSection(topology=args.sim, time_scale=time_scale)})
+        config = validate(args.config, sim=args.sim)
     except ConfigError as exc:
         return fail(str(exc), 2)
 
