@@ -60,7 +60,7 @@ from qreset import sdnotify
 from qreset.actions import last_actions
 from qreset.config import Config, Mode, VmSection
 from qreset.engine import CycleReport, Engine, EngineSettings, ProgressEvent
-from qreset.errors import ConfigError, QResetError
+from qreset.errors import ConfigError, NoSuchFunction, QResetError
 from qreset.history import page as history_page
 from qreset.journal import Journal, finished_cycles, registered_vms, unfinished_cycles
 from qreset.pci.address import PciAddress
@@ -548,14 +548,15 @@ class Daemon:
     async def check_devices(self, name: str, devices: list[str]) -> dict[str, Any]:
         """
         Whether a VM ``name`` with ``devices`` may start (``check-devices``, asked by
-        the libvirt hook at prepare/start). Unsafe when a device is another
-        VM's, or when its reset domain would take in another VM's function
-        (or another VM's domain would take in one of these) without consent
-        in ``policy.allow``: one of the two VMs' resets would then be refused.
+        the libvirt hook at prepare/start). Unsafe when a device is absent from
+        this host or a bridge, when it is another VM's, or when its reset
+        domain would take in another VM's function (or another VM's domain
+        would take in one of these) without consent in ``policy.allow``: one
+        of the two VMs' resets would then be refused.
         """
         wanted = sorted({PciAddress.parse(d) for d in devices})
         others = {vm: owned for vm, owned in self.ownership().items() if vm != name}
-        reasons: list[str] = []
+        reasons = await self._not_assignable(wanted)
         for vm, owned in others.items():
             for addr in sorted(set(owned) & set(wanted)):
                 reasons.append(f"{addr} is assigned to running VM {vm!r}")
@@ -574,6 +575,28 @@ class Daemon:
                 if b.owner.name == name:
                     reasons.append(f"VM {vm!r}: {b.reason}")
         return {"safe": not reasons, "reasons": reasons}
+
+    async def _not_assignable(self, wanted: Sequence[PciAddress]) -> list[str]:
+        """
+        Why each of ``wanted`` cannot be a VM's device on this host: absent, or a
+        bridge. Presence is asked of the host now (a sysfs directory, no config
+        read), not of the engine's cached topology: a function removed since it
+        was cached must not pass, and reading config spaces here could catch a
+        device in the middle of another VM's reset.
+        """
+        reasons: list[str] = []
+        topo = await self.engine.topology()
+        for addr in wanted:
+            try:
+                await self.host.info(addr)
+            except NoSuchFunction:
+                reasons.append(f"{addr} is absent on this host ({self.host.name})")
+                continue
+            if addr in topo and topo.is_bridge(addr):
+                # vfio-pci binds type 0 headers only: vfio_pci_core_register_device()
+                # returns -EINVAL for hdr_type != PCI_HEADER_TYPE_NORMAL.
+                reasons.append(f"{addr} is a PCI bridge, not a device a VM can be given")
+        return reasons
 
     async def doctor(self, functions: list[str]) -> list[dict[str, Any]]:
         from qreset.doctor import diagnose

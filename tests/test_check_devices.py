@@ -1,0 +1,55 @@
+"""
+``check-devices`` (the libvirt hook's question at prepare/start) on devices the
+host cannot give a VM: a function that is not there, or that went away after
+the daemon read the topology, and a bridge. Each is unsafe, with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from qreset.config import parse_config
+from qreset.daemon import Daemon
+from qreset.pci.address import PciAddress
+from qreset.pci.sim import SimHost
+from tests.conftest import SIM_DIR
+from tests.qemu_helpers import short_tmpdir
+
+DEMO = SIM_DIR / "demo.toml"
+NIC1 = "0000:01:00.0"
+NIC2 = "0000:04:00.0"
+
+
+@asynccontextmanager
+async def daemon_on(host: SimHost) -> AsyncIterator[Daemon]:
+    with short_tmpdir() as wd:
+        cfg = parse_config({"daemon": {"journal": str(wd / "journal.jsonl"), "control_socket": ""},
+                            "sim": {"topology": str(DEMO), "time_scale": 0.01}}, "test")
+        daemon = Daemon(cfg, host=host, control=False)
+        task = asyncio.create_task(daemon.run(), name="daemon")
+        try:
+            async with asyncio.timeout(10):
+                await daemon.started.wait()
+            yield daemon
+        finally:
+            daemon.request_stop()
+            await asyncio.wait_for(task, 30)
+
+
+async def test_check_devices_absent_function_or_bridge_is_unsafe() -> None:
+    host = SimHost.from_toml(DEMO, time_scale=0.01)
+    async with daemon_on(host) as daemon:
+        assert await daemon.check_devices("vm1", [NIC1]) == {"safe": True, "reasons": []}
+        absent = await daemon.check_devices("vm1", [NIC1, "0000:09:00.0"])
+        assert absent == {"safe": False, "reasons": [
+            f"0000:09:00.0 is absent on this host ({host.name})"]}
+        bridge = await daemon.check_devices("vm1", ["00:01.0"])
+        assert bridge == {"safe": False, "reasons": [
+            "0000:00:01.0 is a PCI bridge, not a device a VM can be given"]}
+        # Removed after the daemon read (and cached) its topology: absent now.
+        assert (await daemon.check_devices("vm1", [NIC2]))["safe"] is True
+        await host.remove(PciAddress.parse(NIC2))
+        gone = await daemon.check_devices("vm1", [NIC2])
+        assert gone == {"safe": False, "reasons": [f"{NIC2} is absent on this host ({host.name})"]}
