@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import signal
 import time
 import uuid
@@ -66,6 +67,7 @@ from qreset.journal import Journal, finished_cycles, registered_vms, unfinished_
 from qreset.pci.address import PciAddress
 from qreset.pci.host import PciHost
 from qreset.plan import Policy, Takeover
+from qreset.preflight import UNIX_PATH_MAX
 from qreset.vm import MonitorSettings, VmError, VmMonitor
 
 if TYPE_CHECKING:
@@ -434,6 +436,15 @@ class Daemon:
                       mode: str | None) -> tuple[VmSection, Mode]:
         """The add-vm arguments as a VmSection and the mode it resolves to (ConfigError if bad)."""
         where = f"add-vm {name!r}"
+        # The socket may appear later (QEMU not started yet), but a relative path would
+        # depend on the daemon's working directory, one past sun_path could never be
+        # connected to, and a path that exists as something else would be retried
+        # forever with nothing but debug lines.
+        if not isinstance(qmp, str) or not qmp or not Path(qmp).is_absolute():
+            raise ConfigError(f"{where}: qmp", f"expected an absolute socket path, got {qmp!r}")
+        if len(os.fsencode(qmp)) >= UNIX_PATH_MAX:
+            raise ConfigError(f"{where}: qmp", f"socket path longer than {UNIX_PATH_MAX - 1} bytes "
+                              "(sun_path holds 108 with the NUL, unix(7))")
         try:
             section = VmSection.model_validate({
                 "name": name, "qmp": qmp, "mode": mode,
@@ -443,11 +454,6 @@ class Daemon:
             err = exc.errors()[0]
             key = ".".join(str(p) for p in err["loc"])
             raise ConfigError(f"{where}: {key}", str(err["msg"]).removeprefix("Value error, ")) from None
-        # The socket may appear later (QEMU not started yet), but a relative path would
-        # depend on the daemon's working directory, and a path that exists as something
-        # else would be retried forever with nothing but debug lines.
-        if not qmp or not section.qmp.is_absolute():
-            raise ConfigError(f"{where}: qmp", f"expected an absolute socket path, got {qmp!r}")
         if section.qmp.exists() and not section.qmp.is_socket():
             raise ConfigError(f"{where}: qmp", f"{qmp} exists and is not a socket")
         for other in self.monitors.values():

@@ -2,6 +2,7 @@
 ``check-devices`` (the libvirt hook's question at prepare/start) on devices the
 host cannot give a VM: a function that is not there, or that went away after
 the daemon read the topology, and a bridge. Each is unsafe, with the reason.
+And add-vm refuses a QMP path the configuration file would refuse.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
+
 from qreset.config import parse_config
 from qreset.daemon import Daemon
+from qreset.errors import ConfigError
 from qreset.pci.address import PciAddress
 from qreset.pci.sim import SimHost
 from tests.conftest import SIM_DIR
@@ -53,3 +57,17 @@ async def test_check_devices_absent_function_or_bridge_is_unsafe() -> None:
         await host.remove(PciAddress.parse(NIC2))
         gone = await daemon.check_devices("vm1", [NIC2])
         assert gone == {"safe": False, "reasons": [f"{NIC2} is absent on this host ({host.name})"]}
+
+
+async def test_add_vm_refuses_a_qmp_path_past_sun_path() -> None:
+    """add-vm (the hook, qreset launch) refuses what the configuration file refuses:
+    a socket path no connect() could use (its monitor would retry it forever)."""
+    async with daemon_on(SimHost.from_toml(DEMO, time_scale=0.01)) as daemon:
+        long = "/tmp/" + "s" * 110 + ".qmp"
+        with pytest.raises(ConfigError) as info:
+            await daemon.add_vm("vm1", long, [NIC1], None)
+        assert str(info.value) == ("add-vm 'vm1': qmp: socket path longer than 107 bytes "
+                                   "(sun_path holds 108 with the NUL, unix(7))")
+        with pytest.raises(ConfigError, match=r"^add-vm 'vm1': qmp: expected an absolute socket path"):
+            await daemon.add_vm("vm1", "", [NIC1], None)
+        assert daemon.monitors == {}
