@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qreset.errors import HostError, NoSuchFunction, ResetFailed
-from qreset.pci import regs
+from qreset.pci import regs, reset_method
 from qreset.pci.address import PciAddress
 from qreset.pci.host import (
     FunctionInfo,
@@ -67,7 +67,7 @@ from qreset.pci.host import (
 from qreset.pci.sim_config import (
     get,
 )
-from qreset.pci.sim_enum import Enumeration, SimFunction, read_ids, resources_of
+from qreset.pci.sim_enum import Enumeration, SimFunction, probe_methods, read_ids, resources_of
 from qreset.pci.sim_model import (
     TopologySpec,
     load_topology,
@@ -95,6 +95,8 @@ SBR_WAIT_CONVENTIONAL = 1.100
 SBR_POLL_SLOW_LINK = 1.000  # PCI_RESET_WAIT
 DEVICE_SPECIFIC_WAIT = 0.100  # quirk resets mostly do an FLR-like 100 ms wait
 READY_POLL_LIMIT = 60.0     # PCIE_RESET_READY_POLL_MS = 60000
+# pci_reset_fn_methods[] names (drivers/pci/pci.c), what reset_method_store knows.
+_KERNEL_METHODS = frozenset({"device_specific", "acpi", "flr", "af_flr", "pm", "bus", "cxl_bus"})
 
 
 
@@ -281,7 +283,7 @@ class SimHost(PciHost):
             subsystem_vendor=svid, subsystem_device=sdid, driver=f.driver,
             driver_override=f.driver_override,
             iommu_group=f.group if self.iommu else None,
-            reset_methods=f.reset_methods, has_reset=bool(f.reset_methods),
+            reset_methods=f.reset_methods, has_reset=f.has_reset_attr,
             has_reset_subordinate=f.is_bridge and f.spec.reset_subordinate,
             resources=tuple(f.resources),
             physfn=f.physfn.addr if f.physfn is not None else None,
@@ -291,7 +293,7 @@ class SimHost(PciHost):
 
     async def runtime(self, addr: PciAddress) -> RuntimeState:
         f = self._get(addr)
-        return RuntimeState(f.driver, f.driver_override, f.reset_methods, bool(f.reset_methods),
+        return RuntimeState(f.driver, f.driver_override, f.reset_methods, f.has_reset_attr,
                             tuple(v.addr for v in f.virtfns if v.present))
 
     async def read_config(self, addr: PciAddress, size: int = 4096) -> bytes:
@@ -489,16 +491,73 @@ class SimHost(PciHost):
         if self._take_faults(f, {"eio"}):
             raise ResetFailed(self._path(f.addr, attr), "Input/output error")
 
+    # -- reset_method (drivers/pci/pci.c: reset_method_show/reset_method_store) -----------
+
+    def _probe_now(self, f: SimFunction) -> tuple[str, ...]:
+        """The methods that probe OK now (what ``default`` gives)."""
+        alone = f.parent is None or all(g is f or not g.present for g in f.parent.children)
+        return probe_methods(f, alone, enumerating=False)
+
+    def read_reset_method(self, addr: PciAddress) -> str | None:
+        """``cat reset_method``; None when the attribute is hidden (no method at enumeration)."""
+        f = self._get(addr)
+        return " ".join(f.reset_methods) + "\n" if f.has_reset_attr else None
+
+    def write_reset_method(self, addr: PciAddress, text: str) -> None:
+        """``echo TEXT > reset_method`` with the kernel's rules: ``""`` disables every method,
+        ``default`` re-probes, else every name must be known and supported *now* or the
+        write fails with EINVAL and the list stays as it was."""
+        f = self._get(addr)
+        path = self._path(addr, "reset_method")
+        if not f.has_reset_attr:
+            raise HostError(path, "No such file or directory")
+        words = text.split()
+        if words == ["default"]:
+            f.reset_methods = self._probe_now(f)
+            return
+        supported = self._probe_now(f)
+        for name in words:
+            if name not in _KERNEL_METHODS:
+                raise HostError(path, f"Invalid argument (Invalid reset method '{name}')")
+            if name not in supported:
+                raise HostError(path, f"Invalid argument (Unsupported reset method '{name}')")
+        f.reset_methods = tuple(words)
+
     async def reset_function(self, addr: PciAddress, method: str | None = None) -> None:
         f = self._get(addr)
-        if not f.reset_methods:
+        if not f.has_reset_attr:
             raise ResetFailed(self._path(addr, "reset"), "No such file or directory (no reset method)")
+        if method is None:
+            await self._reset(f)
+            return
+        where = self._path(addr, "reset_method")
+
+        def read() -> str | None:
+            return self.read_reset_method(addr)
+
+        def write(text: str) -> None:
+            self.write_reset_method(addr, text)
+
+        previous = reset_method.narrow(read, write, method, where)
+        failure: BaseException | None = None
+        try:
+            await self._reset(f)
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            try:
+                reset_method.put_back(read, write, previous, where)
+            except HostError:
+                if failure is None:
+                    raise
+
+    async def _reset(self, f: SimFunction) -> None:
+        """``echo 1 > reset``: pci_reset_function() with the methods enabled now."""
+        addr = f.addr
         methods = f.reset_methods
-        if method is not None:
-            if method not in f.reset_methods:
-                raise ResetFailed(self._path(addr, "reset_method"),
-                                  f"Invalid argument: {method!r} is not one of {' '.join(f.reset_methods)}")
-            methods = (method,)
+        if not methods:
+            raise ResetFailed(self._path(addr, "reset"), "Inappropriate ioctl for device")
         self._check_eio(f, "reset")
         async with f.lock:  # device_lock(): resets of one function queue up
             f.block_cfg()
@@ -688,6 +747,11 @@ class SimHost(PciHost):
             g.ids = read_ids(g)
             g.resources = resources_of(g)
             g.driver = g.driver_override or g.spec.driver
+            # A new struct pci_dev: pci_device_add() probes the reset methods
+            # before it joins the bus, next to what is present now.
+            alone = g.parent is None or all(h is g or not h.present for h in g.parent.children)
+            g.reset_methods = probe_methods(g, alone)
+            g.has_reset_attr = bool(g.reset_methods)
 
     async def bind(self, addr: PciAddress, driver: str | None) -> None:
         f = self._get(addr)

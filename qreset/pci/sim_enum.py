@@ -89,6 +89,9 @@ class SimFunction:
     driver_override: str | None = None
     group: int | None = None
     reset_methods: tuple[str, ...] = ()
+    #: sysfs shows ``reset``/``reset_method`` when a method probed OK when the
+    #: function was added (pci_dev_reset_method_attr_is_visible), whatever is written later.
+    has_reset_attr: bool = False
     present: bool = True
     ids: tuple[int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0)
     resources: list[Resource] = field(default_factory=list)
@@ -252,7 +255,8 @@ class Enumeration:
                 added.append(f)
                 self._add(f)
                 # reset_method is decided now, before f joins bus->devices (see module docstring).
-                f.reset_methods = self._probe_methods(f, alone=len(added) == 1)
+                f.reset_methods = probe_methods(f, alone=len(added) == 1)
+                f.has_reset_attr = bool(f.reset_methods)
             if parent is not None:
                 parent.children.extend(added)
             # pci_iov_bus_range(): VFs whose Routing ID lands on later bus numbers reserve them.
@@ -313,7 +317,8 @@ class Enumeration:
         if pf.parent is not None:
             pf.parent.children.append(vf)
         self._add(vf)
-        vf.reset_methods = self._probe_methods(vf, alone=False)
+        vf.reset_methods = probe_methods(vf, alone=False)
+        vf.has_reset_attr = bool(vf.reset_methods)
         return vf
 
     def set_num_vfs(self, pf: SimFunction, n: int) -> list[SimFunction]:
@@ -364,30 +369,6 @@ class Enumeration:
         self._fns[f.addr] = f
         self._order.append(f)
         self._by_name[f.spec.name] = f
-
-    def _probe_methods(self, f: SimFunction, alone: bool) -> tuple[str, ...]:
-        """pci_init_reset_methods() at enumeration (drivers/pci/pci.c, pci_reset_fn_methods order)."""
-        s = f.spec
-        out: list[str] = []
-        if s.device_specific:
-            out.append("device_specific")
-        if s.is_pcie and s.flr:
-            out.append("flr")
-        af = AfSpec() if s.af is True else (s.af or None)
-        if af is not None and af.tp and af.flr:
-            out.append("af_flr")
-        pm = default_pm(s)
-        if pm is not None and not pm.no_soft_reset:
-            out.append("pm")
-        if f.parent is not None:
-            # pci_reset_bus_function(): pci_dev_reset_slot_function() (hotplug slot, not
-            # multifunction), else pci_parent_bus_reset() (alone on the bus at this point;
-            # dev->subordinate is not set yet during pci_device_add()).
-            slot = f.parent.spec.slot
-            slot_ok = slot is not None and slot.hotplug and not f.multifunction and f.addr.device == 0
-            if slot_ok or alone:
-                out.append("bus")
-        return tuple(out)
 
     def _assign_resources(self) -> None:
         gran = {"io": 0x1000, "mem": _MB, "pref": _MB}
@@ -542,3 +523,34 @@ def resources_of(f: SimFunction) -> list[Resource]:
             if win is not None:
                 res[BRIDGE_RESOURCES + i] = Resource(win[0], win[1], flags)
     return res
+
+
+def probe_methods(f: SimFunction, alone: bool, enumerating: bool = True) -> tuple[str, ...]:
+    """pci_init_reset_methods() (drivers/pci/pci.c, pci_reset_fn_methods order).
+
+    ``alone``: no other function on f's bus (pci_parent_bus_reset). While
+    ``enumerating`` (pci_device_add) that is "the first function scanned" and
+    ``dev->subordinate`` is not set yet, so a bridge gets ``bus`` too; later
+    (``reset_method`` = ``default``, or a name's probe in reset_method_store)
+    it is the bus as it is now, and a bridge never does.
+    """
+    s = f.spec
+    out: list[str] = []
+    if s.device_specific:
+        out.append("device_specific")
+    if s.is_pcie and s.flr:
+        out.append("flr")
+    af = AfSpec() if s.af is True else (s.af or None)
+    if af is not None and af.tp and af.flr:
+        out.append("af_flr")
+    pm = default_pm(s)
+    if pm is not None and not pm.no_soft_reset:
+        out.append("pm")
+    if f.parent is not None and (enumerating or not f.is_bridge):
+        # pci_reset_bus_function(): pci_dev_reset_slot_function() (hotplug slot, not
+        # multifunction), else pci_parent_bus_reset() (alone on the bus).
+        slot = f.parent.spec.slot
+        slot_ok = slot is not None and slot.hotplug and not f.multifunction and f.addr.device == 0
+        if slot_ok or alone:
+            out.append("bus")
+    return tuple(out)

@@ -102,7 +102,7 @@ def write_tree(host: SimHost, root: Path) -> None:
         _text(d / "driver_override", f"{f.driver_override}\n" if f.driver_override else "(null)\n")
         _text(d / "remove", "")
         _text(d / "rescan", "")
-        if f.reset_methods:
+        if f.has_reset_attr:
             _text(d / "reset_method", " ".join(f.reset_methods) + "\n")
             _text(d / "reset", "")
         if f.is_bridge:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from qreset.errors import AddressError, HostError, NoSuchFunction, ResetFailed
-from qreset.pci import regs
+from qreset.pci import regs, reset_method
 from qreset.pci.address import PciAddress
 from qreset.pci.host import FunctionInfo, PciHost, Resource, RuntimeState, SlotInfo
 
@@ -450,25 +450,30 @@ class SysfsHost(PciHost):
 
     @staticmethod
     def _reset_with_method(d: Path, method: str) -> None:
-        """Narrow ``reset_method`` to ``method``, reset, put the old list back.
+        """Narrow ``reset_method`` to ``method``, reset, put back what the kernel accepts.
 
-        The caller serializes resets of one function (the executor's
-        per-domain locks): two overlapping narrowings of the same function
-        would each restore the other's list. A process killed between the
-        narrowing and the restore leaves the list narrowed; writing
-        ``default`` to ``reset_method`` undoes that.
+        :mod:`qreset.pci.reset_method` has the rules (the kernel refuses a
+        stale ``bus`` in the old list). The caller serializes resets of one
+        function (the executor's per-domain locks): two overlapping
+        narrowings of the same function would each restore the other's list.
+        A process killed between the narrowing and the restore leaves the
+        list narrowed; writing ``default`` to ``reset_method`` undoes that.
         """
         rm = d / "reset_method"
-        try:
-            previous = rm.read_text(encoding="ascii").strip()
-        except FileNotFoundError:
-            raise ResetFailed(str(rm), "missing: cannot choose a reset method (Linux < 5.15?)") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            why = _why(exc) if isinstance(exc, OSError) else "not ASCII text"
-            raise ResetFailed(str(rm), why) from exc
-        if method not in previous.split():
-            raise ResetFailed(str(rm), f"method {method!r} is not enabled (have: {previous or 'none'})")
-        _write(rm, method, ResetFailed)
+
+        def read() -> str | None:
+            try:
+                return rm.read_text(encoding="ascii")
+            except FileNotFoundError:
+                return None
+            except (OSError, UnicodeDecodeError) as exc:
+                why = _why(exc) if isinstance(exc, OSError) else "not ASCII text"
+                raise ResetFailed(str(rm), why) from exc
+
+        def write(text: str) -> None:
+            _write(rm, text)
+
+        previous = reset_method.narrow(read, write, method, str(rm))
         failure: BaseException | None = None
         try:
             _write(d / "reset", "1", ResetFailed)
@@ -476,21 +481,12 @@ class SysfsHost(PciHost):
             failure = exc
             raise
         finally:
-            # Write back the exact list (space-separated, as reset_method_show
-            # printed it and reset_method_store parses it); if the kernel
-            # refuses it, fall back to "default" rather than leave it narrowed.
             try:
-                _write(rm, previous + "\n")
+                reset_method.put_back(read, write, previous, str(rm))
             except HostError as exc:
-                logger.warning("%s; falling back to 'default'", exc)
-                try:
-                    _write(rm, "default")
-                except HostError as exc2:
-                    logger.error("%s: reset_method left as %r", exc2, method)
-                    if failure is None:
-                        raise HostError(
-                            str(rm), f"could not restore {previous!r} nor 'default': {exc2.why}"
-                        ) from exc2
+                logger.error("%s: reset_method left as %r", exc, method)
+                if failure is None:
+                    raise
 
     async def reset_subordinate(self, bridge: PciAddress) -> None:
         path = self._devdir(bridge) / "reset_subordinate"
