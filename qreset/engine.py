@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qreset.execute import (
+    NOT_READY,
     PHASES,
     DomainResult,
     EngineSettings,
@@ -75,6 +76,11 @@ class CycleReport:
         return [f.address for d in self.domains for f in d.functions if f.change == "identity"]
 
     @property
+    def not_ready(self) -> list[PciAddress]:
+        """Functions that did not answer before the reset and had no earlier snapshot."""
+        return [f.address for d in self.domains for f in d.functions if f.change == NOT_READY]
+
+    @property
     def absent(self) -> list[PciAddress]:
         return [f.address for d in self.domains for f in d.functions if f.change == "absent"]
 
@@ -88,6 +94,7 @@ class CycleReport:
             "duration": round(self.duration, 6),
             "identity_changed": [str(a) for a in self.identity_changed],
             "absent": [str(a) for a in self.absent],
+            "not_ready": [str(a) for a in self.not_ready],
             "domains": [d.to_json() for d in self.domains],
         }
 
@@ -147,6 +154,15 @@ class Engine:
         report = CycleReport(plan, started=loop.time())
         if not plan.ok:
             return report
+        topo = self._topology
+        if topo is not None:
+            # What was read at start is the baseline of last resort for a function
+            # that does not answer when a cycle begins (never a CRS snapshot).
+            for d in plan.domains:
+                for a in d.covers:
+                    if a in topo.functions:
+                        node = topo.functions[a]
+                        self._executor.remember(a, node.config.raw, node.info)
         report.domains = await self._executor.run(plan.domains, progress)
         report.duration = loop.time() - report.started
         if report.identity_changed or report.absent:

@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qreset.diff import Change, Diff, diff_config
+from qreset.diff import Change, Diff, diff_config, present
 from qreset.errors import HostError, NoSuchFunction, QResetError, ResetFailed
 from qreset.locks import DomainLocks
 from qreset.pci import regs
@@ -75,6 +75,7 @@ from qreset.plan import Domain, Method
 from qreset.restore import verify, write_back
 
 __all__ = [
+    "NOT_READY",
     "PHASES",
     "DomainResult",
     "EngineSettings",
@@ -113,6 +114,12 @@ class EngineSettings:
     #: Bound on one kernel reset call (sysfs reset / reset_subordinate / VFIO ioctl),
     #: which polls for readiness inside the kernel for up to 60 s itself.
     reset_timeout: float = 2 * PCIE_RESET_READY_POLL
+    #: How long the save phase waits for a function that does not answer (CRS or
+    #: all-ones) before falling back to its last good snapshot. Our bound, not the
+    #: spec's: the guest is parked meanwhile, and the reset that follows is what
+    #: usually brings such a function back. PCI_RESET_WAIT (1000 ms) is the
+    #: kernel's wait for a device after a reset on a slow link.
+    save_ready_timeout: float = 1.0
     #: Bus reset methods in preference order; None keeps the policy's.
     bus_methods: tuple[Method, ...] | None = None
     #: Where VFIO group files live (for vfio_hot_reset on a real /sys host).
@@ -200,6 +207,11 @@ class DomainResult:
         }
 
 
+#: ``FunctionOutcome.change`` of a function that did not answer before the reset and
+#: had no earlier good snapshot: nothing to compare with, so neither "none" nor "identity".
+NOT_READY = "not_ready"
+
+
 @dataclass(slots=True)
 class _Saved:
     raw: bytes
@@ -227,6 +239,15 @@ class Executor:
         self.host = host
         self.locks = locks
         self.settings = settings or EngineSettings()
+        #: The last snapshot of each function taken while it answered: the baseline
+        #: when a later save finds it not ready (CRS / all-ones).
+        self.baselines: dict[PciAddress, _Saved] = {}
+
+    def remember(self, addr: PciAddress, raw: bytes, info: FunctionInfo) -> None:
+        """Offer a snapshot (e.g. the topology's, read at start) as a fallback baseline;
+        ignored when the function did not answer in it or a snapshot is already kept."""
+        if addr not in self.baselines and present(raw):
+            self.baselines[addr] = _Saved(bytes(raw), info)
 
     async def run(self, domains: Sequence[Domain], progress: Progress | None = None) -> list[DomainResult]:
         """Run every domain concurrently; returns one result per domain, in order."""
@@ -253,6 +274,8 @@ class _DomainRun:
         self.progress = progress
         self.loop = asyncio.get_running_loop()
         self.saved: dict[PciAddress, _Saved] = {}
+        #: Functions saved while not answering, with no good snapshot to use instead.
+        self.unready_before: set[PciAddress] = set()
         self.outcomes = {a: FunctionOutcome(a) for a in domain.covers}
         result.functions = list(self.outcomes.values())
 
@@ -318,9 +341,7 @@ class _DomainRun:
         with self.timed("save"):
             try:
                 for addr in d.covers:
-                    raw = await self.host.read_config(addr, regs.CFG_SPACE_EXP_SIZE)
-                    info = await self.host.info(addr)
-                    self.saved[addr] = _Saved(bytes(raw), info)
+                    await self._save(addr)
             except QResetError as err:
                 # Nothing has been touched yet: give up on this domain before resetting.
                 self.fail(f"save failed, nothing reset: {err}")
@@ -358,6 +379,42 @@ class _DomainRun:
                 ready = await self._poll_all(todo, depth if len(levels) > 1 else None)
             await self._rescan_and_restore(todo, ready)
             failed.update(a for a in todo if not self.outcomes[a].ok)
+
+    async def _save(self, addr: PciAddress) -> None:
+        """Snapshot ``addr`` as the baseline the rescan compares with.
+
+        Never from a function that does not answer: a snapshot of CRS (Vendor
+        ID 0x0001, Device ID 0xFFFF) or all-ones as the baseline would make the
+        rescan of the answering function look like a new identity. Wait a
+        little (``save_ready_timeout``, backing off like ``pci_dev_wait``); if
+        it still does not answer, keep its last good snapshot (from an earlier
+        cycle, or the topology read at start), and without one report it
+        ``not_ready`` rather than compare with nothing.
+        """
+        raw = await self.host.read_config(addr, regs.CFG_SPACE_EXP_SIZE)
+        info = await self.host.info(addr)
+        waited, delay = 0.0, self.settings.poll_interval
+        while not present(raw) and waited < self.settings.save_ready_timeout:
+            step = min(delay, self.settings.poll_max_interval, self.settings.save_ready_timeout - waited)
+            await self.host.sleep(step)
+            waited += step
+            delay *= 2
+            raw = await self.host.read_config(addr, regs.CFG_SPACE_EXP_SIZE)
+        if present(raw):
+            self.saved[addr] = self.ex.baselines[addr] = _Saved(bytes(raw), info)
+            return
+        what = "CRS" if u16(raw, regs.VENDOR_ID) == regs.CRS_VENDOR_ID else "all-ones"
+        earlier = self.ex.baselines.get(addr)
+        if earlier is not None:
+            self.saved[addr] = earlier
+            self.emit("save", f"{addr} not ready before the reset (still {what} after "
+                      f"{waited * 1000:.0f} ms): comparing with its last good snapshot")
+            return
+        # Keep what was read so the reset still covers it, but never compare with it.
+        self.saved[addr] = _Saved(bytes(raw), info)
+        self.unready_before.add(addr)
+        self.emit("save", f"{addr} not ready before the reset (still {what} after "
+                  f"{waited * 1000:.0f} ms) and no earlier snapshot: it will not be compared")
 
     # -- reset methods -----------------------------------------------------
 
@@ -543,6 +600,11 @@ class _DomainRun:
                 if not ready.get(addr, False):
                     out.change = Change.ABSENT.value
                     out.diff = Diff(Change.ABSENT, (), (out.error or "not ready",))
+                    continue
+                if addr in self.unready_before:
+                    out.change = NOT_READY
+                    out.error = ("was not ready before the reset (CRS/all-ones) and has no earlier "
+                                 "good snapshot: not compared, not restored")
                     continue
                 try:
                     t = time.perf_counter()
