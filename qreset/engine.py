@@ -34,10 +34,10 @@ from qreset.execute import (
     PHASES,
     DomainResult,
     EngineSettings,
-    Executor,
     FunctionOutcome,
     Progress,
     ProgressEvent,
+    ResetRunner,
 )
 from qreset.locks import DomainLocks
 from qreset.pci.address import PciAddress
@@ -106,7 +106,7 @@ class Engine:
         self.host = host
         self.settings = settings or EngineSettings()
         self.locks = DomainLocks()
-        self._executor = Executor(host, self.locks, self.settings)
+        self._runner = ResetRunner(host, self.locks, self.settings)
         self._topology: Topology | None = None
         self._topology_lock: asyncio.Lock | None = None
 
@@ -162,8 +162,8 @@ class Engine:
                 for a in d.covers:
                     if a in topo.functions:
                         node = topo.functions[a]
-                        self._executor.remember(a, node.config.raw, node.info)
-        report.domains = await self._executor.run(plan.domains, progress)
+                        self._runner.remember(a, node.config.raw, node.info)
+        report.domains = await self._runner.run(plan.domains, progress)
         report.duration = loop.time() - report.started
         if report.identity_changed or report.absent:
             self._topology = None  # cached config spaces are stale now

@@ -25,22 +25,9 @@ For each :class:`~qreset.plan.Domain`, in its own task named
     write back STATE changes in the kernel's order and re-read
     (:mod:`qreset.restore`); never a write to an IDENTITY or ABSENT function.
 
-Methods: function-level ones (``flr``, ``af_flr``, ``pm``, ``device_specific``,
-``acpi``) and ``bus`` are the kernel's ``reset`` attribute narrowed to that
-method (``PciHost.reset_function``: the kernel saves and restores state
-itself, so our rescan usually finds nothing to do); ``reset_subordinate`` is
-the bridge attribute; ``vfio_hot_reset`` goes through :mod:`qreset.pci.vfio`;
-``user_sbr`` is done here from userspace, the way ``pci_reset_secondary_bus``
-and ``pci_bridge_wait_for_secondary_bus`` in ``drivers/pci/pci.c`` do it:
-set Secondary Bus Reset in Bridge Control, hold it ``msleep(2)`` ("Trst of
-1ms, double this", PCI 3.0 sec 7.6.4.2), clear it, then wait: 100 ms for a
-PCIe port (PCIe r6.0 sec 6.6.1; after Data Link Layer Link Active on ports
-faster than 5 GT/s that report it, 1000 + 100 ms on those that do not, as
-``pcie_wait_for_link_delay`` does), or 1000 + 100 ms for a conventional
-secondary bus (Tpvrh + Trhfa, PCI 3.0 sec 4.3.2: the kernel's ``msleep(1000 +
-delay)``; we apply it below a PCIe-to-PCI bridge too, because the devices there are
-conventional). Every wait goes through ``host.sleep`` so the simulated host
-can scale time.
+How each method resets (the ``assert``/``settle`` steps, with the kernel's and
+the specs' waits) is :mod:`qreset.execute_methods`; the result types are
+:mod:`qreset.execute_types`.
 
 Failures are per domain: a reset that fails (EIO), a function that never
 becomes ready, a write that fails are recorded in that domain's
@@ -48,7 +35,7 @@ becomes ready, a write that fails are recorded in that domain's
 past the poll timeout (plus :attr:`EngineSettings.reset_timeout` for a kernel
 reset call).
 
-Upper half / bottom half, in qemu.qmp's terms: :meth:`Executor.run` is called
+Upper half / bottom half, in qemu.qmp's terms: :meth:`ResetRunner.run` is called
 by the engine (caller's task); ``_domain`` and below run in the TaskGroup's
 named tasks and report through :class:`ProgressEvent` callbacks.
 """
@@ -59,19 +46,27 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 from qreset.diff import Change, Diff, diff_config, present
-from qreset.errors import HostError, NoSuchFunction, QResetError, ResetFailed
+from qreset.errors import HostError, NoSuchFunction, QResetError
+from qreset.execute_methods import MethodSteps
+from qreset.execute_types import (
+    NOT_READY,
+    PHASES,
+    DomainResult,
+    EngineSettings,
+    FunctionOutcome,
+    Progress,
+    ProgressEvent,
+    _Saved,
+)
 from qreset.locks import DomainLocks
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
-from qreset.pci.config import parse_config, u16, u32
+from qreset.pci.config import u16, u32
 from qreset.pci.host import FunctionInfo, PciHost, Resource
-from qreset.plan import Domain, Method
+from qreset.plan import Domain
 from qreset.restore import verify, write_back
 
 __all__ = [
@@ -79,160 +74,16 @@ __all__ = [
     "PHASES",
     "DomainResult",
     "EngineSettings",
-    "Executor",
     "FunctionOutcome",
     "Progress",
     "ProgressEvent",
+    "ResetRunner",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Phases timed per domain, in order (``lock`` is the wait for the domain locks).
-PHASES: tuple[str, ...] = ("lock", "save", "assert", "settle", "poll", "rescan", "restore", "verify")
 
-# drivers/pci/pci.c
-PCIE_RESET_READY_POLL = 60.0   # PCIE_RESET_READY_POLL_MS
-SBR_HOLD = 0.002               # pci_reset_secondary_bus: msleep(2), Trst 1 ms doubled
-PCIE_SETTLE = 0.100            # pci_bridge_wait_for_secondary_bus: delay (d3cold_delay, 100 ms)
-CONVENTIONAL_SETTLE = 1.100    # msleep(1000 + delay): Tpvrh + Trhfa, PCI 3.0 sec 4.3.2
-LINK_ACTIVE_DELAY = 0.020      # pcie_wait_for_link_delay: msleep(20) before polling DLLLA
-LINK_ACTIVE_TIMEOUT = 1.0      # PCIE_LINK_RETRAIN_TIMEOUT_MS
-# PCI_EXP_LNKCAP_SLS encoding: 2 = 5.0 GT/s (include/uapi/linux/pci_regs.h)
-_LNKCAP_SLS_5_0GB = 2
-
-
-@dataclass(frozen=True, slots=True)
-class EngineSettings:
-    """Timing and method knobs of the engine (host seconds: scaled on the simulated host)."""
-
-    #: Give up on a function still answering CRS / all-ones after this long (PCIE_RESET_READY_POLL_MS).
-    poll_timeout: float = PCIE_RESET_READY_POLL
-    #: First readiness-poll delay; doubled after each poll like pci_dev_wait (``delay = 1`` ms).
-    poll_interval: float = 0.001
-    #: Cap on one poll delay (pci_dev_wait has none; capping keeps the tail responsive).
-    poll_max_interval: float = 1.0
-    #: Bound on one kernel reset call (sysfs reset / reset_subordinate / VFIO ioctl),
-    #: which polls for readiness inside the kernel for up to 60 s itself.
-    reset_timeout: float = 2 * PCIE_RESET_READY_POLL
-    #: How long the save phase waits for a function that does not answer (CRS or
-    #: all-ones) before falling back to its last good snapshot. Our bound, not the
-    #: spec's: the guest is parked meanwhile, and the reset that follows is what
-    #: usually brings such a function back. PCI_RESET_WAIT (1000 ms) is the
-    #: kernel's wait for a device after a reset on a slow link.
-    save_ready_timeout: float = 1.0
-    #: Bus reset methods in preference order; None keeps the policy's.
-    bus_methods: tuple[Method, ...] | None = None
-    #: Where VFIO group files live (for vfio_hot_reset on a real /sys host).
-    dev_root: Path = Path("/dev")
-
-
-@dataclass(frozen=True, slots=True)
-class ProgressEvent:
-    """One step of one domain, for live timelines (``qreset reset``, the daemon's events)."""
-
-    domain_key: str
-    phase: str
-    elapsed: float
-    message: str
-
-    def line(self) -> str:
-        return f"+{self.elapsed * 1000:9.1f}ms  {self.domain_key}  {self.phase}  {self.message}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"domain": self.domain_key, "phase": self.phase,
-                "elapsed": round(self.elapsed, 6), "message": self.message}
-
-
-@dataclass(slots=True)
-class FunctionOutcome:
-    """What the cycle did to one covered function."""
-
-    address: PciAddress
-    change: str = "none"
-    restored: bool = False
-    verified: bool = False
-    writes: int = 0
-    diff: Diff | None = None
-    polls: int = 0
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        if self.error is not None:
-            return False
-        if self.change == Change.NONE.value:
-            return True
-        return self.change == Change.STATE.value and self.restored and self.verified
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "address": str(self.address),
-            "change": self.change,
-            "restored": self.restored,
-            "verified": self.verified,
-            "writes": self.writes,
-            "polls": self.polls,
-            "error": self.error,
-            "diff": self.diff.to_json() if self.diff is not None else None,
-        }
-
-
-@dataclass(slots=True)
-class DomainResult:
-    """The outcome of one domain: ok only if every function came back clean."""
-
-    domain: Domain
-    ok: bool = False
-    error: str | None = None
-    phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
-    functions: list[FunctionOutcome] = field(default_factory=list)
-    #: When the domain got its locks and when it finished, seconds since the run began.
-    start: float = 0.0
-    end: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        d = self.domain
-        return {
-            "key": d.key,
-            "kind": d.kind.value,
-            "method": d.method.value,
-            "target": str(d.target),
-            "covers": [str(a) for a in d.covers],
-            "ok": self.ok,
-            "error": self.error,
-            "phases": {k: round(v, 6) for k, v in self.phases.items()},
-            "start": round(self.start, 6),
-            "end": round(self.end, 6),
-            "functions": [f.to_json() for f in self.functions],
-        }
-
-
-#: ``FunctionOutcome.change`` of a function that did not answer before the reset and
-#: had no earlier good snapshot: nothing to compare with, so neither "none" nor "identity".
-NOT_READY = "not_ready"
-
-
-@dataclass(slots=True)
-class _Saved:
-    raw: bytes
-    info: FunctionInfo
-
-    @property
-    def resources(self) -> tuple[Resource, ...]:
-        return self.info.resources
-
-
-#: A listener for live progress (called in the domain tasks; must not block).
-Progress = Callable[[ProgressEvent], None]
-
-
-def _wall(host: PciHost, seconds: float) -> float:
-    """Host seconds → wall seconds (the simulated host runs ``time_scale`` times faster)."""
-    scale = getattr(host, "time_scale", 1.0)
-    return seconds * float(scale) if isinstance(scale, int | float) else seconds
-
-
-class Executor:
+class ResetRunner:
     """Runs domains against one host under a shared lock table."""
 
     def __init__(self, host: PciHost, locks: DomainLocks, settings: EngineSettings | None = None) -> None:
@@ -260,10 +111,10 @@ class Executor:
         return results
 
 
-class _DomainRun:
+class _DomainRun(MethodSteps):
     """One domain's bottom half: every phase, never raising (except cancellation)."""
 
-    def __init__(self, ex: Executor, domain: Domain, result: DomainResult, t0: float,
+    def __init__(self, ex: ResetRunner, domain: Domain, result: DomainResult, t0: float,
                  progress: Progress | None) -> None:
         self.ex = ex
         self.host = ex.host
@@ -415,102 +266,6 @@ class _DomainRun:
         self.unready_before.add(addr)
         self.emit("save", f"{addr} not ready before the reset (still {what} after "
                   f"{waited * 1000:.0f} ms) and no earlier snapshot: it will not be compared")
-
-    # -- reset methods -----------------------------------------------------
-
-    async def _reset(self) -> None:
-        d = self.domain
-        m = d.method
-        wall_limit = _wall(self.host, self.settings.reset_timeout)
-        if m is Method.USER_SBR:
-            await self._user_sbr()
-            return
-        with self.timed("assert"):
-            self.emit("assert", f"{m.value} via {d.write_target}")
-            async with asyncio.timeout(wall_limit):
-                if m is Method.RESET_SUBORDINATE:
-                    await self.host.reset_subordinate(d.target)
-                elif m is Method.VFIO_HOT_RESET:
-                    await self._vfio_hot_reset()
-                else:
-                    # Function methods and 'bus': the function's own reset attribute.
-                    await self.host.reset_function(d.write_target, m.value)
-        self.emit("assert", f"{m.value} done in {self.result.phases['assert'] * 1000:.1f} ms")
-
-    async def _vfio_hot_reset(self) -> None:
-        d = self.domain
-        root = getattr(self.host, "root", None)
-        if not isinstance(root, Path) or root.resolve() != Path("/sys"):
-            # The ioctl acts on the real kernel's devices: a simulated host or a
-            # sysfs copy elsewhere has no VFIO groups behind it.
-            raise ResetFailed(str(d.write_target),
-                              f"VFIO hot reset needs the real /sys, not {self.host.name}")
-        try:
-            from qreset.pci import vfio
-        except ImportError as err:  # pragma: no cover - the module ships with qreset
-            raise ResetFailed(str(d.write_target), f"VFIO hot reset unavailable: {err}") from err
-        groups = sorted({s.info.iommu_group for s in self.saved.values() if s.info.iommu_group is not None})
-        devices = [d.write_target, *(a for a in d.covers if a != d.write_target)]
-        await vfio.hot_reset_async(devices, groups, self.settings.dev_root)
-
-    async def _user_sbr(self) -> None:
-        d = self.domain
-        bridge = d.target
-        braw = await self.host.read_config(bridge, regs.CFG_SPACE_EXP_SIZE)
-        bcfg = parse_config(braw)
-        if not bcfg.present or not bcfg.is_bridge:
-            raise ResetFailed(str(bridge), "is not a present PCI bridge; no secondary bus reset")
-        ctrl = u16(braw, regs.BRIDGE_CONTROL) & ~regs.BRIDGE_CTL_BUS_RESET
-        with self.timed("assert"):
-            await self.host.write_config(bridge, regs.BRIDGE_CONTROL,
-                                         (ctrl | regs.BRIDGE_CTL_BUS_RESET).to_bytes(2, "little"))
-            try:
-                # pci_reset_secondary_bus: "PCI spec v3.0 7.6.4.2 requires minimum
-                # Trst of 1ms.  Double this to 2ms".
-                await self.host.sleep(SBR_HOLD)
-            finally:
-                # Never leave Secondary Bus Reset asserted, even when cancelled.
-                await self.host.write_config(bridge, regs.BRIDGE_CONTROL, ctrl.to_bytes(2, "little"))
-        self.emit("assert", f"secondary bus reset on {bridge} held {SBR_HOLD * 1000:.0f} ms")
-        with self.timed("settle"):
-            why = await self._settle(bridge, braw)
-        self.emit("settle", why)
-
-    async def _settle(self, bridge: PciAddress, braw: bytes) -> str:
-        """The wait before the first config request below ``bridge`` (pci_bridge_wait_for_secondary_bus)."""
-        cfg = parse_config(braw)
-        ptype = cfg.pcie_type
-        if ptype is None or ptype == regs.EXP_TYPE_PCI_BRIDGE:
-            await self.host.sleep(CONVENTIONAL_SETTLE)
-            return f"conventional secondary bus: waited {CONVENTIONAL_SETTLE * 1000:.0f} ms (Tpvrh + Trhfa)"
-        exp = cfg.find_cap(regs.CAP_ID_EXP)
-        assert exp is not None  # pcie_type is not None
-        lnkcap = u32(braw, exp.offset + regs.EXP_LNKCAP)
-        fast = (lnkcap & regs.EXP_LNKCAP_SLS) > _LNKCAP_SLS_5_0GB
-        if fast and lnkcap & regs.EXP_LNKCAP_DLLLARC:
-            # pcie_wait_for_link_delay: 20 ms, then poll Data Link Layer Link
-            # Active every 1 ms up to PCIE_LINK_RETRAIN_TIMEOUT_MS, then the delay.
-            await self.host.sleep(LINK_ACTIVE_DELAY)
-            waited = LINK_ACTIVE_DELAY
-            up = False
-            while waited < LINK_ACTIVE_TIMEOUT + LINK_ACTIVE_DELAY:
-                sta = await self.host.read_config(bridge, exp.offset + regs.EXP_LNKSTA + 2)
-                if u16(sta, exp.offset + regs.EXP_LNKSTA) & regs.EXP_LNKSTA_DLLLA:
-                    up = True
-                    break
-                await self.host.sleep(0.001)  # pcie_wait_for_link_status: msleep(1) between reads
-                waited += 0.001
-            await self.host.sleep(PCIE_SETTLE)
-            link = f"link up after {waited * 1000:.0f} ms" if up else "link not up after 1 s (polling anyway)"
-            return f"{link}, then waited {PCIE_SETTLE * 1000:.0f} ms (PCIe r6.0 sec 6.6.1)"
-        if fast:
-            # pcie_wait_for_link_delay: "Some controllers might not implement link
-            # active reporting. In this case, we wait for 1000 ms + any delay".
-            await self.host.sleep(LINK_ACTIVE_TIMEOUT + PCIE_SETTLE)
-            return (f"port faster than 5 GT/s without link active reporting: waited "
-                    f"{(LINK_ACTIVE_TIMEOUT + PCIE_SETTLE) * 1000:.0f} ms (pcie_wait_for_link_delay)")
-        await self.host.sleep(PCIE_SETTLE)
-        return f"waited {PCIE_SETTLE * 1000:.0f} ms (PCIe r6.0 sec 6.6.1)"
 
     # -- readiness poll ------------------------------------------------------
 

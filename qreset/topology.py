@@ -519,9 +519,6 @@ class Topology:
 
     # -- IOMMU groups and ACS ---------------------------------------------
 
-    def group_of(self, addr: PciAddress) -> int | None:
-        return self.node(addr).info.iommu_group
-
     def group_members(self, group: int) -> frozenset[PciAddress]:
         """Every function in IOMMU group ``group``."""
         return frozenset(a for a, n in self.functions.items() if n.info.iommu_group == group)

@@ -1,4 +1,4 @@
-"""Executor and domain locks against the simulated host (delays scaled down), every fault."""
+"""ResetRunner and domain locks against the simulated host (delays scaled down), every fault."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qreset.diff import Change, RegKind
-from qreset.execute import DomainResult, EngineSettings, Executor, ProgressEvent
+from qreset.execute import DomainResult, EngineSettings, ProgressEvent, ResetRunner
 from qreset.locks import DomainLocks
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
@@ -35,7 +35,7 @@ def bus_domain(bridge: PciAddress, covers: list[PciAddress], method: Method = Me
 async def run(host: SimHost, *domains: Domain, settings: EngineSettings | None = None,
               locks: DomainLocks | None = None, events: list[ProgressEvent] | None = None,
               ) -> list[DomainResult]:
-    ex = Executor(host, locks or DomainLocks(), settings)
+    ex = ResetRunner(host, locks or DomainLocks(), settings)
     return await ex.run(list(domains), events.append if events is not None else None)
 
 
@@ -326,14 +326,34 @@ async def test_slow_device_is_waited_for(sim_dir: Path) -> None:
     assert {f.address: f for f in res.functions}[gpu].polls > 1
 
 
-async def test_vfio_hot_reset_on_a_simulated_host_is_refused_cleanly(sim_dir: Path) -> None:
+async def test_vfio_hot_reset_goes_through_the_host(sim_dir: Path) -> None:
+    """Not a /sys check in the executor: PciHost.hot_reset, simulated here (issue 12)."""
     host = sim(sim_dir, "gpu-audio")
     rp, gpu, audio = (host.address_of(n) for n in ("rp1", "gpu", "gpu-audio"))
+    before = {a: host.config_now(a) for a in (gpu, audio)}
     [res] = await run(host, bus_domain(rp, [gpu, audio], Method.VFIO_HOT_RESET))
+    assert res.ok, res.error
+    [rec] = host.reset_log
+    assert (rec.method, rec.target, rec.affected) == ("vfio_hot_reset", rp, frozenset({gpu, audio}))
+    assert host.write_count() == 0  # the kernel saved and restored them
+    assert [f.change for f in res.functions] == ["none", "none"]
+    assert {a: host.config_now(a) for a in (gpu, audio)} == before
+
+
+async def test_vfio_hot_reset_refused_cleanly_on_a_sysfs_tree(sim_dir: Path, tmp_path: Path) -> None:
+    from qreset.pci.sysfs import SysfsHost
+
+    simhost = sim(sim_dir, "gpu-audio")
+    simhost.write_tree(tmp_path)
+    rp, gpu, audio = (simhost.address_of(n) for n in ("rp1", "gpu", "gpu-audio"))
+    host = SysfsHost(tmp_path)
+    try:
+        ex = ResetRunner(host, DomainLocks())
+        [res] = await ex.run([bus_domain(rp, [gpu, audio], Method.VFIO_HOT_RESET)])
+    finally:
+        await host.close()
     assert not res.ok
     assert "VFIO hot reset needs the real /sys" in (res.error or "")
-    assert host.reset_log == []
-    assert host.write_count() == 0
     assert [f.change for f in res.functions] == ["none", "none"]
 
 
@@ -380,8 +400,8 @@ async def test_same_domain_from_two_vms_is_serialized(sim_dir: Path) -> None:
     host = sim(sim_dir, "demo", scale=0.01)
     bridge, lpt, sound = (host.address_of(n) for n in ("pcibridge", "lpt", "sound"))
     locks = DomainLocks()
-    ex1 = Executor(host, locks)
-    ex2 = Executor(host, locks)
+    ex1 = ResetRunner(host, locks)
+    ex2 = ResetRunner(host, locks)
     d = bus_domain(bridge, [lpt, sound])
     [a], [b] = await asyncio.gather(ex1.run([d]), ex2.run([d]))
     assert a.ok, a.error
@@ -416,7 +436,7 @@ async def test_tasks_are_named_after_domain_keys(sim_dir: Path) -> None:
         if task is not None:
             names.append(task.get_name())
 
-    await Executor(host, DomainLocks()).run([fn_domain(nic)], seen)
+    await ResetRunner(host, DomainLocks()).run([fn_domain(nic)], seen)
     assert set(names) == {f"reset[function:{nic}]"}
 
 

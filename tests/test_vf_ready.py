@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qreset.diff import Change, diff_config, present
-from qreset.execute import Executor
+from qreset.execute import ResetRunner
 from qreset.locks import DomainLocks
 from qreset.pci import regs
 from qreset.pci.config import parse_config, u16
@@ -51,7 +51,7 @@ async def test_flr_of_a_vf_is_ready_at_the_first_poll() -> None:
     h = host()
     vf = h.address_of("pf.vf1")
     d = Domain(f"function:{vf}", ResetKind.FUNCTION, Method.FLR, vf, (vf,), (vf,))
-    [res] = await Executor(h, DomainLocks()).run([d])
+    [res] = await ResetRunner(h, DomainLocks()).run([d])
     [f] = res.functions
     assert res.ok, (f.change, f.error)
     assert f.polls == 1
@@ -64,7 +64,7 @@ async def test_bus_reset_above_a_pf_restores_its_vfs_not_escalates_them() -> Non
     vfs = [h.address_of("pf.vf0"), h.address_of("pf.vf1")]
     covers = (pf, *vfs)
     d = Domain(f"bus:{rp}", ResetKind.BUS, Method.USER_SBR, rp, covers, covers)
-    [res] = await Executor(h, DomainLocks()).run([d])
+    [res] = await ResetRunner(h, DomainLocks()).run([d])
     by = {f.address: f for f in res.functions}
     assert res.ok, [(f.address, f.change, f.error) for f in res.functions]
     assert all(by[v].change == Change.STATE.value for v in vfs)
@@ -98,7 +98,7 @@ async def test_fast_port_without_link_active_reporting_waits_1100_ms(tmp_path: P
     host = SysfsHost(tmp_path)
     try:
         d = Domain(f"bus:{rp}", ResetKind.BUS, Method.USER_SBR, rp, (ep,), (ep,))
-        [res] = await Executor(host, DomainLocks()).run([d])
+        [res] = await ResetRunner(host, DomainLocks()).run([d])
     finally:
         await host.close()
     assert res.phases["settle"] >= 1.1 * 0.95, res.phases

@@ -20,8 +20,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from qreset.errors import ResetFailed
 from qreset.pci.address import PciAddress
 
 # IORESOURCE_* flags as printed in sysfs ``resource`` (include/linux/ioport.h)
@@ -166,6 +168,28 @@ class PciHost(abc.ABC):
     @abc.abstractmethod
     async def reset_subordinate(self, bridge: PciAddress) -> None:
         """``echo 1 > reset_subordinate`` on a bridge (Linux 6.13+): reset its secondary bus."""
+
+    async def hot_reset_info(self, device: PciAddress) -> list[tuple[PciAddress, int]]:
+        """``VFIO_DEVICE_GET_PCI_HOT_RESET_INFO`` on ``device`` (bound to vfio-pci, group idle).
+
+        Every function a hot reset of ``device`` would hit (the slot when
+        ``pci_probe_reset_slot`` succeeds, else the bus: ``vfio_pci_for_each_slot_or_bus``
+        in drivers/vfio/pci/vfio_pci_core.c), each with its IOMMU group,
+        ``device`` included. Raises ResetFailed where there are no VFIO devices.
+        """
+        raise ResetFailed(str(device), f"VFIO hot reset is not available on {self.name}")
+
+    async def hot_reset(self, devices: Sequence[PciAddress], groups: Sequence[int]) -> None:
+        """``VFIO_DEVICE_PCI_HOT_RESET``: reset the slot or bus of ``devices[0]``.
+
+        ``groups`` must name every IOMMU group the reset hits, none held by
+        another process (a VFIO group opens once: EBUSY); every function hit
+        must be bound to vfio-pci. The kernel saves and restores every
+        affected function. ``devices`` are checked against what the kernel
+        would hit, so a stale plan fails before anything is reset.
+        """
+        raise ResetFailed(str(devices[0]) if devices else "vfio",
+                          f"VFIO hot reset is not available on {self.name}")
 
     @abc.abstractmethod
     async def remove(self, addr: PciAddress) -> None:

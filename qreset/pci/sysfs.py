@@ -35,7 +35,7 @@ import errno
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -193,8 +193,13 @@ class SysfsHost(PciHost):
         :data:`DEFAULT_WORKERS` threads and shuts it down in :meth:`close`.
     """
 
-    def __init__(self, root: Path | str = "/sys", executor: ThreadPoolExecutor | None = None) -> None:
+    def __init__(self, root: Path | str = "/sys", executor: ThreadPoolExecutor | None = None,
+                 dev_root: Path | str | None = None) -> None:
         self.root = Path(root)
+        #: Where the VFIO group files are (``/dev/vfio/N``). Only the real /sys has
+        #: VFIO devices behind it: a sysfs tree elsewhere gets none unless given.
+        self.dev_root: Path | None = Path(dev_root) if dev_root is not None else (
+            Path("/dev") if self.root.resolve() == Path("/sys") else None)
         self.name = f"sysfs:{self.root}"
         self._devices = self.root / "bus" / "pci" / "devices"
         self._owns_executor = executor is None
@@ -498,6 +503,31 @@ class SysfsHost(PciHost):
 
         logger.info("%s: secondary bus reset (reset_subordinate)", bridge)
         await self._run(reset)
+
+    def _vfio_dev_root(self, device: PciAddress) -> Path:
+        if self.dev_root is None:
+            # The ioctl acts on the real kernel's devices: a sysfs copy elsewhere
+            # has no VFIO groups behind it.
+            raise ResetFailed(str(device), f"VFIO hot reset needs the real /sys, not {self.name}")
+        return self.dev_root
+
+    async def hot_reset_info(self, device: PciAddress) -> list[tuple[PciAddress, int]]:
+        from qreset.pci import vfio
+
+        dev_root = self._vfio_dev_root(device)
+        group = (await self.info(device)).iommu_group
+        if group is None:
+            raise ResetFailed(str(device), "no IOMMU group: not a VFIO device")
+        return await self._run(lambda: vfio.hot_reset_info(device, group, dev_root))
+
+    async def hot_reset(self, devices: Sequence[PciAddress], groups: Sequence[int]) -> None:
+        from qreset.pci import vfio
+
+        dev_root = self._vfio_dev_root(devices[0] if devices else PciAddress(0, 0, 0, 0))
+        devs, grps = list(devices), list(groups)
+        logger.info("%s: VFIO hot reset (groups %s)", devs[0] if devs else "?", grps)
+        # In the pool: the ioctl sleeps through the whole slot/bus reset.
+        await self._run(lambda: vfio.hot_reset(devs, grps, dev_root))
 
     async def remove(self, addr: PciAddress) -> None:
         path = self._devdir(addr) / "remove"
