@@ -18,18 +18,21 @@ planner refuse, while under-estimating it resets a device nobody planned for.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from qreset.errors import HostError, NoSuchFunction, QResetError
+from qreset import topology_facts
+from qreset.errors import NoSuchFunction
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
-from qreset.pci.config import ConfigSpace, parse_config, u16, u32
-from qreset.pci.host import FunctionInfo, PciHost, SlotInfo
+from qreset.pci.config import u16, u32
+from qreset.pci.host import PciHost, SlotInfo
+from qreset.topology_read import FunctionNode, load_nodes, refresh_nodes
+
+__all__ = ["FUNCTION_METHODS", "FunctionNode", "ResetKind", "ResetScope", "Topology"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,91 +72,9 @@ class ResetScope:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class FunctionNode:
-    """One function with its sysfs attributes and decoded config space."""
-
-    info: FunctionInfo
-    config: ConfigSpace
-
-    @property
-    def address(self) -> PciAddress:
-        return self.info.address
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            out.extend(_leaves(exc))
-        else:
-            out.append(exc)
-    return out
-
-
-async def _read_node(host: PciHost, addr: PciAddress) -> FunctionNode | None:
-    """One function's attributes and config space; None (logged) when it vanished meanwhile.
-
-    An unreadable config space decodes as absent (``parse_config(b"")``) so
-    the rest of the tree still loads.
-    """
-    try:
-        info = await host.info(addr)
-    except NoSuchFunction as exc:
-        logger.warning("%s vanished while reading the topology: %s", addr, exc)
-        return None
-    try:
-        raw = await host.read_config(addr)
-    except NoSuchFunction as exc:
-        logger.warning("%s vanished while reading the topology: %s", addr, exc)
-        return None
-    except HostError as exc:
-        logger.warning("cannot read config space of %s: %s", addr, exc)
-        raw = b""
-    return FunctionNode(info, parse_config(raw))
-
-
-async def _gather_named(host: PciHost, what: str, jobs: Iterable[tuple[str, Awaitable[Any]]]) -> None:
-    """Run ``jobs`` concurrently (one named task each); raise the first QResetError, not a group.
-
-    Callers catch QResetError and print one line: they get the first
-    structured error rather than a group (the rest are logged).
-    """
-    async def run(coro: Awaitable[Any]) -> None:
-        await coro
-
-    try:
-        async with asyncio.TaskGroup() as tg:
-            for name, coro in jobs:
-                tg.create_task(run(coro), name=f"{what}[{host.name}].{name}")
-    except BaseExceptionGroup as group:
-        errors = _leaves(group)
-        first = next((e for e in errors if isinstance(e, QResetError)), None)
-        if first is None:
-            raise
-        for other in errors:
-            if other is not first:
-                logger.warning("also failed while reading the topology: %s", other)
-        raise first from None
-
-
-def _what_changed(old: FunctionInfo, new: FunctionInfo) -> str:
-    parts = []
-    if old.driver != new.driver:
-        parts.append(f"driver {old.driver or 'none'} -> {new.driver or 'none'}")
-    if old.driver_override != new.driver_override:
-        parts.append(f"driver_override {old.driver_override} -> {new.driver_override}")
-    if old.reset_methods != new.reset_methods:
-        parts.append(f"reset_method {' '.join(old.reset_methods) or '(none)'} -> "
-                     f"{' '.join(new.reset_methods) or '(none)'}")
-    if old.virtfns != new.virtfns:
-        parts.append(f"{len(old.virtfns)} -> {len(new.virtfns)} VF(s)")
-    return ", ".join(parts) or "attributes changed"
-
-
 #: PCIe port types that lead to a link below them (``pcie_downstream_port()`` in
 #: drivers/pci/pci.h); ACS on these decides IOMMU group isolation.
-_ACS_PORT_TYPES = (regs.EXP_TYPE_ROOT_PORT, regs.EXP_TYPE_DOWNSTREAM)
+_ACS_PORT_TYPES = topology_facts.ACS_PORT_TYPES
 
 
 class Topology:
@@ -203,24 +124,8 @@ class Topology:
         left out with a warning; an unreadable config space decodes as absent
         (``parse_config(b"")``) so the rest of the tree still loads.
         """
-        addrs = await host.functions()
-        nodes: dict[PciAddress, FunctionNode] = {}
-        extra: dict[str, Any] = {}
-
-        async def read_one(addr: PciAddress) -> None:
-            node = await _read_node(host, addr)
-            if node is not None:
-                nodes[addr] = node
-
-        async def other(key: str, coro: Awaitable[Any]) -> None:
-            extra[key] = await coro
-
-        await _gather_named(host, "topology", [
-            *((f"read[{a}]", read_one(a)) for a in addrs),
-            ("slots", other("slots", host.slots())),
-            ("iommu", other("iommu", host.has_iommu_groups())),
-        ])
-        return cls(nodes, extra["slots"], extra["iommu"], host.name)
+        nodes, slots, iommu = await load_nodes(host)
+        return cls(nodes, slots, iommu, host.name)
 
     async def refresh(self, host: PciHost, addrs: Iterable[PciAddress]) -> Topology:
         """This topology with what changes at run time made current for ``addrs``.
@@ -233,56 +138,8 @@ class Topology:
         a PF whose VFs came or went is re-read too. Returns ``self`` when
         nothing changed, else a new :class:`Topology` (this one is immutable).
         """
-        listed = set(await host.functions())
-        known = set(self.functions)
-        added, removed = listed - known, known - listed
-        want = {a for a in addrs if a in listed and a not in added}
-        for a in added | removed:
-            node = self.functions.get(a)
-            pf = node.info.physfn if node is not None else None
-            if pf is not None and pf in listed and pf not in added:
-                want.add(pf)
-        nodes = {a: n for a, n in self.functions.items() if a not in removed}
-        changed = bool(removed)
-
-        async def runtime(addr: PciAddress) -> None:
-            nonlocal changed
-            try:
-                state = await host.runtime(addr)
-            except NoSuchFunction as exc:
-                logger.info("%s is gone: %s", addr, exc)
-                nodes.pop(addr, None)
-                changed = True
-                return
-            node = nodes[addr]
-            info = state.apply(node.info)
-            if info is not node.info:
-                logger.info("%s: %s", addr, _what_changed(node.info, info))
-                nodes[addr] = FunctionNode(info, node.config)
-                changed = True
-
-        async def full(addr: PciAddress) -> None:
-            nonlocal changed
-            node = await _read_node(host, addr)
-            if node is not None:
-                logger.info("%s appeared on %s", addr, host.name)
-                nodes[addr] = node
-                # A new VF's PF lists it (virtfnN) even when the listing did
-                # not show the PF as changed.
-                pf = node.info.physfn
-                if pf is not None and pf in nodes and pf not in want and pf not in added:
-                    await runtime(pf)
-                changed = True
-
-        await _gather_named(host, "refresh", [
-            *((f"runtime[{a}]", runtime(a)) for a in sorted(want)),
-            *((f"read[{a}]", full(a)) for a in sorted(added)),
-        ])
-        if not changed:
-            return self
-        for a in sorted(removed):
-            logger.info("%s was removed from %s", a, host.name)
-        return Topology(nodes, self.slots, self.iommu, self.host_name)
+        nodes = await refresh_nodes(host, self.functions, addrs)
+        return self if nodes is None else Topology(nodes, self.slots, self.iommu, self.host_name)
 
     def neighbourhood(self, addrs: Iterable[PciAddress]) -> frozenset[PciAddress]:
         """Every function a reset of any of ``addrs`` could hit (function, slot or bus
@@ -532,49 +389,16 @@ class Topology:
         return self.node(addr).config.find_cap(regs.CAP_ID_EXP) is not None
 
     def config_complete(self, addr: PciAddress) -> bool:
-        """Whether enough config space was read to see the capability list.
-
-        Unprivileged sysfs reads stop at 64 bytes, before any capability.
-        """
-        cfg = self.node(addr).config
-        return cfg.present and len(cfg.raw) >= regs.CFG_SPACE_SIZE
+        """Whether enough config space was read to see the capability list."""
+        return topology_facts.config_complete(self, addr)
 
     def conventional_bus(self, bridge: PciAddress) -> bool:
-        """Whether ``bridge``'s secondary bus is conventional PCI (or PCI-X).
-
-        True for a PCIe-to-PCI bridge (``PCI_EXP_TYPE_PCI_BRIDGE``) and for a
-        bridge with no PCIe capability at all (a PCI-to-PCI bridge);
-        ``pci_bridge_wait_for_secondary_bus`` waits 1000 ms + delay after a
-        reset of a non-PCIe bus (PCI Local Bus 3.0 Trhfa). False when config
-        space was too short to tell.
-        """
-        cfg = self.node(bridge).config
-        if not cfg.is_bridge or not self.config_complete(bridge):
-            return False
-        ptype = cfg.pcie_type
-        return ptype is None or ptype == regs.EXP_TYPE_PCI_BRIDGE
+        """Whether ``bridge``'s secondary bus is conventional PCI (or PCI-X)."""
+        return topology_facts.conventional_bus(self, bridge)
 
     def acs_isolated(self, port: PciAddress) -> bool | None:
-        """ACS isolation of a root or downstream port; None for other functions.
-
-        ``pci_acs_flags_enabled`` in drivers/pci/pci.c: the required flags are
-        SV|RR|CR|UF (``regs.ACS_ISOLATION``) restricted to those the ACS
-        Capability register advertises ("features missing from the capability
-        field can be assumed as hard-wired enabled"); each must be set in the
-        ACS Control register. No ACS capability means not isolated.
-        """
-        cfg = self.node(port).config
-        if cfg.pcie_type not in _ACS_PORT_TYPES:
-            return None
-        cap = cfg.find_ext_cap(regs.EXT_CAP_ID_ACS)
-        if cap is None:
-            return False
-        acs_cap = u16(cfg.raw, cap.offset + regs.ACS_CAP)
-        ctrl = u16(cfg.raw, cap.offset + regs.ACS_CTRL)
-        if acs_cap == 0xFFFF or ctrl == 0xFFFF:
-            return False
-        required = regs.ACS_ISOLATION & (acs_cap | regs.ACS_EC)
-        return (ctrl & required) == required
+        """ACS isolation of a root or downstream port; None for other functions."""
+        return topology_facts.acs_isolated(self, port)
 
     def non_acs_ports(self, addrs: Iterable[PciAddress]) -> tuple[PciAddress, ...]:
         """Root/downstream ports above any of ``addrs`` without ACS isolation, sorted."""
@@ -588,47 +412,5 @@ class Topology:
     # -- description ---------------------------------------------------------
 
     def describe(self, addr: PciAddress) -> dict[str, Any]:
-        """One function as JSON-ready data (``qreset topology --json``).
-
-        IDs, class and capability IDs are integers (simplest for scripts);
-        addresses are strings in the kernel's ``DDDD:BB:DD.F`` form.
-        """
-        node = self.node(addr)
-        info, cfg = node.info, node.config
-        slot = self.slot_of(addr)
-        hot = self.hot_reset_scope(addr)
-        out: dict[str, Any] = {
-            "bdf": str(addr),
-            "vendor": info.vendor,
-            "device": info.device,
-            "class": info.class_code,
-            "revision": info.revision,
-            "subsystem_vendor": info.subsystem_vendor,
-            "subsystem_device": info.subsystem_device,
-            "driver": info.driver,
-            "driver_override": info.driver_override,
-            "iommu_group": info.iommu_group,
-            "reset_methods": list(info.reset_methods),
-            "function_methods": list(self.function_methods(addr)),
-            "parent": str(p) if (p := self._parent[addr]) is not None else None,
-            "is_bridge": self.is_bridge(addr),
-            "pcie_type": cfg.pcie_type,
-            "multifunction": cfg.multifunction,
-            "present": cfg.present,
-            "config_size": len(cfg.raw),
-            "capabilities": [{"id": c.id, "offset": c.offset} for c in cfg.capabilities],
-            "ext_capabilities": [
-                {"id": c.id, "offset": c.offset, "version": c.version} for c in cfg.ext_capabilities
-            ],
-            "slot": {"name": slot.name, "hotplug": slot.hotplug} if slot else None,
-            "physfn": str(info.physfn) if info.physfn else None,
-            "virtfns": [str(v) for v in info.virtfns],
-            "hot_reset_scope": hot.to_json() if hot else None,
-        }
-        if self.is_bridge(addr):
-            out["secondary_bus"] = cfg.secondary_bus
-            out["subordinate_bus"] = cfg.subordinate_bus
-            out["has_reset_subordinate"] = info.has_reset_subordinate
-            out["conventional_bus"] = self.conventional_bus(addr)
-            out["acs_isolated"] = self.acs_isolated(addr)
-        return out
+        """One function as JSON-ready data (``qreset topology --json``)."""
+        return topology_facts.describe(self, addr)

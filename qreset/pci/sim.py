@@ -56,9 +56,10 @@ from qreset.pci import regs
 from qreset.pci.address import PciAddress
 from qreset.pci.host import FunctionInfo, RuntimeState, SlotInfo
 from qreset.pci.sim_config import get
-from qreset.pci.sim_enum import SimFunction, probe_methods, read_ids, resources_of
+from qreset.pci.sim_enum import SimFunction, probe_methods, read_ids
 from qreset.pci.sim_fault import ConfigWrite, Fault, ResetRecord
 from qreset.pci.sim_model import load_topology, read_topology
+from qreset.pci.sim_resources import resources_of
 from qreset.pci.sim_vfio import SimHotReset
 
 __all__ = ["ConfigWrite", "Fault", "ResetRecord", "SimHost"]

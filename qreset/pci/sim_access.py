@@ -24,9 +24,10 @@ from qreset.pci import regs
 from qreset.pci.address import PciAddress
 from qreset.pci.host import PciHost
 from qreset.pci.sim_config import get
-from qreset.pci.sim_enum import Enumeration, SimFunction, resources_of
+from qreset.pci.sim_enum import Enumeration, SimFunction
 from qreset.pci.sim_fault import ConfigWrite, Fault, ResetRecord
 from qreset.pci.sim_model import TopologySpec
+from qreset.pci.sim_resources import resources_of
 
 log = logging.getLogger("qreset.pci.sim")
 
