@@ -86,11 +86,14 @@ class Topology:
         slots: list[SlotInfo],
         iommu: bool,
         host_name: str = "host",
+        kernel: str | None = None,
     ) -> None:
         self.functions = dict(sorted(functions.items()))
         self.slots = list(slots)
         self.iommu = iommu
         self.host_name = host_name
+        #: The host kernel's release when known (``PciHost.kernel_release``).
+        self.kernel = kernel
         # Parent links: sysfs's canonical path first; when it says "root bus"
         # but a bridge in the tree claims this bus as its secondary, trust the
         # bridge (a hand-built or partial tree may omit parent).
@@ -125,7 +128,7 @@ class Topology:
         (``parse_config(b"")``) so the rest of the tree still loads.
         """
         nodes, slots, iommu = await load_nodes(host)
-        return cls(nodes, slots, iommu, host.name)
+        return cls(nodes, slots, iommu, host.name, host.kernel_release())
 
     async def refresh(self, host: PciHost, addrs: Iterable[PciAddress]) -> Topology:
         """This topology with what changes at run time made current for ``addrs``.
@@ -139,7 +142,8 @@ class Topology:
         nothing changed, else a new :class:`Topology` (this one is immutable).
         """
         nodes = await refresh_nodes(host, self.functions, addrs)
-        return self if nodes is None else Topology(nodes, self.slots, self.iommu, self.host_name)
+        return self if nodes is None else Topology(nodes, self.slots, self.iommu, self.host_name,
+                                                    self.kernel)
 
     def neighbourhood(self, addrs: Iterable[PciAddress]) -> frozenset[PciAddress]:
         """Every function a reset of any of ``addrs`` could hit (function, slot or bus

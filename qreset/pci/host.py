@@ -203,6 +203,10 @@ class PciHost(abc.ABC):
     async def bind(self, addr: PciAddress, driver: str | None) -> None:
         """Set ``driver_override`` (None clears it) and ask ``drivers_probe`` to bind."""
 
+    def kernel_release(self) -> str | None:
+        """The host kernel's release (``uname -r``), when known: for what it says about features."""
+        return None
+
     async def sleep(self, seconds: float) -> None:
         """Wait ``seconds`` of host time: real on sysfs, scaled on the simulated host.
 

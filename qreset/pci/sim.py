@@ -96,7 +96,7 @@ class SimHost(SimHotReset):
             driver_override=f.driver_override,
             iommu_group=f.group if self.iommu else None,
             reset_methods=f.reset_methods, has_reset=f.has_reset_attr,
-            has_reset_subordinate=f.is_bridge and f.spec.reset_subordinate,
+            has_reset_subordinate=self.has_reset_subordinate(f),
             resources=tuple(f.resources),
             physfn=f.physfn.addr if f.physfn is not None else None,
             virtfns=tuple(v.addr for v in f.virtfns if v.present),

@@ -51,6 +51,20 @@ class SimConfigSpace(PciHost):
         self._order = boot.order
         self._by_name = boot.by_name
 
+    def kernel_release(self) -> str | None:
+        return self.topology.host.kernel
+
+    def has_reset_subordinate(self, f: SimFunction) -> bool:
+        """A bridge's ``reset_subordinate``: upstream since Linux 6.13 (commit 2fa046449a82,
+        "PCI: Add 'reset_subordinate' to reset hierarchy below bridge", on every bridge:
+        pci_bridge_attrs in drivers/pci/pci-sysfs.c), backported to some stable kernels,
+        so a function's ``reset_subordinate`` in the topology overrides the kernel's."""
+        if not f.is_bridge:
+            return False
+        if f.spec.reset_subordinate is not None:
+            return f.spec.reset_subordinate
+        return self.topology.host.kernel_at_least(6, 13)
+
     def _path(self, addr: PciAddress, attr: str = "") -> str:
         p = f"{self.name}/bus/pci/devices/{addr}"
         return f"{p}/{attr}" if attr else p

@@ -210,7 +210,8 @@ class FunctionSpec(_Strict):
     device_specific: StrictBool = False
     ready_ms: float = Field(default=20.0, ge=0)
     slot: SlotSpec | None = None
-    reset_subordinate: StrictBool = False
+    #: Whether this bridge has ``reset_subordinate``; None: what ``[host] kernel`` has.
+    reset_subordinate: StrictBool | None = None
     iommu_group: int | None = Field(default=None, ge=0)
     interrupt_pin: int = Field(default=1, ge=0, le=4)
 
@@ -227,6 +228,16 @@ class HostSpec(_Strict):
     description: str = ""
     domain: int = Field(default=0, ge=0, le=0xFFFF)
     iommu: StrictBool = True
+    #: The kernel release the host runs ("6.1.0-28", "6.13"): decides the sysfs
+    #: features a bridge has unless the function says (``reset_subordinate``).
+    #: None: a kernel without them unless a function says otherwise.
+    kernel: str | None = Field(default=None, pattern=r"^[0-9]+\.[0-9]+([.-][0-9A-Za-z.+~-]*)?$")
+
+    def kernel_at_least(self, major: int, minor: int) -> bool:
+        if self.kernel is None:
+            return False
+        parts = re.split(r"[.-]", self.kernel)
+        return (int(parts[0]), int(parts[1])) >= (major, minor)
 
 
 class TopologySpec(_Strict):

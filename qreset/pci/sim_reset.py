@@ -248,7 +248,7 @@ class SimResets(SimConfigSpace):
 
     async def reset_subordinate(self, bridge: PciAddress) -> None:
         b = self._get(bridge)
-        if not (b.is_bridge and b.spec.reset_subordinate):
+        if not self.has_reset_subordinate(b):
             raise HostError(self._path(bridge, "reset_subordinate"), "No such file or directory")
         self._check_eio(b, "reset_subordinate")
         # __pci_reset_bus(): pci_bus_trylock(); contention is EAGAIN, not a wait.

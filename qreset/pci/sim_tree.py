@@ -109,7 +109,7 @@ def write_tree(host: SimHost, root: Path) -> None:
             _text(d / "secondary_bus_number", f"{f.asg.secondary}\n")
             _text(d / "subordinate_bus_number", f"{f.asg.subordinate}\n")
             (d / "pci_bus" / f"{f.addr.domain:04x}:{f.asg.secondary:02x}").mkdir(parents=True, exist_ok=True)
-            if f.spec.reset_subordinate:
+            if host.has_reset_subordinate(f):
                 _text(d / "reset_subordinate", "")
         _link(d, devices / str(f.addr))
         if f.driver:

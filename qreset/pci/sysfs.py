@@ -299,6 +299,15 @@ class SysfsHost(PciHost):
         logger.info("%s: secondary bus reset (reset_subordinate)", bridge)
         await self._run(reset)
 
+    def kernel_release(self) -> str | None:
+        # Only the real /sys belongs to the running kernel; a tree elsewhere is a copy.
+        if self.dev_root is None:
+            return None
+        try:
+            return Path("/proc/sys/kernel/osrelease").read_text(encoding="ascii").strip() or None
+        except (OSError, UnicodeDecodeError):
+            return None
+
     def _vfio_dev_root(self, device: PciAddress) -> Path:
         if self.dev_root is None:
             # The ioctl acts on the real kernel's devices: a sysfs copy elsewhere
