@@ -399,7 +399,8 @@ class Daemon:
         monitors = [self._monitor(vm)] if vm is not None else list(self.monitors.values())
         topo = None
         with contextlib.suppress(QResetError):
-            topo = await self.engine.topology()
+            # Drivers as they are now (libvirt rebinds managed devices at start/stop).
+            topo = await self.engine.topology(current=[d.host for m in monitors for d in m.devices])
         out = []
         for m in monitors:
             for dev in m.devices:
@@ -608,7 +609,7 @@ class Daemon:
         from qreset.doctor import diagnose
 
         addrs = [PciAddress.parse(f) for f in functions] if functions else None
-        topo = await self.engine.topology()
+        topo = await self.engine.topology(current=addrs or ())
         for a in addrs or []:
             topo.node(a)  # NoSuchFunction names it
         report = diagnose(topo, addrs).to_json()
