@@ -27,8 +27,8 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from bench.firmware import write_image
+from tests.qemu_helpers import die_with_parent, qemu_command
 
-QEMU = "qemu-system-x86_64"
 #: VFs per PF in the generated host (an 82599/X710-class NIC exposes 63-64).
 VFS_PER_PF = 64
 #: Functions per shared conventional bus: that many VMs contend for one domain lock.
@@ -148,8 +148,8 @@ class Guest:
         return self.workdir / f"{self.name}.debug"
 
     def argv(self, firmware: Path) -> list[str]:
-        return [QEMU, "-name", self.name, "-machine", MACHINE, "-accel", "tcg", "-m", str(GUEST_MEM),
-                "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
+        return [*qemu_command(), "-name", self.name, "-machine", MACHINE, "-accel", "tcg",
+                "-m", str(GUEST_MEM), "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
                 "-bios", str(firmware), "-debugcon", f"file:{self.debug}",
                 "-qmp", f"unix:{self.qmp},server=on,wait=off",
                 "-chardev", f"socket,id=ctl,path={self.ctl_path},server=on,wait=off",
@@ -158,8 +158,10 @@ class Guest:
     def spawn(self, firmware: Path) -> None:
         # Popen, not asyncio's: 256 children would mean 256 child-watcher threads (3.11).
         with (self.workdir / f"{self.name}.stderr").open("wb") as err:
+            # Each guest dies with the bench, however it ends (tests.qemu_helpers.die_with_parent).
             self.proc = subprocess.Popen(self.argv(firmware), stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=err)
+                                         stdout=subprocess.DEVNULL, stderr=err,
+                                         preexec_fn=die_with_parent())  # noqa: PLW1509 - only prctl runs in it
 
     def starts(self) -> int:
         """Times the firmware armed its NMI path (one ``FR`` per start on the debug console)."""

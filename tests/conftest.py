@@ -22,6 +22,7 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.qemu_helpers import QEMU, QEMU_DATADIRS, have_qemu, reap_leftovers
 
@@ -49,6 +50,13 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     lines.append(f"CI={os.environ.get('CI', '')}: a skipped qemu/lab/lspci test "
                  + ("fails" if CI else "is only a skip"))
     return lines
+
+
+# Property tests judge results, not speed: no per-example deadline and no "too slow" health
+# check, which fail on a loaded 2-core machine (hypothesis' default is a 200 ms deadline).
+settings.register_profile("qreset", deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                          print_blob=True)
+settings.load_profile("qreset")
 
 
 @pytest.fixture

@@ -88,13 +88,38 @@ def check_main_thread(what: str) -> None:
                            "(PR_SET_PDEATHSIG fires when the spawning thread exits)")
 
 
-#: Processes tests started that must not outlive the test (pid -> signal to stop it with).
-_LIVE: dict[int, QemuGuest | int] = {}
+#: Processes tests started that must not outlive the test, by pid.
+_LIVE: dict[int, QemuGuest | subprocess.Popen[bytes] | int] = {}
 
 
-def track(pid: int) -> None:
-    """Have the test's teardown stop ``pid`` (SIGTERM, then SIGKILL) if it still runs."""
-    _LIVE[pid] = pid
+def track(proc: subprocess.Popen[bytes] | int) -> None:
+    """Have the test's teardown stop ``proc`` (a Popen, or the pid of an asyncio child) if it still runs."""
+    _LIVE[proc if isinstance(proc, int) else proc.pid] = proc
+
+
+def _stop_pid(pid: int) -> bool:
+    """SIGTERM, then SIGKILL after 5 s, a child that ``waitpid`` says still runs; whether it ran.
+
+    A pid ``waitpid`` does not know (asyncio's child watcher reaped it) is left alone:
+    it may belong to another process by now.
+    """
+    def running() -> bool:
+        try:
+            return os.waitpid(pid, os.WNOHANG) == (0, 0)
+        except ChildProcessError:
+            return False
+
+    if not running():
+        return False
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(50):
+        time.sleep(0.1)
+        if not running():
+            return True
+    os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    return True
 
 
 def reap_leftovers() -> list[str]:
@@ -106,27 +131,17 @@ def reap_leftovers() -> list[str]:
             if what.running:
                 what.stop()
                 stopped.append(f"QEMU {what.name} (pid {pid})")
-            continue
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(pid, os.WNOHANG) != (0, 0):
-                continue
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        for _ in range(50):
-            time.sleep(0.1)
-            with contextlib.suppress(ChildProcessError):
-                if os.waitpid(pid, os.WNOHANG) != (0, 0):
-                    break
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-        else:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        stopped.append(f"pid {pid}")
+        elif isinstance(what, subprocess.Popen):
+            if what.poll() is None:
+                what.terminate()
+                try:
+                    what.wait(5)
+                except subprocess.TimeoutExpired:
+                    what.kill()
+                    what.wait(5)
+                stopped.append(f"pid {pid}")
+        elif _stop_pid(pid):
+            stopped.append(f"pid {pid}")
     return stopped
 
 

@@ -17,7 +17,7 @@ from qemu.qmp import QMPClient
 from bench import firmware
 from bench.scale_fleet import MACHINE, JournalTail, make_plan
 from bench.scale_stats import Tracker, cycle_figures
-from tests.qemu_helpers import QEMU, have_qemu, short_tmpdir
+from tests.qemu_helpers import die_with_parent, have_qemu, qemu_command, short_tmpdir, track
 
 
 def test_image_layout() -> None:
@@ -36,11 +36,14 @@ def test_image_layout() -> None:
 
 
 def _qemu(fw: Path, debug: Path, ctl: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([
-        QEMU, "-machine", MACHINE, "-accel", "tcg", "-m", "16", "-nodefaults", "-no-user-config",
+    proc = subprocess.Popen([
+        *qemu_command(), "-machine", MACHINE, "-accel", "tcg", "-m", "16", "-nodefaults", "-no-user-config",
         "-display", "none", "-bios", str(fw), "-debugcon", f"file:{debug}",
         "-chardev", f"socket,id=ctl,path={ctl},server=on,wait=off", "-mon", "chardev=ctl,mode=control",
-    ], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent())  # noqa: PLW1509 - only prctl runs in it
+    track(proc)
+    return proc
 
 
 @pytest.mark.qemu
