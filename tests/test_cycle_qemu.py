@@ -31,9 +31,9 @@ from qreset.errors import QResetError
 from qreset.pci.sim import Fault, SimHost
 from qreset.vm import VmState
 from tests.conftest import ROOT
+from tests.daemon_helpers import DEMO, LPT, NIC1, SOUND, A, about, make_config, running, wait_cycles
 from tests.qemu_helpers import QemuGuest, guests, have_qemu, read_journal, short_tmpdir, status
 from tests.qmp_proxy import QmpProxy, Rule, Tap
-from tests.test_daemon import DEMO, LPT, NIC1, SOUND, A, about, make_config, running, wait_cycles
 
 pytestmark = [
     pytest.mark.qemu,

@@ -26,9 +26,10 @@ from qreset.pci.address import PciAddress
 from qreset.pci.sim import SimHost
 from qreset.qmpsync import call
 from tests.conftest import ROOT
+from tests.daemon_helpers import DEMO, GPU, GPU_AUDIO, NIC1
 from tests.guest import count_boots, write_boot_image
+from tests.hook_helpers import daemon_on
 from tests.qemu_helpers import die_with_parent, have_qemu, qemu_command, short_tmpdir, track
-from tests.test_hook import DEMO, GPU, GPU_AUDIO, NIC1, daemon_on
 
 needs_qemu = pytest.mark.skipif(not have_qemu(),
                                 reason="qemu-system-x86_64 not installed (scripts/install-deps)")

@@ -32,6 +32,7 @@ from qreset.journal import registered_vms, unfinished_cycles
 from qreset.pci.sim import SimHost
 from qreset.qmpsync import DaemonUnreachable, call
 from tests.conftest import ROOT
+from tests.hook_helpers import commandline_args, daemon_on, domain_xml, hook
 from tests.qemu_helpers import (
     QemuGuest,
     guests,
@@ -41,7 +42,6 @@ from tests.qemu_helpers import (
     status,
     wait_journal_record,
 )
-from tests.test_hook import commandline_args, daemon_on, domain_xml, hook
 
 DEMO = ROOT / "configs" / "sim" / "demo.toml"
 NIC1 = "0000:01:00.0"       # configs/sim/demo.toml: FLR, own root port

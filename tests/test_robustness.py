@@ -24,9 +24,9 @@ from qreset.config import Config, parse_config
 from qreset.errors import QResetError
 from qreset.pci.address import PciAddress
 from qreset.pci.sim import SimHost
+from tests.daemon_helpers import DEMO, NIC1, running, wait_running
 from tests.qemu_helpers import guests, have_qemu, short_tmpdir, status
 from tests.qmp_proxy import Cut, Fail, QmpProxy, Reply, Rule
-from tests.test_daemon import DEMO, NIC1, running, wait_running
 
 pytestmark = [
     pytest.mark.qemu,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qreset.pci.sysfs import SysfsHost
-from tests.test_lspci_oracle import check_all
+from tests.lspci_oracle import check_all
 
 
 async def test_lab_sysfs_decodes_like_lspci(tmp_path: Path) -> None:
