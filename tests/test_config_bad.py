@@ -71,8 +71,8 @@ def _symlink(wd: Path) -> None:
     (wd / "link").symlink_to("real")
 
 
-def _fifo(wd: Path) -> None:
-    os.mkfifo(wd / "qreset.toml")
+def _fifo(rel: str = "qreset.toml") -> Callable[[Path], None]:
+    return lambda wd: os.mkfifo(wd / rel)
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ BAD = [
     Bad("nul-byte", b"[policy]\nmode = 'park'\x00\n", "", "not valid TOML"),
     Bad("not-utf8", b"\xff\xfe[policy]\n", "", "not UTF-8", cli=True),
     Bad("huge-file", conf() + "# " + "x" * (2 << 20) + "\n", "", "too large", cli=True),
-    Bad("config-is-fifo", None, "", "not a regular file", setup=_fifo, cli=True),
+    Bad("config-is-fifo", None, "", "not a regular file", setup=_fifo(), cli=True),
     Bad("config-is-directory", None, "", "not a regular file", setup=_mkdir("qreset.toml")),
     Bad("config-missing", None, "", "cannot read"),
     # --- top level -------------------------------------------------------------------
@@ -117,12 +117,16 @@ BAD = [
         "daemon.control_socket", "is a directory", setup=_mkdir("d"), cli=True),
     Bad("control-socket-regular-file", conf(daemon='journal = "j"\ncontrol_socket = "f"\n'),
         "daemon.control_socket", "exists and is not a socket", setup=_touch("f")),
+    Bad("control-socket-fifo", conf(daemon='journal = "j"\ncontrol_socket = "c"\n'),
+        "daemon.control_socket", "not a socket (it is a FIFO)", setup=_fifo("c")),
     Bad("control-socket-parent-file", conf(daemon='journal = "j"\ncontrol_socket = "f/c.sock"\n'),
         "daemon.control_socket", "is not a directory", setup=_touch("f")),
     Bad("control-socket-int", conf(daemon='journal = "j"\ncontrol_socket = 5\n'),
         "daemon.control_socket", "got 5"),
     Bad("journal-directory", conf(daemon='journal = "state"\ncontrol_socket = ""\n'),
         "daemon.journal", "is a directory", setup=_mkdir("state"), cli=True),
+    Bad("journal-fifo", conf(daemon='journal = "j"\ncontrol_socket = ""\n'),
+        "daemon.journal", "not a regular file (it is a FIFO)", setup=_fifo("j"), cli=True),
     Bad("journal-empty", conf(daemon='journal = ""\ncontrol_socket = ""\n'),
         "daemon.journal", "empty path"),
     Bad("journal-nul", conf(daemon='journal = "a\\u0000b"\ncontrol_socket = ""\n'),
@@ -157,6 +161,8 @@ BAD = [
         "sim.topology", "cannot read", cli=True),
     Bad("sim-topology-directory", conf(sim='topology = "d"\n'),
         "sim.topology", "not a regular file", setup=_mkdir("d")),
+    Bad("sim-topology-fifo", conf(sim='topology = "t.toml"\n'),
+        "sim.topology", "not a regular file", setup=_fifo("t.toml"), cli=True),
     Bad("sim-topology-invalid", conf(sim='topology = "t.toml"\n'),
         "sim.topology", "t.toml", setup=_touch("t.toml")),
     Bad("sim-topology-key-missing", conf(sim="time_scale = 0.1\n"), "sim.topology", "required key"),
@@ -226,6 +232,7 @@ BAD = [
     Bad("vm-name-duplicate", conf(vm() + vm(qmp="b.qmp")), "vm[1].name", "duplicate VM name 'a'"),
     Bad("vm-qmp-missing", conf("[[vm]]\nname = 'a'\n"), "vm.a.qmp", "required key is missing"),
     Bad("vm-qmp-empty", conf(vm(qmp="")), "vm.a.qmp", "empty path"),
+    Bad("vm-qmp-nul", conf(vm(qmp="a\\u0000b")), "vm.a.qmp", "NUL"),
     Bad("vm-qmp-directory", conf(vm(qmp="d")), "vm.a.qmp", "is a directory", setup=_mkdir("d"), cli=True),
     Bad("vm-qmp-too-long", conf(vm(qmp=LONG)), "vm.a.qmp", "longer than 107 bytes", cli=True),
     Bad("vm-qmp-regular-file", conf(vm(qmp="f")), "vm.a.qmp", "exists and is not a socket",
