@@ -26,9 +26,9 @@ from qreset.cli.render import format_event, table
 from qreset.control import ControlServer, Framer
 from qreset.errors import QResetError
 from qreset.history import page as history_page
-from tests.test_control import FakeBackend, backend, sockdir
+from tests.control_helpers import FakeBackend, backend, sockdir
 
-__all__ = ["backend", "sockdir"]  # fixtures re-used from test_control
+__all__ = ["backend", "sockdir"]  # fixtures from tests/control_helpers.py
 
 ROOT = Path(__file__).resolve().parent.parent
 
