@@ -253,8 +253,9 @@ def _vm_names(data: dict[str, Any]) -> dict[int, str]:
 def _loc(loc: Sequence[int | str], vm_names: dict[int, str]) -> str:
     """A pydantic location as a key path: ``vm.web1.device[0].host`` (``vm[3]`` when unnamed).
 
-    A key that is not a plain word is quoted with repr(), so a key holding a
-    newline cannot break the one-line message.
+    A key that is not a short plain word is quoted with repr() and cut, so a
+    key holding a newline cannot break the one-line message, nor a 100 KB key
+    make it 100 KB.
     """
     out = ""
     parts = list(loc)
@@ -264,7 +265,8 @@ def _loc(loc: Sequence[int | str], vm_names: dict[int, str]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + (part if _PLAIN_KEY.match(part) else repr(part))
+            plain = _PLAIN_KEY.match(part) and len(part) <= 60
+            out += ("." if out else "") + (part if plain else _short(part))
     return out or "(top level)"
 
 

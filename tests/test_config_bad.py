@@ -110,6 +110,8 @@ BAD = [
     Bad("vm-not-array", "vm = 'x'\n", "vm", "valid tuple"),
     Bad("daemon-not-table", "daemon = 3\n", "daemon", "got 3"),
     Bad("newline-in-key", conf('[policy]\n"a\\nb" = 1\n'), "policy.'a\\nb'", "unknown key"),
+    Bad("long-key", conf("[policy]\n" + "k" * 100_000 + " = 1\n"), "policy.'" + "k" * 56 + "...",
+        "unknown key", cli=True),
     # --- [daemon] --------------------------------------------------------------------
     Bad("control-socket-too-long", conf(daemon=f'journal = "j"\ncontrol_socket = "{LONG}"\n'),
         "daemon.control_socket", "longer than 107 bytes", cli=True),
