@@ -117,6 +117,9 @@ class CycleMachine:
     commands: int = 0
     #: QEMU's run status as last learnt by the cycle.
     status: str | None = None
+    #: stop-on-reset: whether our ``stop`` is what keeps the guest from running (see
+    #: :attr:`Reply.events`); only then is the final ``cont`` ours to send.
+    holding: bool = True
     durations: dict[str, float] = field(default_factory=dict)
 
     # -- helpers ---------------------------------------------------------
@@ -203,7 +206,17 @@ class CycleMachine:
                 # The stop may still run when QEMU wakes up: make sure the guest ends running.
                 return (yield from self._abort(f"stop: {got.error}", held=True))
             return (yield from self._end("failed", None, f"stop failed: {got.error}", resumed=True))
-        self.status = "paused"
+        # Did our stop stop anything? A guest its manager holds in prelaunch (libvirt's
+        # fake reboot: system_reset of a -no-shutdown QEMU, then its own cont) is not
+        # running: stop is a no-op there, and the manager's cont may come at any time.
+        # The driver stops the guest again on every RESUME while the engine runs; the
+        # final cont is ours to send only if it is our stop that holds the guest.
+        self.holding = got.events is None or "STOP" in got.events or self.spec.requested
+        if not self.holding:
+            yield Log(logging.INFO, f"cycle {self.spec.cid}: stop found the guest not running (its "
+                                    "manager holds it, e.g. libvirt's fake reboot); a resume by the "
+                                    "manager during the cycle is stopped again; the guest is left to it")
+        self.status = "paused" if self.holding else None
         self.phase = Phase.HELD
         self.durations.update({
             "recv_to_stop_ms": _ms(t_stop - self.spec.t_event),
@@ -211,7 +224,8 @@ class CycleMachine:
         })
         yield Emit("QRESET_RESET_STARTED", self._started_event())
         self.durations["event_to_parked_ms"] = self._ms_since(self.spec.t_event)
-        w = yield from self._record({"phase": "parked", "status": "paused",
+        held = "paused" if self.holding else "not-running"
+        w = yield from self._record({"phase": "parked", "status": held,
                                      "recv_to_stop_ms": self.durations["recv_to_stop_ms"],
                                      "event_to_stop_ms": self.durations["event_to_stop_ms"]})
         if w.error:
@@ -233,6 +247,13 @@ class CycleMachine:
             report, error = got.report, got.error
             if report is not None and not report.ok and error is None:
                 error = report_error(report)
+            if got.restops:
+                # Our own stop holds the guest now: the final cont is ours again.
+                self.holding = True
+                note = (f"the guest was resumed by another manager during the engine "
+                        f"{got.restops} time(s) and stopped again at once")
+                yield Log(logging.WARNING, f"cycle {spec.cid}: {note}")
+                yield from self._record({"phase": "note", "note": note})
         self.durations["engine_ms"] = self._ms_since(t0)
         changed = list(report.identity_changed) if report is not None else []
         w = yield from self._record({
@@ -320,8 +341,8 @@ class CycleMachine:
             self.status = None  # unknown: the next attempt asks
 
     def _finish_stop(self, cont: bool) -> Generator[Action, Input, Failed | None]:
-        if not cont:
-            return None
+        if not cont or not self.holding:
+            return None  # not ours to resume: its manager held it when the cycle began
         # We stopped it ourselves: no status query needed, and cont of a running VM is a no-op.
         got = yield from self._cmd("cont")
         if isinstance(got, Failed):

@@ -73,6 +73,12 @@ Action = Command | Record | RunEngine | Sleep | Emit | Log
 @dataclass(frozen=True, slots=True)
 class Reply:
     value: object = None
+    #: The run-state events (``STOP``/``RESUME``) QEMU emitted while the command ran.
+    #: QEMU sends a command's events before its reply on the same socket (a ``stop``
+    #: of a running VM emits ``STOP`` inside ``do_vm_stop``), so a ``stop`` whose
+    #: reply came without a ``STOP`` found the guest not running (``prelaunch``,
+    #: or paused by someone else): it changed nothing. None: not watched.
+    events: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +101,9 @@ class Written:
 class EngineDone:
     report: CycleReport | None = None
     error: str | None = None
+    #: How often another manager resumed the guest while the engine ran (libvirt's
+    #: fake reboot sends its own ``cont``) and the driver stopped it again at once.
+    restops: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +131,10 @@ class CycleSpec:
     cycle_timeout: float = 120.0
     #: Identity of the QEMU process (journaled, so a restart can tell it apart).
     qemu: str | None = None
+    #: qreset itself asked for this reset (``reset-vm``): the cycle ends with the
+    #: guest running, as the operator who asked expects, even if it found the
+    #: guest not running (a QEMU started with ``-S``).
+    requested: bool = False
 
 
 @dataclass

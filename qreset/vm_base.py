@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from qemu.qmp import QMPClient
+from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.protocol import Runstate
 
 from qreset.config import Mode, OnIdentityChange
@@ -131,6 +131,10 @@ class MonitorBase:
         self._retry_soon = False
         #: The cycle in progress (for its id, phase and problem).
         self._machine: CycleMachine | None = None
+        #: stop-on-reset cycles: STOP/RESUME events while the cycle holds the guest.
+        self._runstate: EventListener | None = None
+        #: How often the cycle's guard stopped a guest another manager resumed.
+        self._restops = 0
         #: Which QEMU process this connection talks to (qreset.qemu_peer).
         self._qemu_id: str | None = None
         self._qemu_argv: list[str] | None = None

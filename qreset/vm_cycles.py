@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Generator, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
-from qemu.qmp import ExecuteError, QMPClient, QMPError
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 from qreset.config import Mode
 from qreset.cycle import (
@@ -81,10 +82,16 @@ class CycleDriver(MonitorBase):
             waiters: list[asyncio.Future[dict[str, Any]]] = []
             if data.get("reason") == "host-qmp-system-reset":
                 waiters, self._reset_waiters = self._reset_waiters, []
-            machine = CycleMachine(self._spec(event, data, t_event, wall), clock=loop.time, wall=time.time,
-                                   status=None)
+            spec = dataclasses.replace(self._spec(event, data, t_event, wall), requested=bool(waiters))
+            machine = CycleMachine(spec, clock=loop.time, wall=time.time, status=None)
             self._machine = machine
             self.state = VmState.CYCLE
+            # stop-on-reset: watch the run state while the cycle holds the guest (see
+            # Reply.events and _run_engine): another manager may resume it behind us.
+            watch = EventListener(("STOP", "RESUME")) if self.mode is Mode.STOP_ON_RESET else None
+            self._runstate = watch
+            if watch is not None:
+                client.register_listener(watch)
             try:
                 out = await self._drive(client, machine.run())
             except asyncio.CancelledError:
@@ -98,6 +105,10 @@ class CycleDriver(MonitorBase):
                 raise
             finally:
                 self._machine = None
+                if watch is not None:
+                    self._runstate = None
+                    with contextlib.suppress(Exception):
+                        client.remove_listener(watch)
                 if self.state is VmState.CYCLE:
                     self.state = VmState.RUNNING if self.connected else VmState.WAITING
             if machine.status is not None:
@@ -148,9 +159,16 @@ class CycleDriver(MonitorBase):
 
     async def _perform(self, client: QMPClient, action: Action) -> Input:
         if isinstance(action, Command):
+            watch = self._runstate if action.execute == "stop" else None
+            if watch is not None:
+                watch.clear()  # from here on: what this stop caused
             try:
                 async with asyncio.timeout(action.timeout):
-                    return Reply(await client.execute(action.execute, dict(action.arguments or {}) or None))
+                    value = await client.execute(action.execute, dict(action.arguments or {}) or None)
+                if watch is None:
+                    return Reply(value)
+                # QEMU sends a command's events before its reply: they are queued by now.
+                return Reply(value, events=tuple(str(e.get("event")) for e in watch.clear()))
             except TimeoutError:
                 return Failed(f"{action.execute}: no reply within {action.timeout:g}s (QEMU not answering)",
                               FailKind.TIMEOUT)
@@ -165,7 +183,16 @@ class CycleDriver(MonitorBase):
             except QResetError as exc:
                 return Written(action.record, error=str(exc))
         if isinstance(action, RunEngine):
-            return await self._run_engine(action)
+            if self._runstate is None:
+                return await self._run_engine(action)
+            guard = asyncio.create_task(self._hold_against_resumes(client, self._runstate),
+                                        name=f"vm[{self.name}].hold")
+            try:
+                done = await self._run_engine(action)
+            finally:
+                guard.cancel()
+                await asyncio.gather(guard, return_exceptions=True)
+            return EngineDone(done.report, done.error, restops=self._restops)
         if isinstance(action, Sleep):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(action.seconds):
@@ -176,6 +203,30 @@ class CycleDriver(MonitorBase):
         elif isinstance(action, Log):
             self._log.log(action.level, "%s", action.message)
         return None
+
+    async def _hold_against_resumes(self, client: QMPClient, watch: EventListener) -> None:
+        """
+        While the engine runs, answer every ``RESUME`` with ``stop`` at once.
+
+        In stop-on-reset mode the guest is not ours alone: libvirt's fake reboot
+        (``on_poweroff=restart``, ``virsh reboot --mode acpi``) sends
+        ``system_reset`` and then its own ``cont``, which can come after our
+        ``stop`` and let the guest run on devices being reset. Counts how many
+        times that happened in ``_restops``.
+        """
+        self._restops = 0
+        pending = [str(e.get("event")) for e in watch.clear()]  # since our stop replied
+        resumed = bool(pending) and pending[-1] == "RESUME"
+        while True:
+            if resumed:
+                with contextlib.suppress(QMPError, OSError, TimeoutError):
+                    async with asyncio.timeout(RESET_SETTLE_TIMEOUT):
+                        await client.execute("stop")
+                    self._restops += 1
+                    self._log.warning("the guest was resumed by another manager during the engine: "
+                                      "stopped again")
+            event = await watch.get()
+            resumed = event.get("event") == "RESUME"
 
     async def _run_engine(self, action: RunEngine) -> EngineDone:
         try:

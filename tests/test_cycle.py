@@ -398,3 +398,45 @@ def test_recovery_parked_without_a_record_runs_the_cycle() -> None:
     s = Script(qemu_status("shutdown"))
     verdict, _o, _m = s.run(recover(spec(Mode.PARK), [], "shutdown", s.clock, lambda: 0.0))
     assert verdict is Verdict.RUN_CYCLE
+
+
+# -- stop-on-reset beside another manager (libvirt's fake reboot) -------------
+
+
+def stop_events(*events: str) -> Answer:
+    """A QEMU whose ``stop`` reply came with ``events`` (what the driver saw of it)."""
+
+    def answer(cmd: Command) -> Input:
+        if cmd.execute == "stop":
+            return Reply({}, events=events)
+        return Reply({})
+    return answer
+
+
+def test_stop_that_stopped_nothing_leaves_the_guest_to_its_manager() -> None:
+    """A RESET of a guest its manager holds (prelaunch): our stop is a no-op, so no cont of ours."""
+    s = Script(stop_events())
+    out = s.run(machine(s, spec(Mode.STOP_ON_RESET)).run())
+    assert s.commands == [("stop", None)]   # the engine ran; cont is the manager's to send
+    assert [r.record.get("status") for r in s.records("parked")] == ["not-running"]
+    assert isinstance(out, Outcome)
+    assert out.summary["outcome"] == "resumed"
+    assert any(isinstance(a, Log) and "its manager holds it" in a.message for a in s.actions)
+
+
+def test_stop_that_stopped_the_guest_conts_it() -> None:
+    s = Script(stop_events("STOP"))
+    s.run(machine(s, spec(Mode.STOP_ON_RESET)).run())
+    assert s.commands == [("stop", None), ("cont", None)]
+    assert [r.record.get("status") for r in s.records("parked")] == ["paused"]
+
+
+def test_a_manager_resume_stopped_by_the_guard_makes_the_final_cont_ours() -> None:
+    """libvirt's cont came after our no-op stop; the driver stopped the guest again: we cont it."""
+    s = Script(stop_events(), engine=EngineDone(None, None, restops=1))
+    out = s.run(machine(s, spec(Mode.STOP_ON_RESET)).run())
+    assert s.commands == [("stop", None), ("cont", None)]
+    notes = [r.record["note"] for r in s.records("note")]
+    assert any("resumed by another manager during the engine 1 time(s)" in n for n in notes), notes
+    assert isinstance(out, Outcome)
+    assert out.summary["vm_resumed"] is True

@@ -319,3 +319,56 @@ async def test_a_restarted_daemon_puts_back_the_actions_the_first_one_found() ->
     assert acts[-1]["found"] == {"reboot": "reset", "shutdown": "pause"}
     assert acts[-1]["set"] is None                      # put back by the second daemon
     assert len(acts) == 2
+
+
+async def test_stop_on_reset_leaves_a_guest_its_manager_holds_to_the_manager() -> None:
+    """libvirt's fake reboot resets a QEMU it holds stopped (``-no-shutdown`` + SHUTDOWN), then
+    sends its own ``cont``. Before, qreset's ``stop`` of that not-running guest was a no-op
+    and its final ``cont`` started the guest behind its manager's back."""
+    with short_tmpdir() as wd, guests(wd, "vm1", paused=True) as (g,):
+        host = SimHost.from_toml(DEMO, time_scale=0.01)
+        cfg = make_config(wd, {"vm1": (g, [NIC1])}, "stop-on-reset")
+        async with running(cfg, host) as daemon:
+            done = asyncio.create_task(daemon.wait_event("QRESET_RESET_COMPLETED", timeout=20))
+            manager = await g.ctl()
+            try:
+                assert await status(manager) == "prelaunch"
+                await manager.execute("system_reset")      # the manager's reset; no cont (yet)
+                await done
+                await asyncio.sleep(0.5)
+                st = await status(manager)
+            finally:
+                await manager.disconnect()
+        records = read_journal(wd / "journal.jsonl")
+    assert st == "prelaunch", "qreset started a guest its manager held"
+    assert [r["status"] for r in records if r["phase"] == "parked"] == ["not-running"]
+
+
+async def test_stop_on_reset_stops_again_a_guest_its_manager_resumes_mid_cycle() -> None:
+    """The manager's ``cont`` lands while the engine resets the devices: qreset stops the
+    guest again at once, and resumes it itself when the devices are done."""
+    with short_tmpdir() as wd, guests(wd, "vm1", paused=True) as (g,):
+        host = SimHost.from_toml(DEMO, time_scale=0.01)
+        cfg = make_config(wd, {"vm1": (g, [NIC1])}, "stop-on-reset")
+        async with running(cfg, host) as daemon:
+            host.inject(A(NIC1), Fault.slow(100.0))       # the engine takes about 1 s
+            started = asyncio.create_task(daemon.wait_event("QRESET_RESET_STARTED", timeout=20))
+            done = asyncio.create_task(daemon.wait_event("QRESET_RESET_COMPLETED", timeout=30))
+            manager = await g.ctl()
+            try:
+                await manager.execute("system_reset")
+                await started
+                await manager.execute("cont")               # libvirt's qemuProcessStartCPUs
+                await asyncio.sleep(0.3)                    # the engine is still running
+                during = await status(manager)
+                summary = await done
+                await asyncio.sleep(0.2)
+                after = await status(manager)
+            finally:
+                await manager.disconnect()
+        records = read_journal(wd / "journal.jsonl")
+    assert during == "paused", "the guest ran while its devices were being reset"
+    assert after == "running"
+    assert summary["vm_resumed"] is True
+    notes = [r["note"] for r in records if r["phase"] == "note"]
+    assert any("resumed by another manager during the engine" in n for n in notes), notes
