@@ -351,7 +351,7 @@ async def test_stop_on_reset_stops_again_a_guest_its_manager_resumes_mid_cycle()
         host = SimHost.from_toml(DEMO, time_scale=0.01)
         cfg = make_config(wd, {"vm1": (g, [NIC1])}, "stop-on-reset")
         async with running(cfg, host) as daemon:
-            host.inject(A(NIC1), Fault.slow(100.0))       # the engine takes about 1 s
+            host.inject(A(NIC1), Fault.slow(400.0))       # the engine takes about 4 s
             started = asyncio.create_task(daemon.wait_event("QRESET_RESET_STARTED", timeout=20))
             done = asyncio.create_task(daemon.wait_event("QRESET_RESET_COMPLETED", timeout=30))
             manager = await g.ctl()
