@@ -44,6 +44,7 @@ from tests.lab.labhost import (
 )
 from tests.lab.labhost import driver as lab_driver
 from tests.lab.labhost import reset_methods as lab_reset_methods
+from tests.lab.labhost import write as lab_write
 from tests.pcibuild import Cfg
 
 A = PciAddress.parse
@@ -692,6 +693,43 @@ async def test_lab_reset_runs_the_chosen_method() -> None:
                 await h.reset_function(addr, "af_flr")
     finally:
         await h.close()
+
+
+@pytest.mark.lab
+@lab
+async def test_lab_stale_bus_is_put_back_as_the_kernel_accepts(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 9 item 3 on the real kernel: mf0's ``reset_method`` lists ``bus`` from when it
+    was alone on its bus; after a narrowed reset the kernel refuses that list (EINVAL,
+    "Unsupported reset method 'bus'"): what is put back is the list without ``bus``,
+    with no warning and no fallback to ``default``."""
+    roles = Roles.discover()
+    mf0, mf1, rp = roles["mf0"], roles["mf1"], roles["rp_multifn"]
+    rm = Path("/sys/bus/pci/devices") / str(mf0) / "reset_method"
+    methods = [m for m in lab_reset_methods(mf0) if m != "bus"]
+    assert methods, f"mf0 has no function-level method: {lab_reset_methods(mf0)}"
+    if "bus" not in lab_reset_methods(mf0):
+        # Make the stale list the way enumeration does: bus probed while mf0 is alone.
+        lab_write(Path("/sys/bus/pci/devices") / str(mf1) / "remove", "1")
+        lab_write(rm, " ".join([*reversed(methods), "bus"]))  # an operator's order, too
+        lab_write(Path("/sys/bus/pci/devices") / str(rp) / "rescan", "1")
+        for _ in range(100):
+            if (Path("/sys/bus/pci/devices") / str(mf1)).exists():
+                break
+            await asyncio.sleep(0.05)
+    before = lab_reset_methods(mf0)
+    assert "bus" in before, before
+    bind_vfio(mf0)
+    h = SysfsHost()
+    try:
+        with caplog.at_level("INFO"):
+            await h.reset_function(mf0, methods[0])
+    finally:
+        await h.close()
+        after = lab_reset_methods(mf0)
+        lab_write(rm, "default")
+    assert after == [m for m in before if m != "bus"], (before, after)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == []
+    assert any("no longer supports 'bus'" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.lab
