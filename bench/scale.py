@@ -126,9 +126,10 @@ async def time_query(ctl: Path, command: str = "query-status") -> float:
 class Run:
     """One bench run: N guests, one daemon, waves of injected resets."""
 
-    def __init__(self, n: int, burst: int, time_scale: float, workdir: Path, nofile_soft: int) -> None:
+    def __init__(self, n: int, burst: int, time_scale: float, workdir: Path, nofile_soft: int,
+                 journal_dir: Path | None = None) -> None:
         self.n, self.burst = n, burst
-        self.plan = make_plan(workdir, n, time_scale)
+        self.plan = make_plan(workdir, n, time_scale, journal_dir)
         self.fleet = Fleet(self.plan)
         self.daemon = Daemon(self.plan, nofile_soft)
         self.tail = JournalTail(self.plan.journal)
@@ -271,7 +272,7 @@ async def start_profile(pid: int, out: Path | None, seconds: float) -> asyncio.s
         return None
     return await asyncio.create_subprocess_exec(
         spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100",
-        "--format", "raw", "--output", str(out), "--nonblocking",
+        "--format", "raw", "--output", str(out), "--nonblocking", "--threads",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
 
 
@@ -286,9 +287,10 @@ async def finish_profile(spy: asyncio.subprocess.Process, out: Path | None) -> s
 
 
 async def one_run(n: int, burst: int, soak: float, rounds: int, time_scale: float,
-                  nofile_soft: int, profile: Path | None, keep: bool) -> dict[str, Any]:
+                  nofile_soft: int, profile: Path | None, keep: bool,
+                  journal_dir: Path | None = None) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix=f"qrs{n}-", dir="/tmp"))
-    run = Run(n, burst, time_scale, workdir, nofile_soft)
+    run = Run(n, burst, time_scale, workdir, nofile_soft, journal_dir)
     result: dict[str, Any] = {}
     try:
         result = await run.execute(soak, rounds, profile)
@@ -300,6 +302,7 @@ async def one_run(n: int, burst: int, soak: float, rounds: int, time_scale: floa
         result["workdir"] = str(workdir)
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
+            run.plan.journal.unlink(missing_ok=True)
     result |= run.track.summary()
     result["not_ready_skipped"] = run.not_ready
     result["stuck"] = sorted(run.stuck)
@@ -340,9 +343,10 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"RLIMIT_NOFILE hard limit {hard} < {need} needed for {args.vms} guests", file=sys.stderr)
         return 2
     dsoft = min(args.daemon_nofile, hard)
-    base = await one_run(1, 1, 0.0, args.baseline_cycles, args.time_scale, dsoft, None, args.keep)
+    base = await one_run(1, 1, 0.0, args.baseline_cycles, args.time_scale, dsoft, None, args.keep,
+                         args.journal_dir)
     full = await one_run(args.vms, args.burst, args.soak, 0, args.time_scale, dsoft, args.profile,
-                         args.keep)
+                         args.keep, args.journal_dir)
     out = {"args": vars(args) | {"profile": str(args.profile) if args.profile else None,
                                  "json": str(args.json) if args.json else None},
            "nofile": {"bench_soft_before": soft, "hard": hard, "daemon_started_with": dsoft},
@@ -369,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="sim time scale: FLR 100 ms × this (0.01)")
     ap.add_argument("--daemon-nofile", type=int, default=DAEMON_NOFILE,
                     help=f"fd soft limit the daemon is started with ({DAEMON_NOFILE}, systemd's default)")
+    ap.add_argument("--journal-dir", type=Path,
+                    help="put the daemon's journal here (e.g. /dev/shm: what fsync costs on this disk)")
     ap.add_argument("--json", type=Path, help="write every figure to this file")
     ap.add_argument("--profile", type=Path, help="py-spy record the daemon (raw stacks) into this file")
     ap.add_argument("--keep", action="store_true", help="keep the work directories (journal, logs)")

@@ -99,7 +99,7 @@ class Plan:
     shared: frozenset[str]           # VMs whose function sits on a shared bus
 
 
-def make_plan(workdir: Path, n: int, time_scale: float) -> Plan:
+def make_plan(workdir: Path, n: int, time_scale: float, journal_dir: Path | None = None) -> Plan:
     from qreset.pci.sim import SimHost
 
     n_shared = shared_vms(n)
@@ -111,7 +111,8 @@ def make_plan(workdir: Path, n: int, time_scale: float) -> Plan:
     conv = [str(names[f"conv{i // SHARED_PER_BUS}.{i % SHARED_PER_BUS}"]) for i in range(n_shared)]
     devices = {f"g{i:03d}": bdf for i, bdf in enumerate(vfs + conv)}
     shared = frozenset(f"g{i:03d}" for i in range(n_vf, n))
-    journal, control = workdir / "journal.jsonl", workdir / "control.sock"
+    journal = (journal_dir or workdir) / f"journal-{workdir.name}.jsonl"
+    control = workdir / "control.sock"
     lines = ["[daemon]", f'control_socket = "{control}"', f'journal = "{journal}"', "",
              "[sim]", f'topology = "{topo}"', f"time_scale = {time_scale}", "",
              "[policy]", 'mode = "park"',
