@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -116,6 +118,23 @@ def test_order_matches_tuple_order(a: PciAddress, b: PciAddress) -> None:
     tb = (b.domain, b.bus, b.device, b.function)
     assert (a < b) == (ta < tb)
     assert (a == b) == (ta == tb)
+
+
+@given(addresses, addresses)
+def test_hash_and_every_comparison_agree_with_the_fields(a: PciAddress, b: PciAddress) -> None:
+    """Eq/hash/order go through one packed integer (speed): it must be exactly the fields."""
+    ta = (a.domain, a.bus, a.device, a.function)
+    tb = (b.domain, b.bus, b.device, b.function)
+    assert (a <= b) == (ta <= tb)
+    assert (a > b) == (ta > tb)
+    assert (a >= b) == (ta >= tb)
+    assert (a != b) == (ta != tb)
+    assert len({a, b}) == len({ta, tb})
+    assert {a: 1}.get(PciAddress(*ta)) == 1
+    assert a != ta  # an address is not a tuple
+    moved = dataclasses.replace(a, bus=b.bus)  # a copy gets its own key
+    assert moved == PciAddress(a.domain, b.bus, a.device, a.function)
+    assert hash(moved) == hash(PciAddress(a.domain, b.bus, a.device, a.function))
 
 
 @given(st.text(max_size=20))

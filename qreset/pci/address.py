@@ -10,7 +10,7 @@ hosts, so up to 8 hex digits are accepted for the domain. The short
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qreset.errors import AddressError
 
@@ -20,14 +20,24 @@ _RE = re.compile(
 )
 
 
-@dataclass(frozen=True, order=True, slots=True)
+@dataclass(frozen=True, eq=False, slots=True)
 class PciAddress:
-    """One PCI function: domain (segment), bus, device (0-31), function (0-7)."""
+    """One PCI function: domain (segment), bus, device (0-31), function (0-7).
+
+    Equality, hashing and order go through one integer computed once
+    (``domain, bus, devfn`` packed as the kernel's ``pci_domain_nr << 16 |
+    PCI_DEVID``): addresses are dict keys and set members everywhere in a
+    cycle (ownership of every VM, domain locks, topology scopes), and the
+    generated dataclass methods built and hashed a 4-tuple on every lookup
+    (``bench.scale``: about 3,300 hashes per cycle with 256 VMs). The order
+    is the field order, as ``order=True`` gave.
+    """
 
     domain: int
     bus: int
     device: int
     function: int
+    _key: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not (0 <= self.domain <= 0xFFFFFFFF and 0 <= self.bus <= 0xFF
@@ -36,6 +46,36 @@ class PciAddress:
                 f"{self.domain:x}:{self.bus:x}:{self.device:x}.{self.function}",
                 "field out of range (bus 0-ff, device 0-1f, function 0-7)",
             )
+        object.__setattr__(self, "_key", (self.domain << 16) | (self.bus << 8)
+                           | (self.device << 3) | self.function)
+
+    def __hash__(self) -> int:
+        return self._key
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is PciAddress:
+            return self._key == other._key
+        return NotImplemented
+
+    def __lt__(self, other: PciAddress) -> bool:
+        if other.__class__ is PciAddress:
+            return self._key < other._key
+        return NotImplemented
+
+    def __le__(self, other: PciAddress) -> bool:
+        if other.__class__ is PciAddress:
+            return self._key <= other._key
+        return NotImplemented
+
+    def __gt__(self, other: PciAddress) -> bool:
+        if other.__class__ is PciAddress:
+            return self._key > other._key
+        return NotImplemented
+
+    def __ge__(self, other: PciAddress) -> bool:
+        if other.__class__ is PciAddress:
+            return self._key >= other._key
+        return NotImplemented
 
     @classmethod
     def parse(cls, text: str) -> PciAddress:
