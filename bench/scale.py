@@ -327,7 +327,7 @@ def verdict(res: dict[str, Any]) -> list[str]:
     if res.get("lost"):
         why.append(f"{len(res['lost'])} lost cycle(s) (started, never ended): {res['lost'][:5]}")
     if res.get("failures"):
-        why.append(f"{res['failures']} failed cycle(s)")
+        why.append(f"{res['failures']} failed cycle(s): {res.get('failure_errors')}")
     if res.get("stuck"):
         why.append(f"{len(res['stuck'])} guest(s) never re-armed after a cycle: {res['stuck'][:5]}")
     if res.get("unanswered"):

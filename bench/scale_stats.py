@@ -109,6 +109,9 @@ class Tracker:
             "injected": sum(self.injected.values()),
             "cycles": self.cycles_total,
             "failures": sum(1 for _t, _v, r in self.rows if r.get("outcome", r.get("phase")) != "resumed"),
+            "failure_errors": dict(Counter(
+                str(r.get("error"))[:160] for _t, _v, r in self.rows
+                if r.get("outcome", r.get("phase")) != "resumed").most_common(5)),
             "lost": sorted(self.open),
             "unanswered": sum(max(0, n - self.starts[vm]) for vm, n in self.injected.items()),
             "extra_cycles": sum(max(0, self.starts[vm] - n) for vm, n in self.injected.items()),
