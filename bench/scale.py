@@ -127,11 +127,11 @@ class Run:
     """One bench run: N guests, one daemon, waves of injected resets."""
 
     def __init__(self, n: int, burst: int, time_scale: float, workdir: Path, nofile_soft: int,
-                 journal_dir: Path | None = None) -> None:
+                 journal_dir: Path | None = None, group_commit: bool = False) -> None:
         self.n, self.burst = n, burst
         self.plan = make_plan(workdir, n, time_scale, journal_dir)
         self.fleet = Fleet(self.plan)
-        self.daemon = Daemon(self.plan, nofile_soft)
+        self.daemon = Daemon(self.plan, nofile_soft, group_commit)
         self.tail = JournalTail(self.plan.journal)
         self.track = Tracker(self.plan.shared)
         self.samples: list[dict[str, Any]] = []
@@ -288,9 +288,9 @@ async def finish_profile(spy: asyncio.subprocess.Process, out: Path | None) -> s
 
 async def one_run(n: int, burst: int, soak: float, rounds: int, time_scale: float,
                   nofile_soft: int, profile: Path | None, keep: bool,
-                  journal_dir: Path | None = None) -> dict[str, Any]:
+                  journal_dir: Path | None = None, group_commit: bool = False) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix=f"qrs{n}-", dir="/tmp"))
-    run = Run(n, burst, time_scale, workdir, nofile_soft, journal_dir)
+    run = Run(n, burst, time_scale, workdir, nofile_soft, journal_dir, group_commit)
     result: dict[str, Any] = {}
     try:
         result = await run.execute(soak, rounds, profile)
@@ -344,9 +344,9 @@ async def main_async(args: argparse.Namespace) -> int:
         return 2
     dsoft = min(args.daemon_nofile, hard)
     base = await one_run(1, 1, 0.0, args.baseline_cycles, args.time_scale, dsoft, None, args.keep,
-                         args.journal_dir)
+                         args.journal_dir, args.group_commit_journal)
     full = await one_run(args.vms, args.burst, args.soak, 0, args.time_scale, dsoft, args.profile,
-                         args.keep, args.journal_dir)
+                         args.keep, args.journal_dir, args.group_commit_journal)
     out = {"args": vars(args) | {"profile": str(args.profile) if args.profile else None,
                                  "json": str(args.json) if args.json else None},
            "nofile": {"bench_soft_before": soft, "hard": hard, "daemon_started_with": dsoft},
@@ -375,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"fd soft limit the daemon is started with ({DAEMON_NOFILE}, systemd's default)")
     ap.add_argument("--journal-dir", type=Path,
                     help="put the daemon's journal here (e.g. /dev/shm: what fsync costs on this disk)")
+    ap.add_argument("--group-commit-journal", action="store_true",
+                    help="experiment: the daemon's journal appends with bench.scale_daemon's prototype "
+                         "(os.write on the loop, one shared fsync) instead of qreset.journal's")
     ap.add_argument("--json", type=Path, help="write every figure to this file")
     ap.add_argument("--profile", type=Path, help="py-spy record the daemon (raw stacks) into this file")
     ap.add_argument("--keep", action="store_true", help="keep the work directories (journal, logs)")

@@ -270,6 +270,8 @@ class Daemon:
 
     plan: Plan
     nofile_soft: int
+    #: Run the daemon with bench.scale_daemon's prototype group-commit journal.
+    group_commit: bool = False
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -278,10 +280,12 @@ class Daemon:
         ours = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(self.nofile_soft, ours[1]), ours[1]))
         try:
+            cmd = ([sys.executable, "-m", "bench.scale_daemon", "--group-commit"] if self.group_commit
+                   else [sys.executable, "-m", "qreset"])
+            env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
             with (self.plan.workdir / "daemon.log").open("wb") as log:
-                self.proc = subprocess.Popen([sys.executable, "-m", "qreset", "run", "--config",
-                                              str(self.plan.config)], stdin=subprocess.DEVNULL,
-                                             stdout=log, stderr=log)
+                self.proc = subprocess.Popen([*cmd, "run", "--config", str(self.plan.config)],
+                                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, ours)
 

@@ -52,5 +52,6 @@ def test_reduced_scale_run_loses_nothing(tmp_path: Path) -> None:
     samples = full["daemon_samples"]
     assert samples[0]["phase"] == "start"
     assert samples[-1]["phase"] == "end"
-    assert samples[-1]["fds"] <= samples[0]["fds"], "daemon leaks file descriptors"
+    # Flat: a leak over 60 s of waves would be dozens of fds; 1 is a status client in flight.
+    assert samples[-1]["fds"] <= samples[0]["fds"] + 1, "daemon leaks file descriptors"
     assert proc.returncode == 0, report
