@@ -36,30 +36,43 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import aiofiles
 import aiofiles.os
 
-from qreset.errors import QResetError
+from qreset.journal_read import (
+    INFO_PHASES,
+    REGISTRY_PHASES,
+    TERMINAL_PHASES,
+    JournalError,
+    finished_cycles,
+    iter_history,
+    read_records,
+    registered_vms,
+    unfinished_cycles,
+)
+
+__all__ = [
+    "INFO_PHASES", "REGISTRY_PHASES", "TERMINAL_PHASES", "Journal", "JournalError",
+    "finished_cycles", "iter_history", "read_records", "registered_vms", "unfinished_cycles",
+]
 
 logger = logging.getLogger(__name__)
 
-#: Phases after which a cycle needs nothing more from anyone.
-TERMINAL_PHASES = frozenset({"resumed", "stopped", "failed", "poweroff"})
-#: Phases that only inform (e.g. ``note``: the QMP connection was lost mid-cycle).
-#: Older daemons wrote notes under the cycle id ``-``, shared by every VM: counted
-#: as a cycle, that group never ends and made each restart "recover" a cycle
-#: that was never open (and ``cont`` a guest that another manager holds stopped).
-INFO_PHASES = frozenset({"note", "actions"})
-#: Registration of a VM at run time (``add-vm``) and its end (``remove-vm``): not cycles.
-REGISTRY_PHASES = frozenset({"add-vm", "remove-vm"})
-
-
-class JournalError(QResetError):
-    """The journal cannot be opened or written (names the path)."""
+def _torn_tail(path: Path) -> bool:
+    """Whether ``path`` is a non-empty file whose last byte is not a newline."""
+    if not path.is_file():
+        return False
+    try:
+        with path.open("rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
 
 
 class Journal:
@@ -73,7 +86,14 @@ class Journal:
     async def open(self) -> None:
         try:
             await aiofiles.os.makedirs(self.path.parent, exist_ok=True)
+            torn = await asyncio.to_thread(_torn_tail, self.path)
             self._file = await aiofiles.open(self.path, "a", encoding="utf-8")
+            if torn:
+                # The previous daemon died mid-line: end that line, or the next
+                # record would be glued to it and lost at the next read.
+                logger.warning("%s: the last line was torn (daemon killed mid-write); ending it",
+                               self.path)
+                await self._file.write("\n")
         except OSError as exc:
             raise JournalError(f"{self.path}: cannot open journal: {exc.strerror or exc}") from None
 
@@ -113,85 +133,3 @@ class Journal:
     def unfinished(self) -> dict[str, list[dict[str, Any]]]:
         """Per VM, the records of its last cycle if it has no terminal record."""
         return unfinished_cycles(self.read())
-
-
-def read_records(path: Path) -> Iterable[dict[str, Any]]:
-    if path.exists() and not path.is_file():
-        logger.warning("%s is not a regular file: no journal to read back", path)
-        return
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise JournalError(f"{path}: cannot read journal: {exc.strerror or exc}") from None
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            logger.warning("%s:%d: skipping malformed journal line (%s)", path, lineno, exc.msg)
-            continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("vm"), str) \
-                or not isinstance(rec.get("cycle"), str):
-            logger.warning("%s:%d: skipping journal line without vm/cycle", path, lineno)
-            continue
-        yield rec
-
-
-def unfinished_cycles(records: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Group records by cycle; return, per VM, the latest cycle lacking a terminal phase."""
-    cycles: dict[str, list[dict[str, Any]]] = {}
-    order: list[str] = []
-    for rec in records:
-        if rec.get("phase") in INFO_PHASES or rec.get("phase") in REGISTRY_PHASES:
-            continue  # says something about a cycle, or a registration; never opens one
-        cid = rec["cycle"]
-        if cid not in cycles:
-            cycles[cid] = []
-            order.append(cid)
-        cycles[cid].append(rec)
-    out: dict[str, list[dict[str, Any]]] = {}
-    for cid in order:
-        recs = cycles[cid]
-        vm = recs[0]["vm"]
-        if any(r.get("phase") in TERMINAL_PHASES for r in recs):
-            out.pop(vm, None)  # a later finished cycle supersedes an older open one
-        else:
-            out[vm] = recs
-    return out
-
-
-def finished_cycles(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The terminal record of every cycle, oldest first (what ``history`` shows)."""
-    return [r for r in records if r.get("phase") in TERMINAL_PHASES]
-
-
-def registered_vms(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """
-    The VMs registered at run time and not removed since, by name, in the
-    order they were (last) added: each value is the ``add-vm`` record (with
-    ``qmp``, ``devices``, ``mode``). A later ``add-vm`` of the same name
-    replaces the earlier one. A record missing a field or with one of the
-    wrong type is skipped with a warning (hand-edited or damaged journal).
-    """
-    out: dict[str, dict[str, Any]] = {}
-    for rec in records:
-        phase = rec.get("phase")
-        if phase not in REGISTRY_PHASES:
-            continue
-        vm = rec["vm"]
-        if phase == "remove-vm":
-            out.pop(vm, None)
-            continue
-        devices = rec.get("devices")
-        mode = rec.get("mode")
-        if not isinstance(rec.get("qmp"), str) or not isinstance(devices, list) \
-                or not all(isinstance(d, str) for d in devices) \
-                or not (mode is None or isinstance(mode, str)):
-            logger.warning("journal: add-vm record of VM %s lacks qmp/devices/mode; ignoring it", vm)
-            continue
-        out.pop(vm, None)  # re-added: its place is now at the end
-        out[vm] = rec
-    return out
