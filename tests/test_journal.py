@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from qreset.journal import Journal, iter_history, read_records, registered_vms, unfinished_cycles
+import pytest
+
+from qreset.errors import ConfigError
+from qreset.journal import (
+    Journal,
+    iter_history,
+    read_records,
+    registered_vms,
+    segment_paths,
+    unfinished_cycles,
+)
+from qreset.journal_read import load_recovery
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
@@ -102,3 +118,189 @@ def test_read_records_streams_without_reading_the_file_whole(tmp_path: Path) -> 
     it = read_records(path)
     first = next(iter(it))
     assert first["phase"] == "cycle-start"
+
+
+# ----------------------------------------------------------------------
+# group commit, degraded mode, rotation (the writer)
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str = "64k", ro: bool = False) -> Iterator[Path]:
+    """A real small filesystem (root only): ENOSPC when full, EROFS when read-only."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (",ro" if ro else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(fs: Path) -> Path:
+    """Fill ``fs`` to the last byte; returns the filler (delete it to free the space)."""
+    filler = fs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for size in (65536, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def test_concurrent_sync_appends_share_fsyncs(tmp_path: Path) -> None:
+    """64 appenders at once: every record durable on return, far fewer fsyncs than records."""
+    journal = Journal(tmp_path / "journal.jsonl")
+    await journal.open()
+    try:
+        await asyncio.gather(*(journal.append({"vm": f"vm{i}", "cycle": f"c{i}", "phase": "parked"})
+                               for i in range(64)))
+        fsyncs = journal.fsyncs
+    finally:
+        await journal.close()
+    assert len(_lines(tmp_path / "journal.jsonl")) == 64
+    assert 1 <= fsyncs < 64
+
+
+async def test_an_unsynced_append_is_in_the_file_when_it_returns(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    await journal.open()
+    try:
+        await journal.append({"vm": "vm1", "cycle": "c1", "phase": "parked"}, sync=False)
+        seen = _lines(path)  # another reader, before any fsync: the kernel has it
+        await journal.flush()
+    finally:
+        await journal.close()
+    assert [r["phase"] for r in seen] == ["parked"]
+
+
+async def test_a_full_filesystem_degrades_the_journal_and_it_recovers(tmp_path: Path) -> None:
+    """
+    ENOSPC while running: append never raises, ``degraded`` says why, and when
+    space returns the journal writes again, starting with a checkpoint that
+    holds the cycle left open while records were lost.
+    """
+    with tmpfs(tmp_path / "fs") as fs:
+        path = fs / "journal.jsonl"
+        journal = Journal(path, retry_s=0.1)
+        await journal.open()
+        try:
+            await journal.append({"vm": "vm1", "cycle": "c1", "phase": "cycle-start"})
+            filler = fill(fs)
+            # The file's last page still takes writes: go past it.
+            for n in range(200):
+                await journal.append({"vm": "vm1", "cycle": f"c{n}", "phase": "resumed", "pad": "x" * 64})
+                if journal.degraded is not None:
+                    break
+            await journal.append({"vm": "vm2", "cycle": "c2", "phase": "cycle-start"}, sync=False)
+            degraded = journal.degraded
+            filler.unlink()
+            async with asyncio.timeout(10):
+                while journal.degraded is not None:
+                    await asyncio.sleep(0.05)
+            await journal.append({"vm": "vm2", "cycle": "c2", "phase": "parked"})
+        finally:
+            await journal.close()
+        recovered = load_recovery(path)
+    assert degraded is not None
+    assert "No space left on device" in degraded
+    assert {vm: [r["phase"] for r in recs] for vm, recs in recovered.unfinished().items()} == {
+        "vm2": ["cycle-start", "parked"]}
+
+
+async def test_an_unwritable_journal_at_start_degrades_instead_of_failing(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "ro", ro=True) as fs:
+        journal = Journal(fs / "journal.jsonl")
+        await journal.open()
+        try:
+            rec = await journal.append({"vm": "vm1", "cycle": "c1", "phase": "cycle-start"})
+            degraded = journal.degraded
+        finally:
+            await journal.close()
+    assert rec["phase"] == "cycle-start"
+    assert degraded is not None
+    assert "Read-only file system" in degraded
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
+async def test_a_journal_that_is_not_a_regular_file_is_a_configuration_error(
+        tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "journal.jsonl"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path = Path("/dev/full")
+    journal = Journal(path)
+    with pytest.raises(ConfigError) as info:
+        async with asyncio.timeout(5):  # a FIFO used to block here forever
+            await journal.open()
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+async def test_rotation_keeps_what_a_restart_needs_in_the_active_segment(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path, segment_bytes=4096, segments=3)
+    written: list[dict[str, Any]] = []
+    await journal.open()
+    try:
+        written.append(await journal.append({"vm": "kept", "cycle": "reg-1", "phase": "add-vm",
+                                             "qmp": "/q", "devices": [], "mode": "park"}))
+        written.append(await journal.append({"vm": "open", "cycle": "o1", "phase": "cycle-start"}))
+        for n in range(200):
+            for phase in ("cycle-start", "parked", "resumed"):
+                written.append(await journal.append(
+                    {"vm": "busy", "cycle": f"b{n}", "phase": phase, "pad": "x" * 40},
+                    sync=n % 2 == 0))
+        written.append(await journal.append({"vm": "open", "cycle": "o1", "phase": "parked"}))
+        rotations = journal.rotations
+    finally:
+        await journal.close()
+    segments = segment_paths(path)
+    assert rotations > 3
+    assert [p.name for p in segments] == ["journal.jsonl", "journal.jsonl.1", "journal.jsonl.2",
+                                          "journal.jsonl.3"]
+    assert all(p.stat().st_size <= 4096 + 1024 for p in segments)
+    assert next(iter(read_records(path)))["phase"] == "checkpoint"
+    state = load_recovery(path)  # the active segment alone
+    assert state.unfinished() == unfinished_cycles(written)
+    assert state.registered() == registered_vms(written)
+    history = [r["cycle"] for r in iter_history(path, vm="busy")]
+    assert history == [f"b{n}" for n in range(199, 199 - len(history), -1)]
+    assert len(history) > 10
+
+
+@pytest.mark.parametrize("moved", [True, False], ids=["after-move", "before-move"])
+async def test_a_rotation_cut_short_by_a_crash_is_finished_or_undone(tmp_path: Path, moved: bool) -> None:
+    path = tmp_path / "journal.jsonl"
+    old = [{"t": 1.0, "vm": "vm1", "cycle": "c1", "phase": "cycle-start"}]
+    ckpt = {"t": 2.0, "vm": "", "cycle": "checkpoint", "phase": "checkpoint", "open": old,
+            "registry": []}
+    _write(path.with_name("journal.jsonl.1") if moved else path, old)
+    path.with_name("journal.jsonl.next").write_text(json.dumps(ckpt) + ("\n" if moved else ""))
+    journal = Journal(path)
+    state = await journal.open()
+    await journal.close()
+    assert not path.with_name("journal.jsonl.next").exists()
+    assert [r["phase"] for r in state.unfinished()["vm1"]] == ["cycle-start"]
+
+
+def test_a_degraded_status_is_a_metric() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from qreset.metrics import render
+
+    def gauge(status: dict[str, Any]) -> float:
+        text = render(status)[0].decode()
+        return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                    if s.name == "qreset_journal_degraded")
+
+    assert gauge({"journal_degraded": "cannot write: No space left on device"}) == 1
+    assert gauge({"journal_degraded": None}) == 0

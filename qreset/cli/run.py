@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     daemon = Daemon(config)
     try:
         asyncio.run(daemon.run(signals=True))
+    except ConfigError as exc:  # found at start, before anything is created (e.g. a FIFO journal)
+        return fail(str(exc), 2)
     except QResetError as exc:
         return fail(str(exc), 1)
     except ExceptionGroup as group:  # from the TaskGroup: a VM task died of a bug
