@@ -107,6 +107,11 @@ def families(status: Mapping[str, Any]) -> Iterator[Metric]:
                       "VMs whose QMP monitor is connected")
     yield from scalar(GaugeMetricFamily, "uptime_s", "qreset_uptime_seconds",
                       "Seconds since the daemon started")
+    if "journal_degraded" in status:
+        yield GaugeMetricFamily(
+            "qreset_journal_degraded",
+            "1 while the journal cannot be written: cycles go on, a daemon crash would not find them",
+            value=1.0 if status["journal_degraded"] else 0.0)
 
 
 class _StatusCollector:
