@@ -124,6 +124,10 @@ class DaemonSection(_Model):
     control_socket: FsPath | None = DEFAULT_CONTROL_SOCKET
     #: Append-only JSON-lines journal of every cycle (read back at start).
     journal: FsPath = DEFAULT_JOURNAL
+    #: Size past which the journal is rotated: start-up reads at most about this much.
+    journal_segment_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024, strict=True)
+    #: Rotated journal segments kept (JOURNAL.1 ... JOURNAL.N): how far ``qreset history`` reaches.
+    journal_segments: int = Field(default=8, ge=1, le=1000, strict=True)
     #: Root of the sysfs tree to use for the real host (tests use a fake one).
     sysfs_root: FsPath = Path("/sys")
 
