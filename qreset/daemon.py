@@ -529,9 +529,13 @@ class Daemon:
         """
         try:
             await self.journal.append({"cycle": f"reg-{uuid.uuid4().hex[:16]}", **record})
+            why = self.journal.degraded  # append does not raise: it degrades the journal
         except QResetError as exc:
-            logger.error("VM %s: %s not journaled, a restarted daemon will not know of it: %s",
-                         record["vm"], record["phase"], exc)
+            why = str(exc)
+        if why is not None:
+            logger.error("VM %s: %s not journaled, a restarted daemon will not know of it "
+                         "(unless the journal recovers first: its checkpoint carries it): %s",
+                         record["vm"], record["phase"], why)
             return False
         return True
 

@@ -133,3 +133,26 @@ def test_qreset_run_refuses_a_journal_that_is_not_a_file_in_one_line(tmp_path: P
     assert len(errors) == 1, proc.stderr
     assert str(journal) in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+async def test_add_vm_on_a_degraded_journal_says_it_was_not_persisted(tmp_path: Path) -> None:
+    """The hook learns that a restart would forget the VM (``persisted: false``)."""
+    from qreset.config import parse_config
+    from qreset.daemon import Daemon
+
+    with tmpfs(tmp_path / "ro", ro=True) as fs:
+        cfg = parse_config({"daemon": {"journal": str(fs / "journal.jsonl"), "control_socket": ""},
+                            "sim": {"topology": str(DEMO), "time_scale": 0.01}}, "test")
+        daemon = Daemon(cfg, host=SimHost.from_toml(DEMO, time_scale=0.01), control=False)
+        task = asyncio.create_task(daemon.run())
+        try:
+            async with asyncio.timeout(10):
+                await daemon.started.wait()
+            added = await daemon.add_vm("vm9", str(tmp_path / "vm9.qmp"), [NIC1], None)
+            st = await daemon.query_status()
+        finally:
+            daemon.request_stop()
+            await asyncio.wait_for(task, 30)
+    assert added["added"] is True
+    assert added["persisted"] is False
+    assert "Read-only file system" in st["journal_degraded"]
