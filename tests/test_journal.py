@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from qreset.actions import last_actions
 from qreset.errors import ConfigError
 from qreset.journal import (
     Journal,
@@ -254,6 +255,9 @@ async def test_rotation_keeps_what_a_restart_needs_in_the_active_segment(tmp_pat
         written.append(await journal.append({"vm": "kept", "cycle": "reg-1", "phase": "add-vm",
                                              "qmp": "/q", "devices": [], "mode": "park"}))
         written.append(await journal.append({"vm": "open", "cycle": "o1", "phase": "cycle-start"}))
+        written.append(await journal.append({"vm": "open", "cycle": "act-1", "phase": "actions",
+                                             "qemu": "q1", "found": {"reboot": "reset"},
+                                             "set": {"reboot": "shutdown"}}))
         for n in range(200):
             for phase in ("cycle-start", "parked", "resumed"):
                 written.append(await journal.append(
@@ -272,6 +276,8 @@ async def test_rotation_keeps_what_a_restart_needs_in_the_active_segment(tmp_pat
     state = load_recovery(path)  # the active segment alone
     assert state.unfinished() == unfinished_cycles(written)
     assert state.registered() == registered_vms(written)
+    assert state.actions() == last_actions(written)
+    assert list(state.actions()) == ["open"]
     history = [r["cycle"] for r in iter_history(path, vm="busy")]
     assert history == [f"b{n}" for n in range(199, 199 - len(history), -1)]
     assert len(history) > 10
