@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ from qreset.journal import (
     unfinished_cycles,
 )
 from qreset.journal_read import load_recovery
+from tests.journal_helpers import fill, tmpfs
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
@@ -123,34 +121,6 @@ def test_read_records_streams_without_reading_the_file_whole(tmp_path: Path) -> 
 
 # ----------------------------------------------------------------------
 # group commit, degraded mode, rotation (the writer)
-
-
-@contextlib.contextmanager
-def tmpfs(where: Path, size: str = "64k", ro: bool = False) -> Iterator[Path]:
-    """A real small filesystem (root only): ENOSPC when full, EROFS when read-only."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    where.mkdir(parents=True, exist_ok=True)
-    opts = f"size={size}" + (",ro" if ro else "")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], check=True)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-def fill(fs: Path) -> Path:
-    """Fill ``fs`` to the last byte; returns the filler (delete it to free the space)."""
-    filler = fs / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        for size in (65536, 4096, 1):
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(fd, b"\0" * size)
-    finally:
-        os.close(fd)
-    return filler
 
 
 async def test_concurrent_sync_appends_share_fsyncs(tmp_path: Path) -> None:

@@ -19,9 +19,9 @@ import pytest
 
 from qreset.pci.address import PciAddress
 from qreset.pci.sim import SimHost
+from tests.daemon_helpers import DEMO, NIC1, make_config, running, wait_running
+from tests.journal_helpers import fill, tmpfs
 from tests.qemu_helpers import guests, have_qemu, read_journal, short_tmpdir, status
-from tests.test_daemon import DEMO, NIC1, make_config, running, wait_running
-from tests.test_journal import fill, tmpfs
 
 qemu = pytest.mark.skipif(not have_qemu(), reason="qemu-system-x86_64 not installed")
 
