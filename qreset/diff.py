@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from qreset.pci import regs
+from qreset.pci.config import present, u16, u32, walk_capabilities
 from qreset.pci.host import (
     IORESOURCE_IO,
     IORESOURCE_MEM,
@@ -60,6 +61,7 @@ __all__ = [
     "RegisterDiff",
     "diff_config",
     "layout_of",
+    "present",
     "register_map",
 ]
 
@@ -313,31 +315,24 @@ CapKey = tuple[int, int, int]
 #: register map depends on. Two config spaces with the same layout share one map.
 Layout = tuple[int, int, tuple[CapKey, ...], tuple[CapKey, ...]]
 
-_CAP_TTL = 48  # __pci_find_next_cap_ttl: PCI_FIND_CAP_TTL
-_EXT_TTL = (regs.CFG_SPACE_EXP_SIZE - regs.CFG_SPACE_SIZE) // 8  # pci_find_next_ext_capability
-
-
-def _u16(raw: bytes, off: int) -> int:
-    return int.from_bytes(raw[off:off + 2], "little") if off + 2 <= len(raw) else 0xFFFF
-
-
-def _u32(raw: bytes, off: int) -> int:
-    return int.from_bytes(raw[off:off + 4], "little") if off + 4 <= len(raw) else 0xFFFFFFFF
-
-
 def _cap_param(raw: bytes, cap_id: int, pos: int) -> int:
     if cap_id == regs.CAP_ID_MSI:
-        return _u16(raw, pos + regs.MSI_FLAGS) & (regs.MSI_FLAGS_64BIT | regs.MSI_FLAGS_MASKBIT)
+        return u16(raw, pos + regs.MSI_FLAGS) & (regs.MSI_FLAGS_64BIT | regs.MSI_FLAGS_MASKBIT)
     if cap_id == regs.CAP_ID_EXP:
-        return _u16(raw, pos + regs.EXP_FLAGS) & (regs.EXP_FLAGS_VERS | regs.EXP_FLAGS_TYPE)
+        return u16(raw, pos + regs.EXP_FLAGS) & (regs.EXP_FLAGS_VERS | regs.EXP_FLAGS_TYPE)
     return 0
+
+
+#: Extended capabilities whose register set depends on a field past their
+#: header: the offset of that field (PCI_VC_PORT_CAP1, PCI_REBAR_CTRL).
+_EXT_PARAM_AT = {regs.EXT_CAP_ID_VC: 4, regs.EXT_CAP_ID_REBAR: regs.REBAR_CTRL}
 
 
 def _ext_param(raw: bytes, cap_id: int, pos: int) -> int:
     if cap_id == regs.EXT_CAP_ID_VC:
-        return _u32(raw, pos + 4) & 0x7  # PCI_VC_PORT_CAP1 Extended VC Count
+        return u32(raw, pos + 4) & 0x7  # PCI_VC_PORT_CAP1 Extended VC Count
     if cap_id == regs.EXT_CAP_ID_REBAR:
-        return (_u32(raw, pos + regs.REBAR_CTRL) & regs.REBAR_CTRL_NBAR_MASK) >> regs.REBAR_CTRL_NBAR_SHIFT
+        return (u32(raw, pos + regs.REBAR_CTRL) & regs.REBAR_CTRL_NBAR_MASK) >> regs.REBAR_CTRL_NBAR_SHIFT
     return 0
 
 
@@ -351,53 +346,23 @@ def _walk(raw: bytes) -> tuple[Layout, frozenset[int]]:
     copy when none of them changed (the walk is a function of those bytes only).
     """
     n = len(raw)
-    read: set[int] = {regs.STATUS & ~3, regs.HEADER_TYPE & ~3, regs.CAPABILITY_LIST & ~3}
     htype = raw[regs.HEADER_TYPE] & regs.HEADER_TYPE_MASK if n > regs.HEADER_TYPE else 0xFF
-    caps: list[CapKey] = []
-    if n > regs.CAPABILITY_LIST and _u16(raw, regs.STATUS) & regs.STATUS_CAP_LIST \
-            and _u16(raw, regs.STATUS) != 0xFFFF:
-        pos = raw[regs.CAPABILITY_LIST]
-        seen: set[int] = set()
-        for _ in range(_CAP_TTL):
-            if pos < 0x40:
-                break
-            pos &= ~3
-            read.add(pos)
-            if pos + 2 > n or pos in seen or raw[pos] == 0xFF:
-                break
-            seen.add(pos)
-            caps.append((raw[pos], pos, _cap_param(raw, raw[pos], pos)))
-            pos = raw[pos + 1]
+    walk = walk_capabilities(raw)
+    read = set(walk.read)
+    # The parameters live in the capability's first dword (standard) or in
+    # the dwords _EXT_PARAM_AT names (extended): the walk must count them as read.
+    caps = tuple((c.id, c.offset, _cap_param(raw, c.id, c.offset)) for c in walk.capabilities)
     ext: list[CapKey] = []
-    if n >= regs.EXT_CAP_START + 4:
-        pos = regs.EXT_CAP_START
-        seen = set()
-        for _ in range(_EXT_TTL):
-            read.add(pos)
-            header = _u32(raw, pos)
-            if header in (0, 0xFFFFFFFF) or pos in seen:
-                break
-            seen.add(pos)
-            cap_id = header & 0xFFFF
-            if cap_id == regs.EXT_CAP_ID_VC:
-                read.add(pos + 4)
-            elif cap_id == regs.EXT_CAP_ID_REBAR:
-                read.add(pos + regs.REBAR_CTRL)
-            ext.append((cap_id, pos, ((header >> 16) & 0xF) << 8 | _ext_param(raw, cap_id, pos)))
-            nxt = (header >> 20) & 0xFFC
-            if nxt < regs.EXT_CAP_START or nxt + 4 > n:
-                break
-            pos = nxt
-    return (n, htype, tuple(caps), tuple(ext)), frozenset(read)
+    for c in walk.ext_capabilities:
+        if c.id in _EXT_PARAM_AT:
+            read.add(c.offset + _EXT_PARAM_AT[c.id])
+        ext.append((c.id, c.offset, c.version << 8 | _ext_param(raw, c.id, c.offset)))
+    return (n, htype, caps, tuple(ext)), frozenset(read)
 
 
 def layout_of(raw: bytes) -> Layout:
-    """The capability layout of ``raw``: a cheap walk with the kernel's rules.
-
-    A slimmed ``qreset.pci.config`` walk (same TTLs and stop conditions, from
-    ``__pci_find_next_cap_ttl`` and ``pci_find_next_ext_capability``) that
-    decodes nothing else, because it runs on every changed function.
-    """
+    """The capability layout of ``raw``: :func:`qreset.pci.config.walk_capabilities`
+    (the kernel's walk rules) plus each capability's register-set parameter."""
     return _walk(bytes(raw))[0]
 
 
@@ -664,18 +629,6 @@ def _classify(reg: Register, b: int, a: int) -> RegKind:
 _EMPTY: tuple[tuple[_Entry, ...], int] = ((), 0)
 
 
-def present(raw: bytes) -> bool:
-    """Whether ``raw`` is a responding function (not all-ones, zero, or CRS).
-
-    All-ones is judged on the Command/Status dword, as ``pci_dev_wait`` does
-    without CRS Software Visibility (drivers/pci/pci.c), not on Vendor ID: a
-    VF's Vendor and Device ID read FFFFh in hardware (SR-IOV r1.1 sec
-    3.4.1.1/3.4.1.2) while the rest of its header answers.
-    """
-    vendor = _u16(raw, regs.VENDOR_ID)
-    return vendor not in (0x0000, regs.CRS_VENDOR_ID) and _u32(raw, regs.COMMAND) != 0xFFFFFFFF
-
-
 _RES_TYPE = IORESOURCE_IO | IORESOURCE_MEM | IORESOURCE_PREFETCH | IORESOURCE_MEM_64
 
 
@@ -717,7 +670,7 @@ def diff_config(
     if before == after and tuple(before_resources) == tuple(after_resources):
         return NO_CHANGE
     if not present(after):
-        vendor = _u16(after, regs.VENDOR_ID)
+        vendor = u16(after, regs.VENDOR_ID)
         why = ("answers CRS (Vendor ID 0x0001)" if vendor == regs.CRS_VENDOR_ID
                else f"reads Vendor ID {vendor:#06x}")
         return Diff(Change.ABSENT, (), (why,))

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from qreset.diff import Change, RegKind, diff_config, layout_of, register_map
 from qreset.pci import regs
+from qreset.pci.config import parse_config
 from qreset.pci.host import IORESOURCE_MEM, IORESOURCE_MEM_64, Resource
 from qreset.restore import plan_writes
 from tests.pcibuild import (
@@ -340,3 +341,37 @@ def test_diff_never_raises_and_writes_stay_in_their_dword(edits: list[tuple[int,
 def test_diff_of_garbage_never_raises(before: bytes, after: bytes) -> None:
     assert diff_config(before, after).change in Change
     assert diff_config(before, before).change is Change.NONE
+
+
+# -- one walker: the diff's layout and parse_config see the same capabilities ----
+
+def _walked(raw: bytes) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    _size, _htype, caps, ext = layout_of(raw)
+    return [(c, p) for c, p, _ in caps], [(c, p) for c, p, _ in ext]
+
+
+def _parsed(raw: bytes) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    cfg = parse_config(raw)
+    return [(c.id, c.offset) for c in cfg.capabilities], [(c.id, c.offset) for c in cfg.ext_capabilities]
+
+
+def test_cardbus_and_unknown_header_layouts_follow_the_kernels_list_start() -> None:
+    # __pci_bus_find_cap_start: CardBus lists start at 0x14, other header types have none.
+    cardbus = Cfg(regs.CFG_SPACE_SIZE, header=regs.HEADER_TYPE_CARDBUS, class_code=0x060700)
+    cardbus.caps([(regs.CAP_ID_PM, 0x80)])
+    cardbus.w8(regs.CAPABILITY_LIST, 0x90).w8(0x90, regs.CAP_ID_MSI)  # a decoy at the type 0 pointer
+    assert _walked(cardbus.bytes()) == ([(regs.CAP_ID_PM, 0x80)], [])
+    unknown = Cfg(regs.CFG_SPACE_SIZE, header=0x7F).caps([(regs.CAP_ID_PM, 0x40)])
+    assert _walked(unknown.bytes()) == ([], [])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), max_size=40),
+       st.sampled_from([4096, 256, 64, 0x35, 3]), st.sampled_from([0, 1, 2, 3, 0x80]))
+def test_layout_walks_the_lists_parse_config_walks(edits: list[tuple[int, int]], size: int,
+                                                   header: int) -> None:
+    raw = bytearray(_mutate(BASE, edits)[:size])
+    if len(raw) > regs.HEADER_TYPE:
+        raw[regs.HEADER_TYPE] = header
+    if parse_config(bytes(raw)).present:
+        assert _walked(bytes(raw)) == _parsed(bytes(raw))

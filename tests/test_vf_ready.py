@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qreset.diff import Change, diff_config, present
+from qreset.diff import Change, diff_config
 from qreset.execute import ResetRunner
 from qreset.locks import DomainLocks
 from qreset.pci import regs
-from qreset.pci.config import parse_config, u16
+from qreset.pci.config import parse_config, present, u16
 from qreset.pci.sim import SimHost
 from qreset.pci.sysfs import SysfsHost
 from qreset.plan import Domain, Method

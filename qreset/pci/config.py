@@ -31,13 +31,15 @@ real, simulated, hand-made and random config spaces.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from qreset.pci import regs
 
-# __pci_find_next_cap_ttl: PCI_FIND_CAP_TTL = 48
-_CAP_TTL = 48
-# pci_find_next_ext_capability: ttl = (PCI_CFG_SPACE_EXP_SIZE - PCI_CFG_SPACE_SIZE) / 8
-_EXT_CAP_TTL = (regs.CFG_SPACE_EXP_SIZE - regs.CFG_SPACE_SIZE) // 8
+#: At most this many standard capabilities (``__pci_find_next_cap_ttl``: PCI_FIND_CAP_TTL = 48).
+CAP_TTL = 48
+#: At most this many extended capability headers (``pci_find_next_ext_capability``:
+#: ttl = (PCI_CFG_SPACE_EXP_SIZE - PCI_CFG_SPACE_SIZE) / 8).
+EXT_CAP_TTL = (regs.CFG_SPACE_EXP_SIZE - regs.CFG_SPACE_SIZE) // 8
 # CardBus header (pci_regs.h): capability pointer, subsystem IDs.
 _CB_CAPABILITY_LIST = 0x14
 _CB_SUBSYSTEM_VENDOR_ID = 0x40
@@ -63,22 +65,31 @@ def u32(data: bytes, off: int) -> int:
     return 0xFFFFFFFF
 
 
-def _answers(data: bytes) -> bool:
-    """A responding function: Vendor ID not 0 or CRS, Command/Status not all-ones (see ``present``)."""
+def present(data: bytes) -> bool:
+    """Whether ``data`` is a responding function (not all-ones, zero, or CRS).
+
+    All-ones is judged on the Command/Status dword, as ``pci_dev_wait`` does
+    without CRS Software Visibility (drivers/pci/pci.c), not on Vendor ID: a
+    VF's Vendor and Device ID read FFFFh in hardware (SR-IOV r1.1 sec
+    3.4.1.1/3.4.1.2) while the rest of its header answers.
+    """
     return u16(data, regs.VENDOR_ID) not in (0x0000, regs.CRS_VENDOR_ID) \
         and u32(data, regs.COMMAND) != 0xFFFFFFFF
 
 
-@dataclass(frozen=True, slots=True)
-class Capability:
-    """A standard capability: its ID and where its header sits."""
+class Capability(NamedTuple):
+    """A standard capability: its ID and where its header sits.
+
+    NamedTuples (here and below), not dataclasses: the rescan diff walks
+    every changed function's lists while the guest is parked, and a frozen
+    dataclass costs several times as much to build.
+    """
 
     id: int
     offset: int
 
 
-@dataclass(frozen=True, slots=True)
-class ExtCapability:
+class ExtCapability(NamedTuple):
     """A PCIe extended capability: ID, header offset and capability version."""
 
     id: int
@@ -116,13 +127,8 @@ class ConfigSpace:
 
     @property
     def present(self) -> bool:
-        """False for all-ones / all-zero reads and CRS (Vendor ID 0x0001).
-
-        All-ones is judged on Command/Status (``pci_dev_wait``'s test without
-        CRS SV, drivers/pci/pci.c), not Vendor ID: a VF's Vendor/Device ID read
-        FFFFh in hardware (SR-IOV r1.1 sec 3.4.1.1/3.4.1.2), the rest answers.
-        """
-        return _answers(self.raw)
+        """False for all-ones / all-zero reads and CRS (Vendor ID 0x0001); see :func:`present`."""
+        return present(self.raw)
 
     @property
     def is_bridge(self) -> bool:
@@ -190,7 +196,38 @@ def _cap_start(htype: int) -> int | None:
     return None
 
 
-def _walk_caps(data: bytes, htype: int, problems: list[str]) -> tuple[Capability, ...]:
+class CapabilityWalk(NamedTuple):
+    """Both capability lists of one config space, as the kernel would walk them.
+
+    ``read`` holds the dword offsets the walk looked at (Status, Header Type,
+    the list pointer, every header visited): the result is a function of
+    those bytes alone, so a caller holding two copies that agree on them
+    knows both walk the same without walking the second (:mod:`qreset.diff`).
+    """
+
+    capabilities: tuple[Capability, ...]
+    ext_capabilities: tuple[ExtCapability, ...]
+    problems: tuple[str, ...]
+    read: frozenset[int]
+
+
+def walk_capabilities(data: bytes) -> CapabilityWalk:
+    """Walk the standard and extended capability lists of ``data``; never raises.
+
+    The one walker of the package (parse_config and the rescan diff both use
+    it): the rules and their departures are in the module docstring. It
+    walks whatever it is given; judging whether the function answers at all
+    is :func:`present`'s job.
+    """
+    problems: list[str] = []
+    read: set[int] = {regs.STATUS & ~3, regs.HEADER_TYPE & ~3}
+    htype = u8(data, regs.HEADER_TYPE) & regs.HEADER_TYPE_MASK
+    caps = _walk_caps(data, htype, problems, read)
+    ext = _walk_ext_caps(data, problems, read)
+    return CapabilityWalk(caps, ext, tuple(problems), frozenset(read))
+
+
+def _walk_caps(data: bytes, htype: int, problems: list[str], read: set[int]) -> tuple[Capability, ...]:
     status = u16(data, regs.STATUS)
     if status == 0xFFFF and len(data) >= regs.STATUS + 2:
         # The kernel would walk (the Cap List bit is set), but a real Status
@@ -203,10 +240,11 @@ def _walk_caps(data: bytes, htype: int, problems: list[str]) -> tuple[Capability
     start = _cap_start(htype)
     if start is None or len(data) <= start:
         return ()
+    read.add(start & ~3)
     caps: list[Capability] = []
     seen: set[int] = set()
     pos = u8(data, start)
-    for _ in range(_CAP_TTL):
+    for _ in range(CAP_TTL):
         if pos < 0x40:
             # The kernel ends the list here too; zero is the normal end, any
             # other value below 0x40 is a pointer into the header.
@@ -214,6 +252,7 @@ def _walk_caps(data: bytes, htype: int, problems: list[str]) -> tuple[Capability
                 problems.append(f"capability pointer {pos:#x} points into the header")
             break
         pos &= ~3
+        read.add(pos)
         if pos + 2 > len(data):
             if len(data) >= regs.CFG_SPACE_SIZE:
                 problems.append(f"capability pointer {pos:#x} is past the end")
@@ -236,18 +275,20 @@ def _walk_caps(data: bytes, htype: int, problems: list[str]) -> tuple[Capability
     else:
         # The TTL ran out; only a problem if the last entry points on.
         if pos >= 0x40:
-            problems.append(f"capability list longer than {_CAP_TTL} entries")
+            problems.append(f"capability list longer than {CAP_TTL} entries")
     return tuple(caps)
 
 
-def _walk_ext_caps(data: bytes, problems: list[str]) -> tuple[ExtCapability, ...]:
+def _walk_ext_caps(data: bytes, problems: list[str], read: set[int]) -> tuple[ExtCapability, ...]:
     if len(data) < regs.EXT_CAP_START + 4:
         return ()
     caps: list[ExtCapability] = []
     seen: set[int] = set()
     pos = regs.EXT_CAP_START
-    for _ in range(_EXT_CAP_TTL):
-        header = u32(data, pos)
+    for _ in range(EXT_CAP_TTL):
+        read.add(pos)
+        # pos + 4 <= len(data) holds here (checked above and before each move).
+        header = int.from_bytes(data[pos:pos + 4], "little")
         # A zero or all-ones header means no (more) extended capabilities.
         if header in (0, 0xFFFFFFFF):
             break
@@ -267,7 +308,7 @@ def _walk_ext_caps(data: bytes, problems: list[str]) -> tuple[ExtCapability, ...
             break
         pos = nxt
     else:
-        problems.append(f"extended capability list longer than {_EXT_CAP_TTL} entries")
+        problems.append(f"extended capability list longer than {EXT_CAP_TTL} entries")
     return tuple(caps)
 
 
@@ -285,9 +326,12 @@ def parse_config(data: bytes) -> ConfigSpace:
     # pci_setup_device: 6 BARs (type 0), 2 (type 1), 1 (CardBus: socket registers).
     nbars = 2 if is_bridge else (1 if is_cardbus else 6)
     bars = tuple(u32(data, regs.BASE_ADDRESS_0 + 4 * i) for i in range(nbars))
-    absent = not _answers(data)
-    caps = () if absent else _walk_caps(data, htype, problems)
-    ext = () if absent else _walk_ext_caps(data, problems)
+    if present(data):
+        walk = walk_capabilities(data)
+        caps, ext = walk.capabilities, walk.ext_capabilities
+        problems += walk.problems
+    else:
+        caps, ext = (), ()
     return ConfigSpace(
         raw=data,
         vendor_id=vendor,
