@@ -54,9 +54,5 @@ class ConfigError(QResetError):
         self.why = why
 
 
-class PlanRefused(QResetError):
-    """The planner refused: a reset would hit a function it may not touch."""
-
-
 class ProtocolError(QResetError):
     """A QMP peer (QEMU or a control-socket client) sent something malformed."""

@@ -190,13 +190,6 @@ class Plan:
     def ok(self) -> bool:
         return not self.refusals
 
-    def domain_of(self, addr: PciAddress) -> Domain | None:
-        """The planned domain covering ``addr``, if any."""
-        for d in self.domains:
-            if addr in d.covers:
-                return d
-        return None
-
     def to_json(self) -> dict[str, Any]:
         """JSON-safe form (CLI ``--json``, daemon replies, journal)."""
         def dom(d: Domain) -> dict[str, Any]:
@@ -295,7 +288,8 @@ class _Candidate:
     def key(self) -> str:
         return f"function:{self.target}" if self.kind is ResetKind.FUNCTION else f"bus:{self.target}"
 
-    def describe(self) -> str:
+    def phrase(self) -> str:
+        """This reset in words, for reasons and refusals ("slot reset of X (slot 3)")."""
         if self.kind is ResetKind.FUNCTION:
             return f"{self.method.value if self.method else 'reset'} of {self.target}"
         if self.kind is ResetKind.SLOT:
@@ -394,7 +388,7 @@ class _Planner:
                         # Two overlapping resets with no common bridge: refuse both.
                         for c in (out[i], out[j]):
                             blockers.extend(
-                                Blocker(t, self.me, f"{out[i].describe()} and {out[j].describe()} "
+                                Blocker(t, self.me, f"{out[i].phrase()} and {out[j].phrase()} "
                                         "overlap and no bridge covers both")
                                 for t in sorted(c.needs)
                             )
@@ -417,7 +411,7 @@ class _Planner:
                 wide.needs |= narrow.needs
                 wide.notes.extend(narrow.notes)
                 if narrow.key != wide.key:
-                    wide.notes.append(f"subsumes {narrow.describe()}")
+                    wide.notes.append(f"subsumes {narrow.phrase()}")
                 return wide
         # Neither contains the other: escalate to the nearest bridge above
         # both whose secondary bus reset reaches everything either hits.
@@ -433,7 +427,7 @@ class _Planner:
                 return _Candidate(
                     ResetKind.BUS, bridge, set(below), a.needs | b.needs,
                     notes=[*a.notes, *b.notes,
-                           f"{a.describe()} and {b.describe()} overlap; bus reset of {bridge} covers both"],
+                           f"{a.phrase()} and {b.phrase()} overlap; bus reset of {bridge} covers both"],
                 )
         return None
 
@@ -458,7 +452,7 @@ class _Planner:
                 notes.append(f"hits bridge {f} ({owner.name}); its config is saved and restored")
                 continue
             blockers.append(Blocker(
-                f, owner, f"{cand.describe()} would hit {f} {_owner_phrase(owner)}",
+                f, owner, f"{cand.phrase()} would hit {f} {_owner_phrase(owner)}",
             ))
         return blockers, notes
 
@@ -521,7 +515,7 @@ class _Planner:
             chosen, why = self.bus_method(cand, covers)
             if chosen is None:
                 blockers.append(Blocker(cand.target, self.owner(cand.target), (
-                    f"no permitted method for {cand.describe()}: {why}"
+                    f"no permitted method for {cand.phrase()}: {why}"
                 )))
                 method = self.policy.bus_methods[-1] if self.policy.bus_methods else Method.USER_SBR
             else:

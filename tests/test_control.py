@@ -39,7 +39,7 @@ from qreset.control import (
     Framer,
     peer_allowed,
 )
-from qreset.errors import PlanRefused
+from qreset.errors import QResetError
 from tests.control_helpers import FakeBackend, backend, sockdir
 
 __all__ = ["backend", "sockdir"]  # fixtures from tests/control_helpers.py
@@ -370,7 +370,7 @@ async def test_backend_errors_become_one_line_generic_errors(
     server: ControlServer, backend: FakeBackend, caplog: pytest.LogCaptureFixture,
 ) -> None:
     async with qmp_client(server.path) as qmp:
-        backend.fail = PlanRefused("reset of vm1 would hit 0000:01:00.1 owned by vm2")
+        backend.fail = QResetError("reset of vm1 would hit 0000:01:00.1 owned by vm2")
         with pytest.raises(ExecuteError) as info:
             await qmp.execute("reset-vm", {"vm": "vm1"})
         assert info.value.error.error.desc == "reset of vm1 would hit 0000:01:00.1 owned by vm2"
