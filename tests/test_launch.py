@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from qreset.cli.launch import exit_code, qemu_name, vfio_devices
+from qreset.cli.launch_qemu import exit_code, qemu_name, vfio_devices
 from qreset.pci.address import PciAddress
 from qreset.pci.sim import SimHost
 from qreset.qmpsync import call

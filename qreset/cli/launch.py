@@ -24,7 +24,9 @@ resets are coordinated from the first instruction on.
    unless ``--no-release``: its devices are reset for the host) and this
    command exits with QEMU's exit code (128+N when QEMU died of signal N).
 
-qreset's messages go to stderr; stdout and stdin stay QEMU's.
+qreset's messages go to stderr; stdout and stdin stay QEMU's. QEMU's command
+line is read in :mod:`qreset.cli.launch_qemu`, the daemon found or embedded in
+:mod:`qreset.cli.launch_daemon`; this module runs QEMU between them.
 """
 
 from __future__ import annotations
@@ -39,29 +41,22 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
+
+from qreset.cli.launch_daemon import DEFAULT_CONFIG, LaunchError, find_coordinator, load_config, socket_ok
+from qreset.cli.launch_qemu import exit_code, has_flag, monitor_args, qemu_name, vfio_devices
 
 if TYPE_CHECKING:
     from qreset.config import Config
-    from qreset.daemon import Daemon
 
 logger = logging.getLogger(__name__)
 
 RUN_DIR = Path("/run/qreset")
-DEFAULT_CONFIG = Path("/etc/qreset/qreset.toml")
 #: Seconds to wait for QEMU's sockets, and then for the daemon to connect to the VM.
 START_TIMEOUT = 30.0
-#: sockaddr_un.sun_path (Linux include/uapi/linux/un.h UNIX_PATH_MAX, NUL included).
-_UNIX_PATH_MAX = 108
 #: What VmSection accepts as a name (qreset.config).
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:+-]{1,64}$")
-
-
-class LaunchError(Exception):
-    """A one-line reason ``qreset launch`` cannot go on (exit 2 before QEMU starts)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -96,73 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 # --------------------------------------------------------------------------
-# QEMU's command line
-
-
-def _opts(value: str) -> dict[str, str]:
-    """QEMU's ``key=value,...`` option string (``,,`` is a literal comma); a bare first word is ''."""
-    out: dict[str, str] = {}
-    parts = re.split(r"(?<!,),(?!,)", value)
-    for i, raw in enumerate(parts):
-        key, eq, val = raw.replace(",,", ",").partition("=")
-        if eq:
-            out[key] = val
-        elif i == 0:
-            out[""] = key
-    return out
-
-
-def _option_values(argv: Sequence[str], flag: str) -> list[str]:
-    """Values of ``-flag V``, ``--flag V`` and ``-flag=V`` (QEMU accepts all three)."""
-    values = []
-    for i, arg in enumerate(argv):
-        for spelling in (f"-{flag}", f"--{flag}"):
-            if arg == spelling and i + 1 < len(argv):
-                values.append(argv[i + 1])
-            elif arg.startswith(spelling + "="):
-                values.append(arg[len(spelling) + 1:])
-    return values
-
-
-def vfio_devices(argv: Sequence[str]) -> list[str]:
-    """Host PCI addresses of the ``-device vfio-pci`` options (``host=`` or ``sysfsdev=``)."""
-    found = []
-    for value in _option_values(argv, "device"):
-        opts = _opts(value)
-        if (opts.get("driver") or opts.get("")) != "vfio-pci":
-            continue
-        if "host" in opts:
-            found.append(opts["host"])
-        elif "sysfsdev" in opts:
-            found.append(Path(opts["sysfsdev"]).name)
-    return found
-
-
-def qemu_name(argv: Sequence[str]) -> str | None:
-    """The guest name of ``-name NAME`` or ``-name guest=NAME,...``."""
-    for value in _option_values(argv, "name"):
-        opts = _opts(value)
-        return opts.get("guest") or opts.get("") or None
-    return None
-
-
-def has_flag(argv: Sequence[str], flag: str) -> bool:
-    return f"-{flag}" in argv or f"--{flag}" in argv
-
-
-def monitor_args(chardev_id: str, path: Path) -> list[str]:
-    """The options that give QEMU one more QMP monitor on a unix socket it listens on."""
-    return ["-chardev", f"socket,id={chardev_id},path={path},server=on,wait=off",
-            "-mon", f"chardev={chardev_id},mode=control"]
-
-
-# --------------------------------------------------------------------------
 # Paths
-
-
-def _socket_ok(path: Path) -> None:
-    if len(os.fsencode(str(path))) >= _UNIX_PATH_MAX:
-        raise LaunchError(f"socket path {path} is longer than {_UNIX_PATH_MAX - 1} bytes; use --run-dir")
 
 
 def run_dir(given: Path | None) -> tuple[Path, bool]:
@@ -202,134 +131,11 @@ def _in_use(path: Path) -> bool:
 
 
 # --------------------------------------------------------------------------
-# Who coordinates: the host's daemon, or one embedded here
-
-
-class Coordinator(Protocol):
-    """The daemon as launch needs it: remote (control socket) or embedded (in this process)."""
-
-    @property
-    def where(self) -> str: ...
-
-    async def add(self, name: str, qmp: Path, devices: list[str], mode: str | None) -> None: ...
-
-    async def connected(self, name: str) -> bool: ...
-
-    async def remove(self, name: str, release: bool) -> dict[str, Any]: ...
-
-    async def close(self) -> None: ...
-
-
-@dataclass
-class RemoteDaemon:
-    """The host's daemon, over its control socket (synchronous QMP in a worker thread)."""
-
-    socket: str
-
-    @property
-    def where(self) -> str:
-        return f"daemon at {self.socket}"
-
-    async def _call(self, command: str, timeout: float = 30.0, **arguments: Any) -> Any:
-        from qreset.qmpsync import call
-
-        return await asyncio.to_thread(call, self.socket, command, timeout, **arguments)
-
-    async def add(self, name: str, qmp: Path, devices: list[str], mode: str | None) -> None:
-        args: dict[str, Any] = {"name": name, "qmp": str(qmp), "devices": devices}
-        if mode is not None:
-            args["mode"] = mode
-        await self._call("add-vm", **args)
-
-    async def connected(self, name: str) -> bool:
-        vms = await self._call("query-vms")
-        return any(isinstance(v, dict) and v.get("name") == name and v.get("connected") for v in vms or [])
-
-    async def remove(self, name: str, release: bool) -> dict[str, Any]:
-        result = await self._call("remove-vm", 300.0, name=name, release=release)
-        return result if isinstance(result, dict) else {}
-
-    async def close(self) -> None:
-        return None
-
-
-class EmbeddedDaemon:
-    """A :class:`qreset.daemon.Daemon` run in this process for one VM."""
-
-    def __init__(self, daemon: Daemon, control: Path | None) -> None:
-        self.daemon = daemon
-        self.where = f"embedded daemon (control socket {control})" if control else "embedded daemon"
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self.daemon.run(), name="qreset.launch.daemon")
-        started = asyncio.create_task(self.daemon.started.wait(), name="qreset.launch.started")
-        await asyncio.wait({self._task, started}, return_when=asyncio.FIRST_COMPLETED)
-        if self._task.done():
-            started.cancel()
-            self._task.result()  # raises why it could not start
-            raise LaunchError("the embedded daemon stopped at once")
-
-    async def add(self, name: str, qmp: Path, devices: list[str], mode: str | None) -> None:
-        await self.daemon.add_vm(name, str(qmp), devices, mode)
-
-    async def connected(self, name: str) -> bool:
-        monitor = self.daemon.monitors.get(name)
-        return monitor is not None and monitor.connected
-
-    async def remove(self, name: str, release: bool) -> dict[str, Any]:
-        return await self.daemon.remove_vm(name, release)
-
-    async def close(self) -> None:
-        if self._task is None:
-            return
-        self.daemon.request_stop()
-        with contextlib.suppress(Exception):
-            await self._task
-
-
-def _load_config(path: Path | None) -> Config:
-    from qreset.config import Config, load_config
-
-    if path is not None:
-        return load_config(path)
-    if DEFAULT_CONFIG.exists():
-        return load_config(DEFAULT_CONFIG)
-    return Config()
-
-
-async def _coordinator(args: argparse.Namespace, cfg: Config, rundir: Path, name: str) -> Coordinator:
-    """The host's daemon if one answers on the control socket, else an embedded one."""
-    from qreset.qmpsync import DaemonUnreachable, call
-
-    socket = args.socket or os.environ.get("QRESET_SOCKET") or cfg.daemon.control_socket
-    if socket is not None:
-        try:
-            await asyncio.to_thread(call, str(socket), "query-status", 5.0)
-            return RemoteDaemon(str(socket))
-        except DaemonUnreachable as exc:
-            logger.info("no daemon: %s", exc)
-    from qreset.daemon import Daemon
-
-    control = rundir / f"{name}.control.sock"
-    _socket_ok(control)
-    cfg = cfg.model_copy(update={"daemon": cfg.daemon.model_copy(update={"control_socket": control})})
-    embedded = EmbeddedDaemon(Daemon(cfg), control)
-    await embedded.start()
-    return embedded
-
-
-# --------------------------------------------------------------------------
 # The run
 
 
 def _say(message: str) -> None:
     print(f"qreset launch: {message}", file=sys.stderr, flush=True)
-
-
-def exit_code(returncode: int) -> int:
-    """A child's return code as a shell reports it (signal N → 128+N)."""
-    return 128 - returncode if returncode < 0 else returncode
 
 
 async def _wait_path(path: Path, proc: asyncio.subprocess.Process, timeout: float) -> bool:
@@ -356,7 +162,7 @@ async def _cont(path: Path) -> None:
 async def _launch(args: argparse.Namespace, qemu_argv: list[str]) -> int:
     from qreset.errors import QResetError
 
-    cfg = _load_config(args.config)
+    cfg = load_config(args.config)
     name = args.name or qemu_name(qemu_argv) or f"qemu-{os.getpid()}"
     if not _NAME_RE.match(name):
         raise LaunchError(f"VM name {name!r}: use 1-64 of A-Z a-z 0-9 _ . : + - (--name)")
@@ -382,11 +188,11 @@ async def _run(args: argparse.Namespace, qemu_argv: list[str], cfg: Config, name
 
     qmp, own = rundir / f"{name}.qmp", rundir / f"{name}.launch.qmp"
     for path in (qmp, own):
-        _socket_ok(path)
+        socket_ok(path)
         if _in_use(path):
             raise LaunchError(f"{path} is in use: is a VM named {name!r} already running?")
 
-    coordinator = await _coordinator(args, cfg, rundir, name)
+    coordinator = await find_coordinator(args, cfg, rundir, name)
     added_s = not has_flag(qemu_argv, "S")
     argv = [*qemu_argv, *monitor_args("qreset0", qmp), *monitor_args("qreset1", own),
             *(["-S"] if added_s else [])]
@@ -472,6 +278,6 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if args.verbose > 2 else logging.CRITICAL)
     try:
         return asyncio.run(_launch(args, qemu_argv))
-    except (LaunchError, QResetError) as exc:
+    except QResetError as exc:  # LaunchError included
         print(f"qreset: launch: {exc}", file=sys.stderr)
         return 2
