@@ -10,11 +10,8 @@ planned won (THIS_VM) and its reset hit the other guest's device.
 
 from __future__ import annotations
 
-from qreset.pci.address import PciAddress
 from qreset.plan import OwnerKind, Policy, Takeover, make_plan, owners_of
-from tests.test_plan import host
-
-A = PciAddress.parse
+from tests.helpers_plan import A, host
 
 
 def test_function_listed_for_two_vms_is_refused_by_both() -> None:
