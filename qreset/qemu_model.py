@@ -30,6 +30,24 @@ can see *why* qreset is needed for a device. The model follows QEMU
   (which the kernel serves with its first method, PM for such a device);
   else "no available reset mechanism".
 
+The hot reset's ownership check depends on how QEMU opened the device
+(:class:`VfioBackend`):
+
+* ``group`` (the legacy container, ``/dev/vfio/N``): QEMU walks
+  ``VFIO_DEVICE_GET_PCI_HOT_RESET_INFO``'s devices and needs each one's IOMMU
+  group among those it opened ("Cannot reset device X, depends on group N
+  which is not owned"), then passes those group fds to the reset.
+* ``iommufd`` (a cdev, ``-object iommufd``; ``iommufd_cdev_pci_hot_reset``
+  in hw/vfio/iommufd.c): the kernel answers by device id
+  (``VFIO_PCI_HOT_RESET_FLAG_DEV_ID``); unless it also sets
+  ``VFIO_PCI_HOT_RESET_FLAG_DEV_ID_OWNED`` QEMU refuses, naming the device
+  ("depends on device D which is not owned"), and otherwise resets with an
+  empty group-fd array. The kernel calls a device owned when it is bound to
+  the same iommufd context or shares an IOMMU group with one that is
+  (``vfio_iommufd_get_dev_id``), so with one iommufd per QEMU (what libvirt
+  does) both backends refuse and allow the same resets; only the message
+  differs. A QEMU with several ``-object iommufd`` is not modelled.
+
 The QMP ``RESET`` event arrives after all of that (see
 /work/shared/reference/qmp-reset-flow.md), so these are predictions, not
 observations.
@@ -46,6 +64,13 @@ from qreset.topology import FunctionNode, Topology
 
 #: The driver a function must be bound to for QEMU (and VFIO hot reset) to use it.
 VFIO_DRIVER = "vfio-pci"
+
+
+class VfioBackend(enum.StrEnum):
+    """How QEMU opened its VFIO devices (see the module docstring)."""
+
+    GROUP = "group"      # legacy container: /dev/vfio/GROUP, group fds passed to the hot reset
+    IOMMUFD = "iommufd"  # cdev /dev/vfio/devices/vfioX bound to -object iommufd: ownership by devid
 
 
 class QemuAction(enum.StrEnum):
@@ -104,14 +129,15 @@ def working_methods(topo: Topology, node: FunctionNode) -> tuple[str, ...]:
 
 def hot_reset_refusal(
     topo: Topology, addr: PciAddress, owned: Iterable[PciAddress],
-    held_elsewhere: Collection[PciAddress] = (),
+    held_elsewhere: Collection[PciAddress] = (), backend: VfioBackend = VfioBackend.GROUP,
 ) -> str | None:
     """Why QEMU's hot reset of ``addr`` would fail, or None when it would work.
 
     ``owned`` are the functions assigned to the QEMU in question; the groups
-    it has open are theirs. ``held_elsewhere`` are functions other VMs hold:
-    their groups cannot be open here too (a group has one user), and with
-    iommufd cdevs the kernel reports them as not owned either.
+    it has open (``group``), or owns through its iommufd context
+    (``iommufd``), are theirs. ``held_elsewhere`` are functions other VMs
+    hold: their groups cannot be open here too (a group has one user), and
+    with iommufd cdevs the kernel reports them as not owned either.
     """
     scope = topo.hot_reset_scope(addr)
     if scope is None:
@@ -129,7 +155,11 @@ def hot_reset_refusal(
         if group is None:
             return f"Cannot reset device {addr}, depends on device {other} which has no IOMMU group"
         if group not in groups:
-            # vfio_pci_hot_reset: QEMU checks group ownership itself first.
+            if backend is VfioBackend.IOMMUFD:
+                # iommufd_cdev_pci_hot_reset: no VFIO_PCI_HOT_RESET_FLAG_DEV_ID_OWNED, and
+                # this device's devid is VFIO_PCI_DEVID_NOT_OWNED.
+                return f"Cannot reset device {addr}, depends on device {other} which is not owned"
+            # vfio_pci_hot_reset (legacy container): QEMU checks group ownership itself first.
             return f"Cannot reset device {addr}, depends on group {group} which is not owned"
     for other in sorted(scope.affected):
         node = topo.functions.get(other)
@@ -144,6 +174,7 @@ def hot_reset_refusal(
 
 def predict(
     topo: Topology, owned: Iterable[PciAddress], held_elsewhere: Collection[PciAddress] = (),
+    backend: VfioBackend = VfioBackend.GROUP,
 ) -> tuple[QemuPrediction, ...]:
     """One prediction per function of ``owned``, sorted (see :func:`hot_reset_refusal`)."""
     owned_list = sorted(set(owned))
@@ -154,13 +185,13 @@ def predict(
         if node is None:
             out.append(QemuPrediction(addr, QemuAction.NONE, f"{addr} is not on the host"))
             continue
-        out.append(predict_one(topo, node, owned_list, elsewhere))
+        out.append(predict_one(topo, node, owned_list, elsewhere, backend))
     return tuple(out)
 
 
 def predict_one(
     topo: Topology, node: FunctionNode, owned: Iterable[PciAddress],
-    held_elsewhere: Collection[PciAddress] = (),
+    held_elsewhere: Collection[PciAddress] = (), backend: VfioBackend = VfioBackend.GROUP,
 ) -> QemuPrediction:
     """QEMU's reset of ``node`` if it is assigned to the QEMU holding ``owned``."""
     if node.info.iommu_group is None:
@@ -168,7 +199,7 @@ def predict_one(
             node.address, QemuAction.NONE,
             "no IOMMU group: vfio-pci cannot assign it to QEMU (IOMMU off or absent)",
         )
-    pred = _predict_one(topo, node, owned, held_elsewhere)
+    pred = _predict_one(topo, node, owned, held_elsewhere, backend)
     if node.info.driver != VFIO_DRIVER:
         detail = f"not bound to vfio-pci, so QEMU cannot assign it; if it were: {pred.detail}"
         return QemuPrediction(pred.function, pred.action, detail)
@@ -177,7 +208,7 @@ def predict_one(
 
 def _predict_one(
     topo: Topology, node: FunctionNode, owned: Iterable[PciAddress],
-    held_elsewhere: Collection[PciAddress],
+    held_elsewhere: Collection[PciAddress], backend: VfioBackend,
 ) -> QemuPrediction:
     addr = node.address
     flags = VfioResetFlags.of(topo, node)
@@ -188,14 +219,15 @@ def _predict_one(
             addr, QemuAction.FUNCTION_RESET,
             f"VFIO_DEVICE_RESET ({why}; kernel's first method: {first})",
         )
-    refusal = hot_reset_refusal(topo, addr, owned, held_elsewhere)
+    refusal = hot_reset_refusal(topo, addr, owned, held_elsewhere, backend)
     if refusal is None:
         scope = topo.hot_reset_scope(addr)
         assert scope is not None  # hot_reset_refusal returned None only with a scope
         why = "no kernel reset method" if not flags.reset_works else "no FLR, PM reset preferred last"
+        fds = "" if backend is VfioBackend.GROUP else ", empty group-fd array (iommufd)"
         return QemuPrediction(
             addr, QemuAction.HOT_RESET,
-            f"{scope.kind.value} reset of {scope.target} via VFIO_DEVICE_PCI_HOT_RESET ({why})",
+            f"{scope.kind.value} reset of {scope.target} via VFIO_DEVICE_PCI_HOT_RESET ({why}{fds})",
         )
     if flags.reset_works and flags.has_pm_reset:
         return QemuPrediction(addr, QemuAction.PM_RESET, f"{refusal}; falls back to PM reset")
