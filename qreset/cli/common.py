@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +83,40 @@ def host_argument_error(args: argparse.Namespace) -> str | None:
     if root is not None and not Path(root).is_dir():
         return f"--sysfs-root {root}: no such directory"
     return None
+
+
+def unknown_functions(topo: Topology, addresses: Iterable[PciAddress]) -> str | None:
+    """A one-line complaint naming the ``addresses`` ``topo`` does not have, or None."""
+    unknown = [str(a) for a in addresses if a not in topo.functions]
+    if not unknown:
+        return None
+    return f"no such PCI function on {topo.host_name}: {', '.join(unknown)}"
+
+
+class HostUnreadable(Exception):
+    """Reading the host for a read-only command failed; ``code`` is the exit status it means."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def read_topology(args: argparse.Namespace) -> Topology:
+    """:func:`load_topology` for the read-only commands (``topology``, ``doctor``).
+
+    A bad ``--sim`` file is bad input (exit 2), a host that cannot be read a
+    failed inspection (exit 1): raises :class:`HostUnreadable` with that code.
+    """
+    import asyncio
+
+    from qreset.errors import ConfigError, QResetError
+
+    try:
+        return asyncio.run(load_topology(args))
+    except ConfigError as exc:
+        raise HostUnreadable(str(exc), 2) from None
+    except QResetError as exc:
+        raise HostUnreadable(str(exc), 1) from None
 
 
 async def load_topology(args: argparse.Namespace, time_scale: float = 1.0) -> Topology:

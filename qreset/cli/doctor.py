@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from qreset.cli.common import (
+    HostUnreadable,
     add_host_arguments,
     add_json_argument,
     fail,
     host_argument_error,
-    load_topology,
     print_json,
     print_text,
+    read_topology,
+    unknown_functions,
 )
 from qreset.cli.topology import class_name
 from qreset.doctor import PROBLEM_CODES, FunctionReport, Hit, Problem, Report, diagnose
-from qreset.errors import AddressError, ConfigError, QResetError
+from qreset.errors import AddressError
 from qreset.pci.address import PciAddress
 from qreset.topology import ResetKind
 
@@ -103,15 +104,11 @@ def run(args: argparse.Namespace) -> int:
     except AddressError as exc:
         return fail(str(exc))
     try:
-        topo = asyncio.run(load_topology(args))
-    except ConfigError as exc:  # a bad --sim file is bad input, not a failed inspection
-        return fail(str(exc), 2)
-    except QResetError as exc:
-        return fail(str(exc), 1)
-    unknown = [a for a in wanted if a not in topo.functions]
-    if unknown:
-        names = ", ".join(str(a) for a in unknown)
-        return fail(f"no such PCI function on {topo.host_name}: {names}")
+        topo = read_topology(args)
+    except HostUnreadable as exc:
+        return fail(str(exc), exc.code)
+    if (unknown := unknown_functions(topo, wanted)) is not None:
+        return fail(unknown)
     report = diagnose(topo, wanted or None)
     if args.json:
         print_json(report.to_json())

@@ -28,6 +28,7 @@ from qreset.cli.common import (
     parse_plan_arguments,
     policy_from_arguments,
     print_json,
+    unknown_functions,
 )
 
 if TYPE_CHECKING:
@@ -111,10 +112,9 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(exc))
     except QResetError as exc:
         return fail(f"cannot read the host: {exc}")
-    unknown = [str(a) for a in [*mine, *allow, *(a for v in others.values() for a in v)]
-               if a not in topo.functions]
-    if unknown:
-        return fail(f"no such PCI function on {topo.host_name}: {', '.join(unknown)}")
+    unknown = unknown_functions(topo, [*mine, *allow, *(a for v in others.values() for a in v)])
+    if unknown is not None:
+        return fail(unknown)
     policy = policy_from_arguments(args, allow)
     vms = {args.vm: mine, **others}
     owners = owners_of(topo, vms, args.vm)

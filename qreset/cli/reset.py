@@ -32,6 +32,7 @@ from qreset.cli.common import (
     parse_plan_arguments,
     policy_from_arguments,
     print_json,
+    unknown_functions,
 )
 
 if TYPE_CHECKING:
@@ -122,10 +123,9 @@ async def _run(args: argparse.Namespace, mine: list[PciAddress], allow: frozense
             topo = await engine.topology()
         except QResetError as exc:
             return fail(f"cannot read the host: {exc}")
-        unknown = [str(a) for a in [*mine, *allow, *(a for v in others.values() for a in v)]
-                   if a not in topo.functions]
-        if unknown:
-            return fail(f"no such PCI function on {topo.host_name}: {', '.join(unknown)}")
+        unknown = unknown_functions(topo, [*mine, *allow, *(a for v in others.values() for a in v)])
+        if unknown is not None:
+            return fail(unknown)
         policy = policy_from_arguments(args, allow)
         plan = await engine.plan(args.vm, mine, {args.vm: mine, **others}, policy)
         if not plan.ok or args.dry_run:

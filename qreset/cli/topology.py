@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
 from qreset.cli.common import (
+    HostUnreadable,
     add_host_arguments,
     add_json_argument,
     fail,
     host_argument_error,
-    load_topology,
     print_json,
     print_text,
+    read_topology,
 )
-from qreset.errors import ConfigError, QResetError
 from qreset.pci.address import PciAddress
 from qreset.topology import Topology
 
@@ -133,11 +132,9 @@ def run(args: argparse.Namespace) -> int:
     if (err := host_argument_error(args)) is not None:
         return fail(err)
     try:
-        topo = asyncio.run(load_topology(args))
-    except ConfigError as exc:  # a bad --sim file is bad input, not a failed inspection
-        return fail(str(exc), 2)
-    except QResetError as exc:
-        return fail(str(exc), 1)
+        topo = read_topology(args)
+    except HostUnreadable as exc:
+        return fail(str(exc), exc.code)
     if args.json:
         print_json([topo.describe(a) for a in topo.functions])
     else:
