@@ -167,16 +167,12 @@ def _walk(raw: bytes) -> tuple[Layout, frozenset[int]]:
     n = len(raw)
     htype = raw[regs.HEADER_TYPE] & regs.HEADER_TYPE_MASK if n > regs.HEADER_TYPE else 0xFF
     walk = walk_capabilities(raw)
-    read = set(walk.read)
     # The parameters live in the capability's first dword (standard) or in
     # the dwords EXT_PARAM_AT names (extended): the walk must count them as read.
-    caps = tuple((c.id, c.offset, cap_param(raw, c.id, c.offset)) for c in walk.capabilities)
-    ext: list[CapKey] = []
-    for c in walk.ext_capabilities:
-        if c.id in EXT_PARAM_AT:
-            read.add(c.offset + EXT_PARAM_AT[c.id])
-        ext.append((c.id, c.offset, c.version << 8 | ext_param(raw, c.id, c.offset)))
-    return (n, htype, caps, tuple(ext)), frozenset(read)
+    caps = tuple([(cid, pos, cap_param(raw, cid, pos)) for cid, pos in walk.capabilities])
+    ext = tuple([(cid, pos, ver << 8 | ext_param(raw, cid, pos)) for cid, pos, ver in walk.ext_capabilities])
+    extra = {pos + EXT_PARAM_AT[cid] for cid, pos, _ in ext if cid in EXT_PARAM_AT}
+    return (n, htype, caps, ext), walk.read | extra if extra else walk.read
 
 
 def layout_of(raw: bytes) -> Layout:

@@ -228,8 +228,9 @@ def walk_capabilities(data: bytes) -> CapabilityWalk:
 
 
 def _walk_caps(data: bytes, htype: int, problems: list[str], read: set[int]) -> tuple[Capability, ...]:
+    n = len(data)
     status = u16(data, regs.STATUS)
-    if status == 0xFFFF and len(data) >= regs.STATUS + 2:
+    if status == 0xFFFF and n >= regs.STATUS + 2:
         # The kernel would walk (the Cap List bit is set), but a real Status
         # register has reserved bits that read 0: all-ones is a failed read,
         # and a list walked out of it would invent reset capabilities.
@@ -238,7 +239,7 @@ def _walk_caps(data: bytes, htype: int, problems: list[str], read: set[int]) -> 
     if not status & regs.STATUS_CAP_LIST:
         return ()
     start = _cap_start(htype)
-    if start is None or len(data) <= start:
+    if start is None or n <= start:
         return ()
     read.add(start & ~3)
     caps: list[Capability] = []
@@ -253,14 +254,14 @@ def _walk_caps(data: bytes, htype: int, problems: list[str], read: set[int]) -> 
             break
         pos &= ~3
         read.add(pos)
-        if pos + 2 > len(data):
-            if len(data) >= regs.CFG_SPACE_SIZE:
+        if pos + 2 > n:
+            if n >= regs.CFG_SPACE_SIZE:
                 problems.append(f"capability pointer {pos:#x} is past the end")
             else:
                 # An unprivileged read stops at 64 bytes: the list is there but
                 # unread, which is not the same as "no capabilities".
                 problems.append(
-                    f"capability at {pos:#x} not read (only {len(data)} bytes of config space)"
+                    f"capability at {pos:#x} not read (only {n} bytes of config space)"
                 )
             break
         if pos in seen:
@@ -280,14 +281,15 @@ def _walk_caps(data: bytes, htype: int, problems: list[str], read: set[int]) -> 
 
 
 def _walk_ext_caps(data: bytes, problems: list[str], read: set[int]) -> tuple[ExtCapability, ...]:
-    if len(data) < regs.EXT_CAP_START + 4:
+    n = len(data)
+    if n < regs.EXT_CAP_START + 4:
         return ()
     caps: list[ExtCapability] = []
     seen: set[int] = set()
     pos = regs.EXT_CAP_START
     for _ in range(EXT_CAP_TTL):
         read.add(pos)
-        # pos + 4 <= len(data) holds here (checked above and before each move).
+        # pos + 4 <= n holds here (checked above and before each move).
         header = int.from_bytes(data[pos:pos + 4], "little")
         # A zero or all-ones header means no (more) extended capabilities.
         if header in (0, 0xFFFFFFFF):
@@ -303,7 +305,7 @@ def _walk_ext_caps(data: bytes, problems: list[str], read: set[int]) -> tuple[Ex
         if nxt < regs.EXT_CAP_START:
             problems.append(f"extended capability at {pos:#x} points into the header ({nxt:#x})")
             break
-        if nxt + 4 > len(data):
+        if nxt + 4 > n:
             problems.append(f"extended capability pointer {nxt:#x} is past the end")
             break
         pos = nxt
