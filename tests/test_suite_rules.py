@@ -150,8 +150,10 @@ def inner(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 
 def test_a_failed_tests_qemu_is_stopped_at_its_teardown(inner: tuple[Path, dict[str, str]]) -> None:
     work, env = inner
-    run = pytest_run("-p", "tests.conftest", str(work / "test_inner.py"), "-k", "failed or fails",
-                     "-rA", env=env)
+    module = work / "test_inner.py"
+    # Node ids, not -k: -k also matches the tmp directory's name (test_a_failed_...).
+    run = pytest_run("-p", "tests.conftest", f"{module}::test_fails_with_qemu_running",
+                     f"{module}::test_the_failed_tests_qemu_is_gone", "-rA", env=env)
     out = run.stdout + run.stderr
     assert "1 failed, 1 passed" in out, out  # the second test saw the first one's QEMU gone
     assert "stopped at teardown: QEMU" in out, out
@@ -162,7 +164,7 @@ def test_a_failed_tests_qemu_is_stopped_at_its_teardown(inner: tuple[Path, dict[
 def test_a_timed_out_tests_qemu_dies(inner: tuple[Path, dict[str, str]], method: str) -> None:
     """pytest-timeout's signal method runs the teardown; its thread method exits the process."""
     work, env = inner
-    run = pytest_run("-p", "tests.conftest", str(work / "test_inner.py"), "-k", "times_out",
+    run = pytest_run("-p", "tests.conftest", f"{work / 'test_inner.py'}::test_times_out_with_qemu_running",
                      "--timeout-method", method, env=env)
     out = run.stdout + run.stderr
     assert "Timeout" in out, out
@@ -175,7 +177,7 @@ def test_a_killed_pytests_qemu_dies(inner: tuple[Path, dict[str, str]]) -> None:
     work, env = inner
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-p", "tests.conftest",
-         str(work / "test_inner.py"), "-k", "killed"],
+         f"{work / 'test_inner.py'}::test_killed_with_qemu_running"],
         cwd=ROOT, env=env | {"PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
