@@ -437,11 +437,22 @@ class Daemon:
 
     async def query_resets(self, vm: str | None, limit: int, before: str | None = None,
                            since: float | None = None, until: float | None = None) -> dict[str, Any]:
-        """A page of finished cycles, newest first (see :func:`qreset.history.page`)."""
-        if vm is not None and vm not in self.monitors and not any(r.get("vm") == vm for r in self.history):
-            self._monitor(vm)  # neither served nor in history: "no VM named ..."
-        return history_page(reversed(self.history), vm=vm, limit=limit, before=before,
-                            since=since, until=until)
+        """
+        A page of finished cycles, newest first (see :func:`qreset.history.page`),
+        read from the journal's segments, so that history reaches past the
+        in-memory ring (issue 13); from memory while the journal is degraded
+        (cycles are then missing from it, not from memory).
+        """
+        if self.journal.degraded is not None:
+            return history_page(reversed(self.history), vm=vm, limit=limit, before=before,
+                                since=since, until=until)
+        path = self.journal.path
+
+        def read() -> dict[str, Any]:  # blocking file reads: in a thread
+            rows = iter_history(path, vm=vm, since=since)
+            return history_page(rows, vm=vm, limit=limit, before=before, since=since, until=until)
+
+        return await asyncio.to_thread(read)
 
     async def reset_vm(self, vm: str) -> dict[str, Any]:
         return await self._monitor(vm).request_reset()

@@ -1,12 +1,27 @@
-"""query-resets paging (qreset.history.page): pages joined are the filtered history, in order."""
+"""
+query-resets paging (qreset.history.page): pages joined are the filtered
+history, in order; and ``qreset history`` against a real daemon and journal.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from qreset.config import parse_config
+from qreset.daemon import HISTORY_MAX, Daemon
 from qreset.history import ORDER_SLACK_S, CursorError, page
+from qreset.pci.sim import SimHost
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _rows(n: int) -> list[dict[str, Any]]:
@@ -82,3 +97,43 @@ def test_last_page_has_no_next_and_bad_cursor_is_one_line() -> None:
     for bad in ("", "nonsense", "nan/c1", "inf/c1"):
         with pytest.raises(CursorError, match="'before' is not a cursor returned as 'next'"):
             page(_rows(3), vm=None, limit=3, before=bad, since=None, until=None)
+
+
+# ---------------------------------------------------------------- the daemon, its journal and the CLI
+
+
+async def test_history_reaches_past_cycles_in_the_journal(tmp_path: Path) -> None:
+    """
+    ``qreset history`` against a daemon whose journal holds more cycles than
+    it keeps in memory (issue 13): the oldest ones are reached, by VM and time.
+    """
+    journal = tmp_path / "journal.jsonl"
+    n = HISTORY_MAX + 2000
+    t0 = 1_700_000_000.0
+    with journal.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"t": t0 + i, "vm": f"vm{i % 2 + 1}", "cycle": f"vm-{i}",
+                                "phase": "resumed", "outcome": "resumed"}) + "\n")
+    sock = Path(tempfile.mkdtemp(prefix="qrh", dir="/tmp")) / "c.sock"  # sun_path holds 107 bytes
+    cfg = parse_config({
+        "daemon": {"journal": str(journal), "control_socket": str(sock)},
+        "sim": {"topology": str(ROOT / "configs" / "sim" / "demo.toml")},
+    }, "test")
+    daemon = Daemon(cfg, host=SimHost.from_toml(ROOT / "configs" / "sim" / "demo.toml"))
+    task = asyncio.create_task(daemon.run())
+    try:
+        async with asyncio.timeout(30):
+            await daemon.started.wait()
+        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t0 + 99))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "qreset", "history", "--socket", str(sock), "--vm", "vm2",
+            "--until", when, "--limit", "1000", "--json",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(task, 30)
+        shutil.rmtree(sock.parent, ignore_errors=True)
+    assert (proc.returncode, err) == (0, b"")
+    # The first 100 cycles, vm2's half of them, newest first: all older than the in-memory ring.
+    assert [r["cycle"] for r in json.loads(out)] == [f"vm-{i}" for i in range(99, 0, -2)]
