@@ -64,7 +64,7 @@ from qreset.execute_types import (
 from qreset.locks import DomainLocks
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
-from qreset.pci.config import u16, u32
+from qreset.pci.config import u16
 from qreset.pci.host import FunctionInfo, PciHost, Resource
 from qreset.plan import Domain
 from qreset.restore import verify, write_back
@@ -306,41 +306,6 @@ class _DomainRun(MethodSteps):
         if polls:
             self.emit("poll", polls if depth is None else f"level {depth}: {polls}")
         return ready
-
-    async def _wait_ready(self, addr: PciAddress) -> bool:
-        """pci_dev_wait: poll until Vendor ID is neither CRS (0x0001) nor all-ones and Command is not ~0."""
-        out = self.outcomes[addr]
-        delay = self.settings.poll_interval
-        waited = 0.0
-        timeout = self.settings.poll_timeout
-        while True:
-            out.polls += 1
-            try:
-                data = await self.host.read_config(addr, 8)
-            except NoSuchFunction:
-                out.error = "disappeared from the host during the reset"
-                return False
-            except HostError as err:
-                data = b""
-                logger.debug("%s: poll read failed: %s", addr, err)
-            vendor = u16(data, regs.VENDOR_ID)
-            # pci_dev_wait reads Vendor ID until it is not the CRS value when the
-            # Root Port has CRS Software Visibility, else the Command register
-            # until it is not ~0 (PCI_POSSIBLE_ERROR). We do not know which, so
-            # both: not CRS, and Command/Status not all-ones. Not "Vendor ID is
-            # not 0xFFFF": a VF's Vendor ID reads FFFFh in hardware (SR-IOV r1.1
-            # sec 3.4.1.1; sysfs shows the PF's cached one), and such a VF would
-            # never look ready.
-            if vendor != regs.CRS_VENDOR_ID and u32(data, regs.COMMAND) != 0xFFFFFFFF:
-                return True
-            if waited >= timeout:
-                what = "CRS" if vendor == regs.CRS_VENDOR_ID else "all-ones"
-                out.error = f"not ready {waited * 1000:.0f} ms after the reset (still {what}); gave up"
-                return False
-            step = min(delay, self.settings.poll_max_interval, timeout - waited)
-            await self.host.sleep(step)
-            waited += step
-            delay *= 2
 
     # -- rescan, diff, restore -------------------------------------------------
 

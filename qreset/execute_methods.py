@@ -1,5 +1,6 @@
 """
-How each reset method is carried out, one step of a domain's cycle (``assert`` and ``settle``).
+How each reset method is carried out (a domain's ``assert`` and ``settle`` steps), and
+the readiness poll after it (``pci_dev_wait``).
 
 Function-level methods (``flr``, ``af_flr``, ``pm``, ``device_specific``,
 ``acpi``) and ``bus`` are the kernel's ``reset`` attribute narrowed to that
@@ -20,15 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import TYPE_CHECKING
 
-from qreset.errors import ResetFailed
-from qreset.execute_types import DomainResult, EngineSettings, _Saved, _wall
+from qreset.errors import HostError, NoSuchFunction, ResetFailed
+from qreset.execute_types import DomainResult, EngineSettings, FunctionOutcome, _Saved, _wall
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
 from qreset.pci.config import parse_config, u16, u32
 from qreset.pci.host import PciHost
 from qreset.plan import Domain, Method
+
+logger = logging.getLogger("qreset.execute")
 
 # drivers/pci/pci.c
 PCIE_RESET_READY_POLL = 60.0   # PCIE_RESET_READY_POLL_MS
@@ -42,19 +46,19 @@ _LNKCAP_SLS_5_0GB = 2
 
 
 class MethodSteps:
-    """The ``assert``/``settle`` steps of one domain, by method."""
+    """The ``assert``/``settle`` steps of one domain by method, and the readiness poll."""
 
     host: PciHost
     settings: EngineSettings
     domain: Domain
     result: DomainResult
     saved: dict[PciAddress, _Saved]
+    outcomes: dict[PciAddress, FunctionOutcome]
 
     if TYPE_CHECKING:
         def emit(self, phase: str, message: str) -> None: ...
 
         def timed(self, phase: str) -> contextlib.AbstractContextManager[None]: ...
-
 
     async def _reset(self) -> None:
         d = self.domain
@@ -139,3 +143,38 @@ class MethodSteps:
                     f"{(LINK_ACTIVE_TIMEOUT + PCIE_SETTLE) * 1000:.0f} ms (pcie_wait_for_link_delay)")
         await self.host.sleep(PCIE_SETTLE)
         return f"waited {PCIE_SETTLE * 1000:.0f} ms (PCIe r6.0 sec 6.6.1)"
+
+    async def _wait_ready(self, addr: PciAddress) -> bool:
+        """pci_dev_wait: poll until Vendor ID is neither CRS (0x0001) nor all-ones and Command is not ~0."""
+        out = self.outcomes[addr]
+        delay = self.settings.poll_interval
+        waited = 0.0
+        timeout = self.settings.poll_timeout
+        while True:
+            out.polls += 1
+            try:
+                data = await self.host.read_config(addr, 8)
+            except NoSuchFunction:
+                out.error = "disappeared from the host during the reset"
+                return False
+            except HostError as err:
+                data = b""
+                logger.debug("%s: poll read failed: %s", addr, err)
+            vendor = u16(data, regs.VENDOR_ID)
+            # pci_dev_wait reads Vendor ID until it is not the CRS value when the
+            # Root Port has CRS Software Visibility, else the Command register
+            # until it is not ~0 (PCI_POSSIBLE_ERROR). We do not know which, so
+            # both: not CRS, and Command/Status not all-ones. Not "Vendor ID is
+            # not 0xFFFF": a VF's Vendor ID reads FFFFh in hardware (SR-IOV r1.1
+            # sec 3.4.1.1; sysfs shows the PF's cached one), and such a VF would
+            # never look ready.
+            if vendor != regs.CRS_VENDOR_ID and u32(data, regs.COMMAND) != 0xFFFFFFFF:
+                return True
+            if waited >= timeout:
+                what = "CRS" if vendor == regs.CRS_VENDOR_ID else "all-ones"
+                out.error = f"not ready {waited * 1000:.0f} ms after the reset (still {what}); gave up"
+                return False
+            step = min(delay, self.settings.poll_max_interval, timeout - waited)
+            await self.host.sleep(step)
+            waited += step
+            delay *= 2

@@ -72,10 +72,6 @@ class ResetScope:
         }
 
 
-#: PCIe port types that lead to a link below them (``pcie_downstream_port()`` in
-#: drivers/pci/pci.h); ACS on these decides IOMMU group isolation.
-_ACS_PORT_TYPES = topology_facts.ACS_PORT_TYPES
-
 
 class Topology:
     """The host's PCI tree. Construct with :meth:`load` (I/O) or directly (tests)."""
@@ -271,23 +267,8 @@ class Topology:
         return ResetScope(ResetKind.FUNCTION, addr, frozenset({addr}) | self.vfs_of(addr))
 
     def config_methods(self, addr: PciAddress) -> tuple[str, ...]:
-        """Function-level methods config space advertises, probed like the kernel.
-
-        For hosts whose kernel has no ``reset_method`` (before 5.15): ``flr``
-        (``pcie_has_flr``), ``af_flr`` (``pci_af_flr`` probe) and ``pm``
-        (``pci_pm_reset`` probe: PM cap without No_Soft_Reset), in the kernel's
-        order (``pci_reset_fn_methods`` in drivers/pci/pci.c). Device-specific
-        and ACPI methods are invisible from config space.
-        """
-        cfg = self.node(addr).config
-        out: list[str] = []
-        if cfg.present and cfg.has_flr:
-            out.append("flr")
-        if cfg.present and cfg.has_af_flr:
-            out.append("af_flr")
-        if cfg.present and cfg.has_pm_reset:
-            out.append("pm")
-        return tuple(out)
+        """Function-level methods config space advertises, probed like the kernel."""
+        return topology_facts.config_methods(self, addr)
 
     def slot_of(self, addr: PciAddress) -> SlotInfo | None:
         """The ``/sys/bus/pci/slots`` entry whose address is ``addr``'s bus and device."""
@@ -333,7 +314,7 @@ class Topology:
         Hot-Plug Capable (PCI_EXP_FLAGS_SLOT, PCI_EXP_SLTCAP_HPC in pci_regs.h)."""
         cfg = self.node(bridge).config
         cap = cfg.find_cap(regs.CAP_ID_EXP)
-        if cap is None or cfg.pcie_type not in _ACS_PORT_TYPES:
+        if cap is None or cfg.pcie_type not in topology_facts.ACS_PORT_TYPES:
             return False
         if not u16(cfg.raw, cap.offset + regs.EXP_FLAGS) & regs.EXP_FLAGS_SLOT:
             return False

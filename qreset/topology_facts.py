@@ -115,3 +115,23 @@ def describe(topo: Topology, addr: PciAddress) -> dict[str, Any]:
         out["conventional_bus"] = topo.conventional_bus(addr)
         out["acs_isolated"] = topo.acs_isolated(addr)
     return out
+
+
+def config_methods(topo: Topology, addr: PciAddress) -> tuple[str, ...]:
+    """Function-level methods config space advertises, probed like the kernel.
+
+    For hosts whose kernel has no ``reset_method`` (before 5.15): ``flr``
+    (``pcie_has_flr``), ``af_flr`` (``pci_af_flr`` probe) and ``pm``
+    (``pci_pm_reset`` probe: PM cap without No_Soft_Reset), in the kernel's
+    order (``pci_reset_fn_methods`` in drivers/pci/pci.c). Device-specific
+    and ACPI methods are invisible from config space.
+    """
+    cfg = topo.node(addr).config
+    out: list[str] = []
+    if cfg.present and cfg.has_flr:
+        out.append("flr")
+    if cfg.present and cfg.has_af_flr:
+        out.append("af_flr")
+    if cfg.present and cfg.has_pm_reset:
+        out.append("pm")
+    return tuple(out)
