@@ -270,3 +270,17 @@ async def test_prepare_refuses_park_mode_for_a_libvirt_guest() -> None:
                                        xml=domain_xml("vm2", [NIC1], wd / "vm2.qmp"))
         assert (rc, out) == (0, "")  # stop-on-reset: allowed (the daemon is absent: a warning)
         assert "daemon not reachable" in err
+
+
+async def test_a_fifo_at_the_config_path_does_not_hang_the_hook() -> None:
+    """libvirt waits for its hooks: a FIFO where the configuration should be must not block."""
+    import os
+
+    with short_tmpdir() as wd:
+        fifo = wd / "qreset.toml"
+        os.mkfifo(fifo)
+        rc, out, err = await asyncio.wait_for(
+            bare_hook("vm1", "prepare", "--config", str(fifo), xml=domain_xml("vm1", [NIC1], wd / "vm1.qmp")),
+            30)
+        assert (rc, out) == (0, "")
+        assert "daemon not reachable" in err

@@ -103,12 +103,18 @@ def _read_config(path: str) -> tuple[str | None, dict[str, str]]:
     A file that cannot be read or parsed yields nothing: the daemon reports its
     own configuration errors, and a hook must not block a start over them.
     """
+    import stat
     import tomllib
     from pathlib import Path
 
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        # O_NONBLOCK and a regular-file check: a FIFO (or a device) at that path must not
+        # hang libvirt's synchronous hook call. 1 MiB is the daemon's own bound (qreset.config).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None, {}
+            data = tomllib.loads(f.read(1 << 20).decode("utf-8", "replace"))
     except (OSError, tomllib.TOMLDecodeError, RecursionError):
         return None, {}
     daemon = data.get("daemon")
