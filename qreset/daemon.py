@@ -578,6 +578,9 @@ class Daemon:
 
             report = await release_functions(self.engine, name, owned, self.ownership(), self.policy)
             result["released"] = report.to_json()
+            (logger.info if report.ok else logger.warning)(
+                "VM %s: released %s (%s)", name, ", ".join(map(str, owned)),
+                "reset and rescanned" if report.ok else "release did not come back clean")
         return result
 
     async def check_devices(self, name: str, devices: list[str]) -> dict[str, Any]:

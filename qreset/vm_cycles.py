@@ -101,7 +101,8 @@ class CycleDriver(MonitorBase):
                         await self._drive(client, machine.resume(cont=True))
                     await self.ctx.journal.append({
                         "vm": self.name, "cycle": machine.spec.cid, "phase": "failed",
-                        "outcome": "failed", "error": "cancelled; VM resumed"})
+                        "outcome": "failed", "error": "cancelled; VM resumed", "vm_resumed": True,
+                        "mode": self.mode.value, "devices": [str(a) for a in self.owned]})
                 raise
             finally:
                 self._machine = None
