@@ -47,6 +47,31 @@ POWEROFF_CODE = bytes([
 ])
 
 
+ACPI_BUTTON_MARK = b"A"
+
+#: A guest that waits for the ACPI power button, then powers off (what
+#: ``virsh reboot --mode acpi`` and ``virsh shutdown`` need from a guest). It
+#: sets PWRBTN_EN (bit 8) in PM1_EN (PM base + 2) and polls PWRBTN_STS (bit 8)
+#: in PM1_STS (PM base + 0): QEMU sets the status only while the enable bit is
+#: set (hw/acpi/core.c acpi_pm1_evt_power_down). No SCI handler is needed.
+ACPI_BUTTON_CODE = bytes([
+    0xB0, ACPI_BUTTON_MARK[0],  # mov al, 'A'
+    0xE6, 0xE9,                 # out 0xE9, al
+    0xBA, 0x02, 0x06,           # mov dx, 0x0602    ; PM1_EN
+    0xB8, 0x00, 0x01,           # mov ax, 0x0100    ; PWRBTN_EN
+    0xEF,                       # out dx, ax
+    0xBA, 0x00, 0x06,           # wait: mov dx, 0x0600  ; PM1_STS
+    0xED,                       # in ax, dx
+    0xA9, 0x00, 0x01,           # test ax, 0x0100   ; PWRBTN_STS
+    0x74, 0xF7,                 # jz wait (-9)
+    0xBA, 0x04, 0x06,           # mov dx, 0x0604    ; PM1a_CNT
+    0xB8, 0x00, 0x20,           # mov ax, 0x2000    ; SLP_EN, SLP_TYP 0 (S5)
+    0xEF,                       # out dx, ax
+    0xFA, 0xF4,                 # cli; hlt
+    0xEB, 0xFE,                 # jmp $
+])
+
+
 def boot_sector(code: bytes = CODE) -> bytes:
     """The 512-byte image: code, zero padding, and the 0x55 0xAA boot signature."""
     image = code + bytes(510 - len(code)) + b"\x55\xaa"
@@ -60,8 +85,10 @@ DISK_SIZE = 1 << 20
 
 
 def write_boot_image(path: Path, program: str = "reboot") -> Path:
-    """``program``: "reboot" (resets itself), "poweroff" (ACPI S5) or "blank" (not bootable)."""
-    codes = {"reboot": boot_sector(CODE), "poweroff": boot_sector(POWEROFF_CODE), "blank": b""}
+    """``program``: "reboot" (resets itself), "poweroff" (ACPI S5), "acpi-button" (ACPI S5 on
+    the power button) or "blank" (not bootable)."""
+    codes = {"reboot": boot_sector(CODE), "poweroff": boot_sector(POWEROFF_CODE),
+             "acpi-button": boot_sector(ACPI_BUTTON_CODE), "blank": b""}
     with path.open("wb") as f:
         f.write(codes[program])
         f.truncate(DISK_SIZE)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.labhost import LAB, SKIP_REASON, Roles, enable_kernel_witnesses
+from tests.lab.labhost import LAB, OUT, SKIP_REASON, Roles, enable_kernel_witnesses
 
 HERE = Path(__file__).resolve().parent
 
@@ -18,6 +18,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.lab)
             if not LAB:
                 item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Write each failure to the results share as it happens (``failures.log``).
+
+    pytest prints its report at the end; a lab run stopped by its timeout
+    (``QRESET_LAB_TIMEOUT``) would otherwise leave no word of what failed.
+    """
+    if LAB and report.failed:
+        with (OUT / "failures.log").open("a") as f:
+            f.write(f"=== {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext}\n")
 
 
 @pytest.fixture(scope="session")

@@ -82,9 +82,13 @@ class Roles:
             kids = children(r[port])
             assert len(kids) == 1, f"{port} {r[port]}: expected one function below, found {kids}"
             r[role] = kids[0]
-        dn = children(r["switch_up"])
+        below_up = children(r["switch_up"])
+        dn = [a for a in below_up if is_bridge(a)]
         assert len(dn) == 2, f"switch upstream port {r['switch_up']}: expected 2 downstream ports, got {dn}"
         r["switch_dn1"], r["switch_dn2"] = dn
+        up_bus = [a for a in below_up if not is_bridge(a)]
+        assert len(up_bus) == 1, f"switch upstream port {r['switch_up']}: expected one e1000, got {up_bus}"
+        (r["up_e1000"],) = up_bus
         (r["sw_e1000e"],) = children(r["switch_dn1"])
         (r["sw_virtio"],) = children(r["switch_dn2"])
         mf = children(r["rp_multifn"])
@@ -97,11 +101,16 @@ class Roles:
 
     def endpoints(self) -> list[PciAddress]:
         return [self[k] for k in ("virtio1", "nvme1", "virtio2", "nvme2", "e1000e", "sw_e1000e",
-                                  "sw_virtio", "mf0", "mf1", "pci_e1000", "pci_serial")]
+                                  "sw_virtio", "up_e1000", "mf0", "mf1", "pci_e1000", "pci_serial")]
 
 
 def read(path: Path) -> str:
     return path.read_text().strip()
+
+
+def is_bridge(addr: PciAddress) -> bool:
+    """Class 06 04 (PCI-to-PCI bridge: root, switch and PCIe-to-PCI ports)."""
+    return int(read(PCI / str(addr) / "class"), 16) >> 8 == 0x0604
 
 
 def write(path: Path, text: str) -> None:
@@ -191,6 +200,10 @@ _PROBES = {
     "qreset_flr": "pcie_flr",
     "qreset_sbr": "pci_reset_secondary_bus",
     "qreset_pm": "pci_pm_reset",
+    # A driver unbind (drivers/pci/pci-driver.c pci_device_remove(struct device *dev)):
+    # dev_name() is dev->kobj.name, the first member of the first member, so the
+    # argument dereferenced twice is the BDF string.
+    "qreset_unbind": "pci_device_remove name=+0(+0(%di)):string",
 }
 
 

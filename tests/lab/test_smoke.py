@@ -19,7 +19,7 @@ def test_kernel_sees_iommu_groups() -> None:
 def test_lab_topology_roles(roles: Roles) -> None:
     """scripts/lab/boot's topology is what the kernel enumerated (one function per role)."""
     assert len(set(roles.by_role.values())) == len(roles.by_role)
-    assert len(roles.endpoints()) == 11
+    assert len(roles.endpoints()) == 12
     for port in ("rp_virtio1", "switch_up", "switch_dn1"):
         assert driver(roles[port]) == "pcieport", port
     # shpchp only under native hotplug (QRESET_LAB_QEMU_ARGS, see scripts/lab/README.md).
