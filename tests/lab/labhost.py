@@ -21,6 +21,7 @@ import contextlib
 import os
 import re
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,7 +36,9 @@ SYS = Path("/sys")
 PCI = SYS / "bus" / "pci" / "devices"
 OUT = Path(os.environ.get("QRESET_LAB_OUT", "/tmp"))
 REPO = Path(__file__).resolve().parents[2]
-QRESET = [str(REPO / ".venv" / "bin" / "python"), "-m", "qreset"]
+#: The python running the lab (the repo's .venv on bookworm, the stack root's venv
+#: on trixie: scripts/lab/build-root), so qreset runs under the stack's Python.
+QRESET = [sys.executable, "-m", "qreset"]
 
 #: Root ports (scripts/lab/boot) by role.
 ROOT_PORTS = {
