@@ -1,8 +1,9 @@
 """Host side of the real-kernel lab: boot it (scripts/lab/run) and check what ran inside.
 
-The lab VM runs ``pytest -m lab tests/lab`` against Debian's 6.1 kernel with an
-emulated IOMMU and writes a junit report to its results share; this test
-asserts the run exited 0 and that the lab tests that matter are listed as
+The lab VM runs ``pytest -m lab tests/lab`` against Debian 12's 6.1 kernel and
+Debian 13's 6.12 (one run per stack, ``--stack``) with an emulated IOMMU and
+writes a junit report to its results share; this test asserts the run exited 0
+and that the lab tests that matter are listed as
 passed (a lab that silently skipped everything would not pass).
 """
 
@@ -68,10 +69,12 @@ def junit_outcomes(path: Path) -> dict[str, str]:
     return out
 
 
-def test_lab_runs_and_passes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stack", ["bookworm", "trixie"])
+def test_lab_runs_and_passes(tmp_path: Path, stack: str) -> None:
+    """Both stacks (scripts/lab/README.md): Debian 12 (6.1, QEMU 7.2) and Debian 13 (6.12, QEMU 10.0)."""
     out = tmp_path / "lab"
     proc = subprocess.run(
-        [str(ROOT / "scripts" / "lab" / "run"), "--out", str(out)],
+        [str(ROOT / "scripts" / "lab" / "run"), "--stack", stack, "--out", str(out)],
         capture_output=True, text=True, check=False, timeout=2600,
     )
     failures = out / "failures.log"  # written by the lab as each failure happens

@@ -239,4 +239,31 @@ def slot_resettable(slot: Path) -> bool:
     if not os.path.exists(slot / "power"):
         return False
     module = _link_name(slot / "module")
-    return module is None or module in _SLOT_RESET_DRIVERS
+    if module is not None:
+        return module in _SLOT_RESET_DRIVERS
+    return _pciehp_drives(slot)
+
+
+def _pciehp_drives(slot: Path) -> bool:
+    """Whether pciehp drives the port above ``slot`` (a slot without a "module" link).
+
+    Linux 6.12 links no "module" for q35's acpiphp slots (6.1 did: seen in the
+    lab), so the driver is asked instead: pciehp binds to a port's hotplug
+    service device "<port BDF>:pcieNNN" (pcie_port_device_register in
+    drivers/pci/pcie/portdrv.c), and the slot's bus is that port's secondary
+    bus (/sys/bus/pci/devices/<port>/pci_bus/<domain:bus>). A tree without
+    pci_express (the simulator's) leaves "power" as the answer.
+    """
+    root = slot.parents[3]  # <root>/bus/pci/slots/<name>
+    if not os.path.isdir(root / "bus" / "pci_express"):
+        return True
+    bus = ":".join(_read_text(slot / "address").strip().lower().split(":")[:2])  # "dddd:bb"
+    try:
+        bound = os.listdir(root / "bus" / "pci_express" / "drivers" / "pciehp")
+    except OSError:
+        return False
+    for name in bound:
+        port, sep, _ = name.rpartition(":pcie")
+        if sep and os.path.exists(root / "bus" / "pci" / "devices" / port / "pci_bus" / bus):
+            return True
+    return False

@@ -7,9 +7,11 @@ from its root port, whatever bus numbers the enumeration handed out.
 
 Kernel evidence of resets: Linux 6.1 prints nothing when it performs an FLR or
 a secondary bus reset. Two independent witnesses are switched on instead:
-  * dynamic debug of drivers/pci/pci.c: ``pci_restore_config_dword`` logs
-    "restore config 0xNN: 0x... -> 0x..." for every dword a reset changed and
-    the kernel wrote back (names the device); ``pci_bridge_wait_for_secondary_bus``
+  * dynamic debug of drivers/pci/pci.c: ``pci_restore_config_dword`` logs a
+    line for every dword a reset changed and the kernel wrote back (names the
+    device): "restoring config space at offset 0xNN (was 0x..., writing 0x...)"
+    on 6.1, "restore config 0xNN: 0x... -> 0x..." on 6.12 (``restored``);
+    ``pci_bridge_wait_for_secondary_bus``
     logs "waiting N ms for downstream link" after a secondary bus reset.
   * kprobe trace events on pcie_flr / pci_reset_secondary_bus / pci_pm_reset,
     printed into the kernel log because the lab boots with ``tp_printk``.
@@ -174,6 +176,18 @@ def bind_group_vfio(addr: PciAddress) -> int:
             # call the group not viable, so it is detached, as an operator would.
             write(PCI / str(a) / "driver" / "unbind", str(a))
     return group
+
+
+# pci_restore_config_dword's debug line: 6.1 "restoring config space at offset
+# 0x3c (was 0x100, writing 0x10a)"; 6.12 "restore config 0x3c: 0x00000100 ->
+# 0x0000010a" (drivers/pci/pci.c; the wording changed between the two, with a
+# "save config 0xNN: ..." line added for each dword saved).
+_RESTORE_RE = re.compile(r": (restoring config space at offset|restore config) 0x[0-9a-f]+")
+
+
+def restored(lines: list[str], addr: PciAddress) -> list[str]:
+    """The kernel's lines saying it wrote back a register of ``addr`` after a reset."""
+    return [line for line in lines if f" {addr}: " in line and _RESTORE_RE.search(line)]
 
 
 def dmesg_lines() -> list[str]:

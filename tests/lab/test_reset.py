@@ -28,6 +28,7 @@ from tests.lab.labhost import (
     qreset,
     read,
     reset_methods,
+    restored,
     write,
 )
 
@@ -67,7 +68,7 @@ def config(addr: PciAddress) -> bytes:
 
 
 def restores(lines: list[str], addr: PciAddress) -> list[str]:
-    return [line for line in lines if f" {addr}: restoring config space" in line]
+    return restored(lines, addr)
 
 
 def only_domain(report: dict[str, Any]) -> dict[str, Any]:

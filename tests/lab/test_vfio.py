@@ -19,6 +19,7 @@ from tests.lab.labhost import (
     driver,
     held_group,
     iommu_group,
+    restored,
     unbind,
 )
 
@@ -43,7 +44,7 @@ async def _topology() -> Topology:
 
 
 def _restored(lines: list[str], addr: PciAddress) -> list[str]:
-    return [line for line in lines if f" {addr}: restoring config space" in line]
+    return restored(lines, addr)
 
 
 @pytest.mark.parametrize("role", list(CASES))
