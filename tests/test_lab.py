@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = (
     "test_smoke::test_kernel_sees_iommu_groups",
     "test_smoke::test_lab_topology_roles",
+    "test_smoke::test_stack_facts",
     "test_doctor::test_reset_methods_equal_the_kernel",
     "test_doctor::test_iommu_groups_equal_the_kernel",
     "test_vfio::test_hot_reset_info_and_reset[virtio1]",
