@@ -30,6 +30,7 @@ import contextlib
 import shutil
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Iterator, Sequence
@@ -47,7 +48,9 @@ LOG = Path("/var/log/libvirt/libvirtd.log")
 QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
 HOOK = Path("/etc/libvirt/hooks/qemu.d/qreset")
 URI = "qemu:///system"
-VENV_BIN = REPO / ".venv" / "bin"
+# The venv running the lab: the repo's .venv on bookworm, the stack root's own
+# on trixie (scripts/lab/build-root), whose python the repo's .venv is not.
+VENV_BIN = Path(sys.executable).parent
 
 QEMU_CONF = """\
 # qreset lab: libvirt without systemd, dbus, udev or cgroupfs (see tests/lab/libvirtlab.py)
