@@ -53,7 +53,7 @@ from qreset.diff_tables import (
     registers_of,
 )
 from qreset.pci import regs
-from qreset.pci.config import present, u16, walk_capabilities
+from qreset.pci.cfgspace import present, u16, walk_capabilities
 from qreset.pci.host import (
     IORESOURCE_IO,
     IORESOURCE_MEM,
@@ -176,7 +176,7 @@ def _walk(raw: bytes) -> tuple[Layout, frozenset[int]]:
 
 
 def layout_of(raw: bytes) -> Layout:
-    """The capability layout of ``raw``: :func:`qreset.pci.config.walk_capabilities`
+    """The capability layout of ``raw``: :func:`qreset.pci.cfgspace.walk_capabilities`
     (the kernel's walk rules) plus each capability's register-set parameter."""
     return _walk(bytes(raw))[0]
 

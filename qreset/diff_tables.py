@@ -21,7 +21,7 @@ import enum
 from dataclasses import dataclass
 
 from qreset.pci import regs
-from qreset.pci.config import u16, u32
+from qreset.pci.cfgspace import u16, u32
 
 __all__ = [
     "EXT_PARAM_AT", "CapKey", "Group", "Layout", "RegKind", "Register", "cap_param", "cap_registers",

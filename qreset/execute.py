@@ -64,7 +64,7 @@ from qreset.execute_types import (
 from qreset.locks import DomainLocks
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
-from qreset.pci.config import u16
+from qreset.pci.cfgspace import u16
 from qreset.pci.host import FunctionInfo, PciHost, Resource
 from qreset.plan import Domain
 from qreset.restore import verify, write_back

@@ -28,7 +28,7 @@ from qreset.errors import HostError, NoSuchFunction, ResetFailed
 from qreset.execute_types import DomainResult, EngineSettings, FunctionOutcome, _Saved, _wall
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
-from qreset.pci.config import parse_config, u16, u32
+from qreset.pci.cfgspace import parse_config, u16, u32
 from qreset.pci.host import PciHost
 from qreset.plan import Domain, Method
 

@@ -15,7 +15,7 @@ read until the message with that id, skipping events. Servers end each
 message with a newline (QEMU ``monitor/qmp.c`` writes ``\\r\\n``, our control
 server ``\\n``), so messages are read line by line.
 
-Error replies become :class:`DaemonError` (with the QMP error class); no
+Error replies become :class:`ControlReplyError` (with the QMP error class); no
 listener, a refusal in place of the greeting, a hang-up or a timeout become
 :class:`DaemonUnreachable`.
 """
@@ -42,7 +42,7 @@ class DaemonUnreachable(QResetError):
     """Nothing usable answers on the control socket (not running, refused, hung up, timed out)."""
 
 
-class DaemonError(QResetError):
+class ControlReplyError(QResetError):
     """The daemon answered with a QMP error; ``error_class`` is its class."""
 
     def __init__(self, command: str, error_class: str, desc: str) -> None:
@@ -82,7 +82,7 @@ def _execute(sock: socket.socket, stream: IO[bytes], msg_id: int, command: str,
             err = reply["error"]
             if not isinstance(err, dict):
                 err = {"desc": str(err)}
-            raise DaemonError(command, str(err.get("class", "GenericError")), str(err.get("desc", err)))
+            raise ControlReplyError(command, str(err.get("class", "GenericError")), str(err.get("desc", err)))
         return reply.get("return")
 
 

@@ -28,7 +28,7 @@ from qreset import topology_facts
 from qreset.errors import NoSuchFunction
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
-from qreset.pci.config import u16, u32
+from qreset.pci.cfgspace import u16, u32
 from qreset.pci.host import PciHost, SlotInfo
 from qreset.topology_read import FunctionNode, load_nodes, refresh_nodes
 

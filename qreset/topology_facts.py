@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
-from qreset.pci.config import u16
+from qreset.pci.cfgspace import u16
 
 if TYPE_CHECKING:
     from qreset.topology import Topology

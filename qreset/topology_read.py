@@ -19,7 +19,7 @@ from typing import Any
 
 from qreset.errors import HostError, NoSuchFunction, QResetError
 from qreset.pci.address import PciAddress
-from qreset.pci.config import ConfigSpace, parse_config
+from qreset.pci.cfgspace import ConfigSpace, parse_config
 from qreset.pci.host import FunctionInfo, PciHost, SlotInfo
 
 logger = logging.getLogger("qreset.topology")

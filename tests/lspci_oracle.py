@@ -2,7 +2,7 @@
 
 The bytes go into a dump in ``lspci -xxxx`` format and ``lspci -F DUMP -vvv -n -D``
 decodes them; :func:`check_all` compares its capability lists with
-:func:`qreset.pci.config.parse_config` (why and where the two may differ:
+:func:`qreset.pci.cfgspace.parse_config` (why and where the two may differ:
 tests/test_lspci_oracle.py). Used by that module and by the lab's
 tests/lab/test_lspci.py on the real kernel's sysfs.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
-from qreset.pci.config import ConfigSpace, parse_config
+from qreset.pci.cfgspace import ConfigSpace, parse_config
 
 LSPCI = shutil.which("lspci")
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
-from qreset.pci.config import parse_config, u16
+from qreset.pci.cfgspace import parse_config, u16
 from qreset.pci.host import (
     IORESOURCE_MEM,
     IORESOURCE_MEM_64,

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from qreset.diff import Change, RegKind, diff_config, layout_of, register_map
 from qreset.pci import regs
-from qreset.pci.config import parse_config
+from qreset.pci.cfgspace import parse_config
 from qreset.pci.host import IORESOURCE_MEM, IORESOURCE_MEM_64, Resource
 from qreset.restore import plan_writes
 from tests.pcibuild import (

@@ -4,7 +4,7 @@ For every function under test, the bytes go into a dump in ``lspci -xxxx``
 format (a ``DDDD:BB:DD.F Description`` line, then ``OFF: xx xx ...`` lines of
 16 bytes) and ``lspci -F DUMP -vvv -nn -D`` decodes them. Its
 ``Capabilities: [OFF] Name`` lines (``[OFF vN]`` for extended capabilities)
-are compared with :func:`qreset.pci.config.parse_config`: the same offsets in
+are compared with :func:`qreset.pci.cfgspace.parse_config`: the same offsets in
 the same order, the same IDs, the same extended-capability versions, and the
 same vendor/device/class/revision in the header line.
 
@@ -35,7 +35,7 @@ import pytest
 
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
-from qreset.pci.config import parse_config
+from qreset.pci.cfgspace import parse_config
 from qreset.pci.sim import Fault, SimHost
 from qreset.pci.sysfs import SysfsHost
 from tests.conftest import SIM_DIR

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from qreset.errors import ConfigError, HostError, NoSuchFunction, ResetFailed
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
-from qreset.pci.config import parse_config, u16, u32
+from qreset.pci.cfgspace import parse_config, u16, u32
 from qreset.pci.sim import Fault, SimHost
 from tests.conftest import SIM_DIR
 

@@ -28,7 +28,7 @@ import pytest
 
 from qreset.errors import HostError, NoSuchFunction, QResetError, ResetFailed
 from qreset.pci.address import PciAddress
-from qreset.pci.config import parse_config
+from qreset.pci.cfgspace import parse_config
 from qreset.pci.host import Resource, SlotInfo
 from qreset.pci.sim import SimHost
 from qreset.pci.sysfs import DEFAULT_WORKERS, SysfsHost

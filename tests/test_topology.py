@@ -11,7 +11,7 @@ import pytest
 from qreset.errors import HostError, NoSuchFunction, ResetFailed
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
-from qreset.pci.config import parse_config, u16
+from qreset.pci.cfgspace import parse_config, u16
 from qreset.pci.host import FunctionInfo, PciHost, SlotInfo
 from qreset.pci.sim import SimHost
 from qreset.pci.sysfs import SysfsHost

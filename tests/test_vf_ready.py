@@ -17,7 +17,7 @@ from qreset.diff import Change, diff_config
 from qreset.execute import ResetRunner
 from qreset.locks import DomainLocks
 from qreset.pci import regs
-from qreset.pci.config import parse_config, present, u16
+from qreset.pci.cfgspace import parse_config, present, u16
 from qreset.pci.sim import SimHost
 from qreset.pci.sysfs import SysfsHost
 from qreset.plan import Domain, Method

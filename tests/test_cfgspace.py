@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qreset.pci import regs
-from qreset.pci.config import Capability, ExtCapability, parse_config, u8, u16, u32
+from qreset.pci.cfgspace import Capability, ExtCapability, parse_config, u8, u16, u32
 from tests.pcibuild import Cfg
 
 # -- header decoding ----------------------------------------------------------
