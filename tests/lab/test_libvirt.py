@@ -242,7 +242,13 @@ def test_virsh_reboot_acpi_with_qreset(roles: Roles, lv: Libvirtd, qd: QresetDae
 def test_destroy_releases_before_libvirt_unbinds(roles: Roles, lv: Libvirtd, qd: QresetDaemon) -> None:
     """``virsh destroy`` → the hook's ``stopped`` → release (FLR) before libvirt rebinds the host driver."""
     dev = roles["nvme2"]
+    if driver(dev) == "vfio-pci":
+        # An earlier lab test left it on vfio-pci: libvirt would give it back to vfio-pci
+        # (the driver it found) and nothing would show the unbind. Start from the host's.
+        unbind(dev)
+        (Path("/sys/bus/pci/drivers_probe")).write_text(str(dev))
     host_driver = driver(dev)
+    assert host_driver not in (None, "vfio-pci"), host_driver
     with domain("lvdestroy", [dev], "reboot") as _debug:
         wait_for("the hook's add-vm", lambda: served("lvdestroy") is not None, 60, lv.log)
         wait_for("a cycle", lambda: len(cycles("lvdestroy")) >= 1, 120, qd.tail)
