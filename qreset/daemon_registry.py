@@ -63,11 +63,12 @@ class VmRegistry(DaemonCore):
                        unfinished: list[dict[str, Any]] | None = None) -> VmMonitor:
         if self._tg is None:
             raise DaemonError("daemon is not running")
-        last = next((r for r in reversed(self.history) if r.get("vm") == name), None)
+        last = self.stats.last_of(name)
         # Daemon (this class's only concrete subclass) is the monitors' CycleContext.
         monitor = VmMonitor(name, qmp, mode, devices, cast("CycleContext", self), unfinished,
                             self._journaled_actions.get(name), last)
         self.monitors[name] = monitor
+        self.monitors_changed()
         self._tasks[name] = self._tg.create_task(self._guard(monitor), name=f"vm[{name}]")
         return monitor
 
@@ -185,6 +186,7 @@ class VmRegistry(DaemonCore):
         if task is not None:
             await asyncio.wait({task}, timeout=self._settings.cycle_timeout + 15)
         self.monitors.pop(name, None)
+        self.monitors_changed()
         self.origins.pop(name, None)
         return monitor
 
