@@ -132,7 +132,7 @@ class Daemon(VmRegistry, ControlBackendMixin):
         try:
             past = await asyncio.to_thread(
                 lambda: list(iter_history(self.journal.path, limit=START_HISTORY)))
-            self.stats.history.extend(reversed(past))
+            self.stats.load(past[::-1])
             unfinished = recovery.unfinished()
             registered = recovery.registered()
             self._journaled_actions = recovery.actions()

@@ -17,8 +17,12 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-#: Cycle summaries and latencies kept in memory for query_resets/query_status.
-HISTORY_MAX = 10_000
+#: Full cycle summaries kept in memory: the last cycles for tests and for query_resets
+#: while the journal is degraded (otherwise it reads the journal). A summary is ~12.6 KB
+#: with its engine report (bench.scale): 10 000 of them were 250 MB of RSS.
+HISTORY_MAX = 1024
+#: Cycle latencies kept for query_status's percentiles (floats: ~100 KB for 10 000).
+LATENCIES_MAX = 10_000
 #: Events kept in memory (for tests and late readers).
 EVENTS_MAX = 2_000
 
@@ -43,12 +47,31 @@ class CycleStats:
     def __init__(self) -> None:
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_MAX)
         self.counters: Counter[str] = Counter()
-        self.latencies_ms: deque[float] = deque(maxlen=HISTORY_MAX)
-        self.stop_latencies_ms: deque[float] = deque(maxlen=HISTORY_MAX)
+        self.latencies_ms: deque[float] = deque(maxlen=LATENCIES_MAX)
+        self.stop_latencies_ms: deque[float] = deque(maxlen=LATENCIES_MAX)
+        #: Each VM's last finished cycle, however long ago (a VM served again
+        #: keeps its "stopped on purpose"): one per VM name, not one per cycle.
+        self.last: dict[str, dict[str, Any]] = {}
+
+    def load(self, past: Sequence[dict[str, Any]]) -> None:
+        """Summaries read back from the journal at start, oldest first (not counted)."""
+        self.history.extend(past)
+        for summary in past:
+            self._remember(summary)
+
+    def last_of(self, vm: str) -> dict[str, Any] | None:
+        """``vm``'s last finished cycle known to this daemon (None: none)."""
+        return self.last.get(vm)
+
+    def _remember(self, summary: dict[str, Any]) -> None:
+        vm = summary.get("vm")
+        if isinstance(vm, str):
+            self.last[vm] = summary
 
     def record(self, summary: dict[str, Any]) -> None:
         """One finished cycle (its terminal journal record)."""
         self.history.append(summary)
+        self._remember(summary)
         self.counters["cycles"] += 1
         outcome = str(summary.get("outcome"))
         self.counters[f"outcome:{outcome}"] += 1
