@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import sys
 from pathlib import Path
 
@@ -44,8 +45,32 @@ def setup_logging(verbose: int) -> None:
     logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if verbose > 1 else logging.CRITICAL)
 
 
+def raise_nofile() -> None:
+    """
+    Raise the soft RLIMIT_NOFILE to the hard limit. The daemon holds a QMP socket
+    per VM plus its journal, control and metrics sockets (bench.scale: 264 fds for
+    256 VMs), and systemd starts services with a soft limit of 1024 (systemd.exec(5),
+    LimitNOFILE=): ~1000 VMs would fail to connect. select() is not used (asyncio's
+    default loop uses epoll), so fds above 1023 are safe.
+    """
+    log = logging.getLogger("qreset.run")
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if resource.RLIM_INFINITY in (hard, soft) or soft < hard:
+            # Linux refuses an infinite nofile (fs.nr_open bounds it): keep the soft one then.
+            target = soft if hard == resource.RLIM_INFINITY else hard
+            if target != soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                log.debug("RLIMIT_NOFILE: soft limit raised from %d to %d", soft, target)
+                return
+        log.debug("RLIMIT_NOFILE: soft limit %d (hard %d)", soft, hard)
+    except (OSError, ValueError) as exc:  # not fatal: the daemon serves fewer VMs
+        log.debug("RLIMIT_NOFILE: could not raise the soft limit: %s", exc)
+
+
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
+    raise_nofile()
     # Everything about the configuration is checked before anything is created
     # (journal, sockets, directories): a bad file is exit 2 and one line, never
     # a half-started daemon (qreset.preflight).
