@@ -16,14 +16,14 @@ for the QEMU side, checked on QEMU 7.2).
 ``park`` (the guest was parked by ``reboot=shutdown,shutdown=pause``)::
 
     query-status (must be "shutdown": otherwise the SHUTDOWN was already absorbed)
-    journal cycle-start, parked ; engine ; journal engine-done
+    journal cycle-start (with the status found) ; engine ; journal engine-done (not fsynced)
     set-action reboot=reset ; system_reset ; set-action reboot=shutdown
     query-status until it left "shutdown" ; cont ; journal the summary
 
 ``stop-on-reset`` (QEMU already reset, the guest is running)::
 
     journal cycle-start (written, not fsynced: a daemon crash keeps it) ; stop
-    journal parked ; engine ; journal engine-done ; cont ; journal the summary
+    journal parked ; engine ; journal engine-done (not fsynced) ; cont ; journal the summary
 
 Nothing but the intent record comes before ``stop``: every millisecond there
 is guest time on devices QEMU has just reset. The engine's "before"
@@ -178,15 +178,14 @@ class CycleMachine:
             yield Log(logging.INFO, f"{self.spec.trigger['event']}({self.spec.trigger['reason']}) "
                                     f"already handled (QEMU status {status}): no cycle")
             return None
-        w = yield from self._record(self._start_record())
+        # The guest is already held (QEMU parked it before we heard of it): the
+        # intent and the status found are one record, one fsync, not two.
+        w = yield from self._record({**self._start_record(), "status": status})
         if w.error:
             return (yield from self._abort(w.error, held=True))
         yield Emit("QRESET_RESET_STARTED", self._started_event())
         self.phase = Phase.HELD
         self.durations["event_to_parked_ms"] = self._ms_since(self.spec.t_event)
-        w = yield from self._record({"phase": "parked", "status": status})
-        if w.error:
-            return (yield from self._abort(w.error, held=True))
         return (yield from self._engine_and_resume())
 
     def _stop_on_reset(self) -> Generator[Action, Input, Outcome | None]:
@@ -256,10 +255,15 @@ class CycleMachine:
                 yield from self._record({"phase": "note", "note": note})
         self.durations["engine_ms"] = self._ms_since(t0)
         changed = list(report.identity_changed) if report is not None else []
+        # Written, not fsynced (the terminal record's fsync covers it): a daemon
+        # crash keeps the line (os.write), and what it decides after one — resume,
+        # or keep an identity-change stop — is read back by qreset.recovery. Only a
+        # host crash loses it, and that takes this QEMU too: recovery then finds
+        # another QEMU and sends nothing.
         w = yield from self._record({
             "phase": "engine-done", "ok": report is not None and report.ok and error is None,
             "error": error, "engine_ms": self.durations["engine_ms"],
-            "identity_changed": [str(a) for a in changed]})
+            "identity_changed": [str(a) for a in changed]}, sync=False)
         if w.error:
             return (yield from self._abort(w.error, held=True, report=report))
         for addr in changed:

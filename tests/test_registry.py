@@ -338,7 +338,7 @@ async def test_daemon_sigkilled_mid_cycle_of_a_runtime_vm_next_daemon_finishes_i
                     await asyncio.sleep(0.05)
             await ctl.execute("cont")
             parked = await asyncio.to_thread(
-                wait_journal_record, jpath, lambda r: r.get("phase") == "parked", 20)
+                wait_journal_record, jpath, lambda r: r.get("phase") == "cycle-start", 20)  # park: held
             d1.send_signal(signal.SIGKILL)
             await asyncio.wait_for(d1.wait(), 5)
             held = await status(ctl)
