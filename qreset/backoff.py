@@ -7,8 +7,8 @@ growth that stops after ten attempts (1.5 ** 10 ≈ 58). ``scale`` shrinks it
 for loops whose first retries must come fast (a parked guest waits on them);
 ``cap`` bounds it.
 
-Used by the VM monitors (reconnect, resume retries) and meant for the
-daemon's crash-restart guard too.
+Used by the VM monitors (reconnect, resume retries) and the daemon's
+crash-restart guard (qreset.daemon_registry).
 """
 
 from __future__ import annotations

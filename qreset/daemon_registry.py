@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pydantic
 
+from qreset.backoff import backoff_delay
 from qreset.config import Mode, VmSection
 from qreset.daemon_base import DaemonCore, DaemonError
 from qreset.errors import ConfigError, NoSuchFunction, QResetError
@@ -82,8 +83,10 @@ class VmRegistry(DaemonCore):
             except Exception:
                 attempt += 1
                 logger.exception("VM %s: monitor crashed; restarting it", monitor.name)
-                # Our choice: 0.2 s doubling to 5 s, so a crash loop neither spins nor stalls long.
-                await asyncio.sleep(min(5.0, 0.1 * 2 ** attempt))
+                # The one backoff formula (qreset.backoff), scaled so the first restarts come
+                # within a fraction of a second and capped at 5 s: a crash loop neither spins
+                # nor leaves a VM unserved for long.
+                await asyncio.sleep(backoff_delay(attempt, 5.0, scale=0.2))
 
     def _validate_add(self, name: str, qmp: str, devices: list[str],
                       mode: str | None) -> tuple[VmSection, Mode]:
