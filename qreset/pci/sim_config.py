@@ -23,10 +23,15 @@ and the PCI Express Base Spec r6.0 (sections 7.5.3 PCIe capability, 7.8.4 AER,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from qreset.pci import regs
-from qreset.pci.sim_model import ACS_BITS, AcsSpec, AfSpec, BarSpec, FunctionSpec, MsiSpec, MsixSpec, PmSpec
+from qreset.pci.sim_extcaps import put_ext_caps
+from qreset.pci.sim_image import BarSlot, ConfigImage, ImageWriter, bar_slots, get, log2, put, put_bar
+from qreset.pci.sim_model import AfSpec, FunctionSpec, MsiSpec, MsixSpec, PmSpec
+
+# The image types and register access live in sim_image, the extended
+# capabilities in sim_extcaps; what was public here stays importable from here.
+__all__ = ["DEFAULT_IDS", "DEVCTL_DEFAULT", "PCIE_TYPE", "BarSlot", "ConfigImage", "build_image",
+           "default_pm", "get", "put"]
 
 # PCI Express Device/Port Type per simulated function kind (PCI_EXP_TYPE_*).
 PCIE_TYPE = {
@@ -62,60 +67,7 @@ _PCI_PM_SIZE = 8                   # PCI_PM_SIZEOF
 _PCI_EXP_SIZE = 0x3C               # PCI_CAP_EXP_ENDPOINT_SIZEOF_V2
 _PCI_AF_SIZE = 6
 _PCI_MSIX_SIZE = 12                # PCI_CAP_MSIX_SIZEOF
-_AER_SIZE = 0x38                   # PCI_ERR_ROOT_COMMAND is 0x2c; root ports use 0x48
-_AER_ROOT_SIZE = 0x48
-_ACS_SIZE = 8
-_SRIOV_SIZE = 0x40                 # PCI_EXT_CAP_SRIOV_SIZEOF
-_LTR_SIZE = 8                      # PCI_EXT_CAP_LTR_SIZEOF
-_SRIOV_SUP_PGSIZES = 0x553         # 4K 8K 64K 256K 1M 4M, what most NICs report
-_SRIOV_CTRL_WMASK = 0x001F         # VFE, VFM, VF_MIGRATION_INT, VF MSE, ARI hierarchy
 
-
-@dataclass(slots=True)
-class BarSlot:
-    """One implemented BAR (index 0-5, or a VF BAR in the SR-IOV capability)."""
-
-    index: int
-    size: int
-    type: str
-    prefetch: bool
-
-    @property
-    def low_bits(self) -> int:
-        if self.type == "io":
-            return regs.BASE_ADDRESS_SPACE_IO
-        bits = regs.BASE_ADDRESS_MEM_TYPE_64 if self.type == "mem64" else 0
-        return bits | (regs.BASE_ADDRESS_MEM_PREFETCH if self.prefetch else 0)
-
-
-@dataclass(slots=True)
-class ConfigImage:
-    """Power-on bytes of one function with its write masks and the layout the sim needs."""
-
-    size: int
-    por: bytearray
-    wmask: bytearray
-    w1cmask: bytearray
-    caps: dict[int, int] = field(default_factory=dict)
-    ext_caps: dict[int, int] = field(default_factory=dict)
-    bars: list[BarSlot] = field(default_factory=list)
-    rom_size: int = 0
-    vf_bars: list[BarSlot] = field(default_factory=list)
-
-
-class _Img:
-    """Little-endian register writer over the three byte arrays."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.data = bytearray(size)
-        self.wmask = bytearray(size)
-        self.w1c = bytearray(size)
-
-    def put(self, off: int, width: int, value: int, wmask: int = 0, w1c: int = 0) -> None:
-        self.data[off:off + width] = (value & ((1 << 8 * width) - 1)).to_bytes(width, "little")
-        self.wmask[off:off + width] = (wmask & ((1 << 8 * width) - 1)).to_bytes(width, "little")
-        self.w1c[off:off + width] = (w1c & ((1 << 8 * width) - 1)).to_bytes(width, "little")
 
 
 def default_pm(spec: FunctionSpec) -> PmSpec | None:
@@ -125,36 +77,12 @@ def default_pm(spec: FunctionSpec) -> PmSpec | None:
     return spec.pm or None
 
 
-def _bar_slots(bars: tuple[BarSpec, ...]) -> list[BarSlot]:
-    out: list[BarSlot] = []
-    nxt = 0
-    for bar in bars:
-        idx = nxt if bar.index is None else bar.index
-        out.append(BarSlot(idx, bar.size, bar.type, bar.prefetch))
-        nxt = idx + (2 if bar.type == "mem64" else 1)
-    return out
-
-
-def _put_bar(img: _Img, off: int, slot: BarSlot) -> None:
-    if slot.type == "io":
-        img.put(off, 4, slot.low_bits, ~(slot.size - 1) & 0xFFFFFFFC)
-        return
-    mask = ~(slot.size - 1)
-    img.put(off, 4, slot.low_bits, mask & 0xFFFFFFF0)
-    if slot.type == "mem64":
-        img.put(off + 4, 4, 0, (mask >> 32) & 0xFFFFFFFF)
-
-
-def _log2(n: int) -> int:
-    return n.bit_length() - 1
-
-
 def build_image(spec: FunctionSpec, *, multifunction: bool, is_vf: bool = False,
                 port_number: int = 0, slot_number: int | None = None,
                 slot_hotplug: bool = False) -> ConfigImage:
     """The power-on config space of ``spec`` (see the module docstring)."""
     pcie = spec.is_pcie
-    img = _Img(regs.CFG_SPACE_EXP_SIZE if pcie else regs.CFG_SPACE_SIZE)
+    img = ImageWriter(regs.CFG_SPACE_EXP_SIZE if pcie else regs.CFG_SPACE_SIZE)
     vendor, device, klass = DEFAULT_IDS.get(spec.type, (0, 0, 0))
     vendor = spec.vendor if spec.vendor is not None else vendor
     device = spec.device if spec.device is not None else device
@@ -172,9 +100,9 @@ def build_image(spec: FunctionSpec, *, multifunction: bool, is_vf: bool = False,
     img.put(regs.LATENCY_TIMER, 1, 0, 0 if pcie else 0xFF)
     htype = regs.HEADER_TYPE_BRIDGE if bridge else regs.HEADER_TYPE_NORMAL
     img.put(regs.HEADER_TYPE, 1, htype | (regs.HEADER_TYPE_MFD if multifunction else 0))
-    bars = [] if is_vf else _bar_slots(spec.bars)
+    bars = [] if is_vf else bar_slots(spec.bars)
     for slot in bars:
-        _put_bar(img, regs.BASE_ADDRESS_0 + 4 * slot.index, slot)
+        put_bar(img, regs.BASE_ADDRESS_0 + 4 * slot.index, slot)
     rom_size = 0 if spec.rom is None else spec.rom
     if bridge:
         for off in (regs.PRIMARY_BUS, regs.SECONDARY_BUS, regs.SUBORDINATE_BUS, regs.SEC_LATENCY_TIMER):
@@ -240,7 +168,7 @@ def build_image(spec: FunctionSpec, *, multifunction: bool, is_vf: bool = False,
                 regs.PM_CTRL_PME_STATUS)
     if msi is not None:
         o = caps[regs.CAP_ID_MSI]
-        flags = (_log2(msi.vectors) << 1) | (regs.MSI_FLAGS_64BIT if msi.addr64 else 0)
+        flags = (log2(msi.vectors) << 1) | (regs.MSI_FLAGS_64BIT if msi.addr64 else 0)
         flags |= regs.MSI_FLAGS_MASKBIT if msi.per_vector_mask else 0
         img.put(o + regs.MSI_FLAGS, 2, flags, regs.MSI_FLAGS_ENABLE | 0x0070)
         img.put(o + regs.MSI_ADDRESS_LO, 4, 0, 0xFFFFFFFC)
@@ -269,11 +197,11 @@ def build_image(spec: FunctionSpec, *, multifunction: bool, is_vf: bool = False,
     ext: dict[int, int] = {}
     vf_bars: list[BarSlot] = []
     if pcie:
-        vf_bars = _put_ext_caps(img, spec, ext)
+        vf_bars = put_ext_caps(img, spec, ext)
     return ConfigImage(img.size, img.data, img.wmask, img.w1c, caps, ext, bars, rom_size, vf_bars)
 
 
-def _put_pcie(img: _Img, o: int, spec: FunctionSpec, port_number: int,
+def _put_pcie(img: ImageWriter, o: int, spec: FunctionSpec, port_number: int,
               slot_number: int | None, slot_hotplug: bool) -> None:
     ptype = PCIE_TYPE[spec.type]
     is_port = ptype in (regs.EXP_TYPE_ROOT_PORT, regs.EXP_TYPE_DOWNSTREAM)
@@ -315,97 +243,3 @@ def _put_pcie(img: _Img, o: int, spec: FunctionSpec, port_number: int,
     if ptype != regs.EXP_TYPE_RC_END:
         img.put(o + regs.EXP_LNKCAP2, 4, sum(1 << s for s in range(1, spec.link_speed + 1)))
         img.put(o + regs.EXP_LNKCTL2, 2, spec.link_speed, 0xFFFF)
-
-
-def _ext_header(cap_id: int, version: int) -> int:
-    return cap_id | (version << 16)
-
-
-def _put_ext_caps(img: _Img, spec: FunctionSpec, ext: dict[int, int]) -> list[BarSlot]:
-    chain: list[tuple[int, int]] = []
-    aer = spec.aer if spec.aer is not None else True
-    if aer:
-        chain.append((regs.EXT_CAP_ID_ERR, _AER_ROOT_SIZE if spec.type == "root_port" else _AER_SIZE))
-    acs: AcsSpec | None = None
-    if spec.acs is True:
-        acs = AcsSpec()
-    elif isinstance(spec.acs, AcsSpec):
-        acs = spec.acs
-    if acs is not None:
-        chain.append((regs.EXT_CAP_ID_ACS, _ACS_SIZE))
-    if spec.sriov is not None:
-        chain.append((regs.EXT_CAP_ID_SRIOV, _SRIOV_SIZE))
-    if spec.ltr:
-        chain.append((regs.EXT_CAP_ID_LTR, _LTR_SIZE))
-    if spec.rebar is not None:
-        chain.append((regs.EXT_CAP_ID_REBAR, 12))
-    pos = regs.EXT_CAP_START
-    layout: list[tuple[int, int]] = []
-    for cap_id, size in chain:
-        layout.append((cap_id, pos))
-        ext[cap_id] = pos
-        pos = (pos + size + 3) & ~3
-    for i, (cap_id, off) in enumerate(layout):
-        nxt = layout[i + 1][1] if i + 1 < len(layout) else 0
-        version = 2 if cap_id == regs.EXT_CAP_ID_ERR else 1
-        img.put(off, 4, _ext_header(cap_id, version) | (nxt << 20))
-
-    if regs.EXT_CAP_ID_ERR in ext:
-        o = ext[regs.EXT_CAP_ID_ERR]
-        uncor = 0x03FFF030
-        img.put(o + regs.ERR_UNCOR_STATUS, 4, 0, 0, uncor)
-        img.put(o + regs.ERR_UNCOR_MASK, 4, 0, uncor)
-        img.put(o + regs.ERR_UNCOR_SEVER, 4, 0x00462030, uncor)  # spec default severities
-        img.put(o + regs.ERR_COR_STATUS, 4, 0, 0, 0x0000F1C1)
-        img.put(o + regs.ERR_COR_MASK, 4, 0x00002000, 0x0000F1C1)  # Advisory Non-Fatal masked
-        img.put(o + regs.ERR_CAP, 4, 0x000000A0, 0x00000140)  # ECRC gen/check capable; enables rw
-        if spec.type == "root_port":
-            img.put(o + regs.ERR_ROOT_COMMAND, 4, 0, 0x7)
-            img.put(o + 0x30, 4, 0, 0, 0x7F)  # PCI_ERR_ROOT_STATUS
-    if acs is not None:
-        o = ext[regs.EXT_CAP_ID_ACS]
-        cap_bits = sum(ACS_BITS[b] for b in acs.cap)
-        img.put(o + regs.ACS_CAP, 2, cap_bits)
-        img.put(o + regs.ACS_CTRL, 2, 0, cap_bits)
-    vf_bars: list[BarSlot] = []
-    if spec.sriov is not None:
-        s = spec.sriov
-        o = ext[regs.EXT_CAP_ID_SRIOV]
-        img.put(o + regs.SRIOV_CAP, 4, 0)
-        img.put(o + regs.SRIOV_CTRL, 2, 0, _SRIOV_CTRL_WMASK)
-        img.put(o + regs.SRIOV_INITIAL_VF, 2, s.total_vfs)
-        img.put(o + regs.SRIOV_TOTAL_VF, 2, s.total_vfs)
-        img.put(o + regs.SRIOV_NUM_VF, 2, 0, 0xFFFF)
-        img.put(o + regs.SRIOV_VF_OFFSET, 2, s.offset)
-        img.put(o + regs.SRIOV_VF_STRIDE, 2, s.stride)
-        img.put(o + regs.SRIOV_VF_DID, 2, s.vf_device)
-        img.put(o + regs.SRIOV_SUP_PGSIZE, 4, _SRIOV_SUP_PGSIZES)
-        img.put(o + regs.SRIOV_SYS_PGSIZE, 4, 1, 0xFFFFFFFF)
-        vf_bars = _bar_slots(s.vf_bars)
-        for slot in vf_bars:
-            _put_bar(img, o + regs.SRIOV_BAR + 4 * slot.index, slot)
-    if spec.ltr:
-        o = ext[regs.EXT_CAP_ID_LTR]
-        img.put(o + regs.LTR_MAX_SNOOP_LAT, 2, 0, 0x1FFF)
-        img.put(o + regs.LTR_MAX_NOSNOOP_LAT, 2, 0, 0x1FFF)
-    if spec.rebar is not None:
-        o = ext[regs.EXT_CAP_ID_REBAR]
-        supported = 0
-        for size in spec.rebar.sizes:
-            supported |= 1 << (_log2(size) - 20 + 4)
-        img.put(o + regs.REBAR_CAP, 4, supported)
-        current = next((b.size for b in _bar_slots(spec.bars) if b.index == spec.rebar.bar), 1 << 20)
-        ctrl = spec.rebar.bar | (1 << regs.REBAR_CTRL_NBAR_SHIFT) | ((_log2(current) - 20) << 8)
-        img.put(o + regs.REBAR_CTRL, 4, ctrl, 0x3F00)
-    return vf_bars
-
-
-# -- the configured (post-boot) state -----------------------------------------------
-
-
-def put(buf: bytearray, off: int, width: int, value: int) -> None:
-    buf[off:off + width] = (value & ((1 << 8 * width) - 1)).to_bytes(width, "little")
-
-
-def get(buf: bytes | bytearray, off: int, width: int) -> int:
-    return int.from_bytes(buf[off:off + width], "little")
