@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from qreset import __version__
-from qreset.control.access import ControlError, listen, peer_allowed, peer_credentials
+from qreset.control.access import ControlError, listen
+from qreset.control.admission import admit, event_message
 from qreset.control.connection import Connection, State
 from qreset.control.framing import (
     Framer,
@@ -186,7 +187,7 @@ class ControlServer:
         dropped. Call it from the event loop's thread (it writes to asyncio
         transports).
         """
-        msg = self._event_message(event, data)
+        msg = event_message(event, data)
         try:
             encoded = encode(msg)
         except (TypeError, ValueError) as exc:
@@ -195,16 +196,6 @@ class ControlServer:
         for client in list(self._clients.values()):
             if client.state is State.NEGOTIATED:
                 client.push_event(encoded)
-
-    @staticmethod
-    def _event_message(event: str, data: dict[str, Any]) -> dict[str, Any]:
-        now = time.time()
-        seconds = int(now)
-        return {
-            "event": event,
-            "data": data,
-            "timestamp": {"seconds": seconds, "microseconds": int((now - seconds) * 1_000_000)},
-        }
 
     # -- connection handling -----------------------------------------------
 
@@ -218,7 +209,8 @@ class ControlServer:
         client.reader_task = task
         self._clients[ident] = client
         try:
-            if not self._admit(client):
+            if not admit(client, self._clients.values(), check_uid=self.check_uid,
+                         own_uid=self._own_uid, max_clients=self.max_clients):
                 return
             client.send_now(greeting(_VERSION, f"qreset {__version__}"))
             client.greeted_at = time.monotonic()
@@ -239,55 +231,6 @@ class ControlServer:
                 client.drop()
             self._clients.pop(ident, None)
             client.log.debug("disconnected")
-
-    def _admit(self, client: Connection) -> bool:
-        """Peer-uid check and room; on refusal the error is sent and the client finished."""
-        sock = client.writer.get_extra_info("socket")
-        peer = "unknown"
-        if sock is not None:
-            try:
-                pid, uid, _gid = peer_credentials(sock)
-            except OSError as exc:
-                client.log.warning("cannot read peer credentials: %s", exc)
-                client.send_now(error_reply("permission denied: peer credentials unavailable"))
-                return False
-            peer = f"pid {pid} uid {uid}"
-            if self.check_uid and not peer_allowed(uid, self._own_uid):
-                client.log.warning("refusing %s: only root and uid %d may connect", peer, self._own_uid)
-                client.send_now(error_reply(f"permission denied: uid {uid} may not use this socket"))
-                return False
-        if sum(1 for c in self._clients.values() if not c.closing) > self.max_clients \
-                and not self._evict_one(client):
-            client.log.warning("refusing %s: %d clients already connected, all busy",
-                               peer, self.max_clients)
-            client.send_now(error_reply(f"too many clients (limit {self.max_clients})"))
-            return False
-        client.log.debug("connected: %s", peer)
-        return True
-
-    def _evict_one(self, newcomer: Connection) -> bool:
-        """
-        Make room: close the longest-idle client that is not running a
-        command, un-negotiated ones first (a QMP client negotiates at once;
-        one that has not is leaked or hostile). False if every client is busy.
-        """
-        idle = [c for c in self._clients.values()
-                if c is not newcomer and not c.closing and not c.busy]
-        if not idle:
-            return False
-        victim = min(idle, key=lambda c: (c.state is State.NEGOTIATED, c.last_active))
-        victim.log.warning("evicted (%s, idle %.0f s): %d clients connected, a new one came",
-                           victim.state.value, time.monotonic() - victim.last_active, self.max_clients)
-        why = (f"the server is full (limit {self.max_clients}) and this connection was "
-               "the longest idle; closing it")
-        if victim.state is State.NEGOTIATED:
-            # An event, not an id-less error: a QMP client takes an error without an id
-            # for a server parse failure. It then sees the connection close.
-            victim.push_event(encode(self._event_message("QRESET_CLIENT_EVICTED", {"reason": why})))
-        else:
-            victim.send_now(error_reply(why))
-        victim.finish()
-        return True
 
     async def _read(self, client: Connection, reader: asyncio.StreamReader) -> bytes | None:
         """Next bytes from the client; None when it did not negotiate in time (it was told)."""
