@@ -40,14 +40,18 @@ to the same QEMU).
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qreset.backoff import backoff_delay
 from qreset.config import Mode, OnIdentityChange
+from qreset.cycle_resume import (
+    RESET_SETTLE_TIMEOUT,
+    RESUME_REFUSALS,
+    STATUS_POLL,
+)
+from qreset.cycle_resume import resume as resume_cycle
 from qreset.cycle_types import (
     COMMAND_TIMEOUT,
     Action,
@@ -60,6 +64,7 @@ from qreset.cycle_types import (
     Input,
     Log,
     Outcome,
+    Phase,
     Record,
     Reply,
     RunEngine,
@@ -76,31 +81,6 @@ __all__ = [
     "Phase", "Record", "Reply", "RunEngine", "Sleep", "Slept", "Steps", "Written", "identity_reason",
     "parked", "report_error",
 ]
-
-#: How long QEMU may take to leave ``shutdown`` after ``system_reset``. Ours: the
-#: reset request runs at the main loop's next iteration
-#: (qemu_system_reset_request -> main_loop_should_exit), milliseconds on QEMU 7.2.
-RESET_SETTLE_TIMEOUT = 5.0
-#: Poll period while waiting for that (5 ms: a fraction of the measured park cycle).
-STATUS_POLL = 0.005
-#: Resume retries: backoff 0.1 s × aiomqtt's growth, at most every 5 s (ours).
-RESUME_RETRY_SCALE = 0.1
-RESUME_RETRY_MAX = 5.0
-#: QEMU *refusing* the resume (an error reply, not silence) this many times in a
-#: row is not going to change by itself: the VM is then stopped with that reason.
-RESUME_REFUSALS = 5
-
-
-class Phase(enum.Enum):
-    """Where a cycle is (explicit, shown by the monitor)."""
-
-    CHECKING = "checking"    # park: is the guest still parked?
-    STOPPING = "stopping"    # stop-on-reset: intent journaled, stop sent
-    HELD = "held"            # the guest cannot run; journal + engine
-    RESUMING = "resuming"
-    RETRYING = "retrying"    # resume failed; waiting to try again
-    ENDED = "ended"
-    SKIPPED = "skipped"      # not a cycle (an absorbed SHUTDOWN)
 
 
 @dataclass
@@ -301,97 +281,11 @@ class CycleMachine:
                                              left_open=end.left_open))
         return (yield from self._end("failed", report, error, resumed=True))
 
-    # -- resume (with retries) -------------------------------------------
+    # -- resume (with retries): qreset.cycle_resume -----------------------
 
     def resume(self, *, cont: bool) -> Generator[Action, Input, Outcome | None]:
-        """
-        Finish QEMU's side of the reset and (``cont``) let the guest run, retrying
-        until it does. Returns None on success; an :class:`Outcome` skeleton when
-        the cycle must end otherwise (connection gone, QEMU refusing for good,
-        daemon leaving).
-        """
-        attempt = 0
-        refusals = 0
-        while True:
-            self.phase = Phase.RESUMING
-            got = yield from (self._finish_park(cont) if self.spec.mode is Mode.PARK
-                              else self._finish_stop(cont))
-            if got is None:
-                if attempt:
-                    self.problem = None
-                    yield Log(logging.WARNING, f"cycle {self.spec.cid}: VM resumed after "
-                                               f"{attempt} retr{'y' if attempt == 1 else 'ies'}")
-                    yield from self._record({"phase": "note", "note": f"resumed after {attempt} retries"})
-                return None
-            if got.kind is FailKind.GONE:
-                return Outcome({"outcome": "failed", "error": "QEMU went away during the cycle"},
-                               interrupted=True)
-            refusals = refusals + 1 if got.kind is FailKind.REFUSED else 0
-            self.problem = f"could not resume: {got.error}"
-            if refusals >= RESUME_REFUSALS:
-                reason = f"{self.problem} (refused {refusals} times; left stopped)"
-                yield Log(logging.ERROR, f"cycle {self.spec.cid}: {reason}")
-                return Outcome({"outcome": "stopped", "error": reason}, stopped_reason=reason)
-            if attempt == 0:
-                yield Log(logging.ERROR, f"cycle {self.spec.cid}: {self.problem}; retrying until "
-                                         "QEMU answers")
-                yield from self._record({"phase": "note", "note": self.problem})
-                yield Emit("QRESET_RESUME_PENDING", {**self._base, "error": self.problem})
-            self.phase = Phase.RETRYING
-            slept = yield Sleep(backoff_delay(attempt, RESUME_RETRY_MAX, scale=RESUME_RETRY_SCALE))
-            attempt += 1
-            if isinstance(slept, Slept) and slept.closing:
-                return Outcome({"outcome": "failed", "error": self.problem}, left_open=True)
-            self.status = None  # unknown: the next attempt asks
-
-    def _finish_stop(self, cont: bool) -> Generator[Action, Input, Failed | None]:
-        if not cont or not self.holding:
-            return None  # not ours to resume: its manager held it when the cycle began
-        # We stopped it ourselves: no status query needed, and cont of a running VM is a no-op.
-        got = yield from self._cmd("cont")
-        if isinstance(got, Failed):
-            return got
-        self.status = "running"
-        return None
-
-    def _finish_park(self, cont: bool) -> Generator[Action, Input, Failed | None]:
-        """The toggle that works in ``shutdown`` (qmp-reset-flow.md), then cont."""
-        status = self.status
-        if status is None:
-            got = yield from self._status()
-            if isinstance(got, Failed):
-                return got
-            status = got
-        if status == "shutdown":
-            for cmd, args in (("set-action", {"reboot": "reset"}), ("system_reset", None)):
-                got_r = yield from self._cmd(cmd, args)
-                if isinstance(got_r, Failed):
-                    return got_r
-        # Always (also on a retry that found the reset done): park the next reset again.
-        # Safe before the reset ran: system_reset's request is already a reset
-        # (qemu_system_reset_request reads the action when it is called).
-        got_r = yield from self._cmd("set-action", {"reboot": "shutdown"})
-        if isinstance(got_r, Failed):
-            return got_r
-        polls = 0
-        while status == "shutdown":  # the reset request is served by QEMU's main loop
-            if polls * STATUS_POLL >= RESET_SETTLE_TIMEOUT:
-                return Failed(f"QEMU still in 'shutdown' {RESET_SETTLE_TIMEOUT:g}s after system_reset",
-                              FailKind.TIMEOUT)
-            if polls:
-                yield Sleep(STATUS_POLL)
-            polls += 1
-            got = yield from self._status()
-            if isinstance(got, Failed):
-                return got
-            status = got
-        if cont and status != "running":
-            got_r = yield from self._cmd("cont")
-            if isinstance(got_r, Failed):
-                return got_r
-            status = "running"
-        self.status = status
-        return None
+        """See :func:`qreset.cycle_resume.resume`."""
+        return (yield from resume_cycle(self, cont=cont))
 
     # -- the end -----------------------------------------------------------
 

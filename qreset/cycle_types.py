@@ -20,6 +20,18 @@ from qreset.pci.address import PciAddress
 COMMAND_TIMEOUT = 5.0
 
 
+class Phase(enum.Enum):
+    """Where a cycle is (explicit, shown by the monitor)."""
+
+    CHECKING = "checking"    # park: is the guest still parked?
+    STOPPING = "stopping"    # stop-on-reset: intent journaled, stop sent
+    HELD = "held"            # the guest cannot run; journal + engine
+    RESUMING = "resuming"
+    RETRYING = "retrying"    # resume failed; waiting to try again
+    ENDED = "ended"
+    SKIPPED = "skipped"      # not a cycle (an absorbed SHUTDOWN)
+
+
 class FailKind(enum.Enum):
     REFUSED = "refused"   # QEMU answered with an error
     TIMEOUT = "timeout"   # no answer within the bound (QEMU stalled)
