@@ -7,18 +7,17 @@ And add-vm refuses a QMP path the configuration file would refuse.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
 
-from qreset.config import parse_config
 from qreset.daemon import Daemon
 from qreset.errors import ConfigError
 from qreset.pci.address import PciAddress
 from qreset.pci.sim import SimHost
 from tests.conftest import SIM_DIR
+from tests.hook_helpers import daemon_on
 from tests.qemu_helpers import short_tmpdir
 
 DEMO = SIM_DIR / "demo.toml"
@@ -27,24 +26,16 @@ NIC2 = "0000:04:00.0"
 
 
 @asynccontextmanager
-async def daemon_on(host: SimHost) -> AsyncIterator[Daemon]:
+async def _daemon(host: SimHost) -> AsyncIterator[Daemon]:
+    """tests.hook_helpers.daemon_on (the shared in-process daemon) in a short temp dir."""
     with short_tmpdir() as wd:
-        cfg = parse_config({"daemon": {"journal": str(wd / "journal.jsonl"), "control_socket": ""},
-                            "sim": {"topology": str(DEMO), "time_scale": 0.01}}, "test")
-        daemon = Daemon(cfg, host=host, control=False)
-        task = asyncio.create_task(daemon.run(), name="daemon")
-        try:
-            async with asyncio.timeout(10):
-                await daemon.started.wait()
+        async with daemon_on(wd, host) as daemon:
             yield daemon
-        finally:
-            daemon.request_stop()
-            await asyncio.wait_for(task, 30)
 
 
 async def test_check_devices_absent_function_or_bridge_is_unsafe() -> None:
     host = SimHost.from_toml(DEMO, time_scale=0.01)
-    async with daemon_on(host) as daemon:
+    async with _daemon(host) as daemon:
         assert await daemon.check_devices("vm1", [NIC1]) == {"safe": True, "reasons": []}
         absent = await daemon.check_devices("vm1", [NIC1, "0000:09:00.0"])
         assert absent == {"safe": False, "reasons": [
@@ -62,7 +53,7 @@ async def test_check_devices_absent_function_or_bridge_is_unsafe() -> None:
 async def test_add_vm_refuses_a_qmp_path_past_sun_path() -> None:
     """add-vm (the hook, qreset launch) refuses what the configuration file refuses:
     a socket path no connect() could use (its monitor would retry it forever)."""
-    async with daemon_on(SimHost.from_toml(DEMO, time_scale=0.01)) as daemon:
+    async with _daemon(SimHost.from_toml(DEMO, time_scale=0.01)) as daemon:
         long = "/tmp/" + "s" * 110 + ".qmp"
         with pytest.raises(ConfigError) as info:
             await daemon.add_vm("vm1", long, [NIC1], None)
