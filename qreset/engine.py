@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ from qreset.pci.address import PciAddress
 from qreset.pci.host import PciHost
 from qreset.plan import Plan, Policy, make_plan, owners_of
 from qreset.topology import Topology
+from qreset.topology_refresh import SharedRefresh
 
 __all__ = [
     "PHASES",
@@ -109,6 +110,10 @@ class Engine:
         self._runner = ResetRunner(host, self.locks, self.settings)
         self._topology: Topology | None = None
         self._topology_lock: asyncio.Lock | None = None
+        self._refresher = SharedRefresh(host, lambda: self._topology, self._set_topology)
+
+    def _set_topology(self, topo: Topology) -> None:
+        self._topology = topo
 
     async def topology(self, refresh: bool = False,
                        current: Iterable[PciAddress] = ()) -> Topology:
@@ -120,16 +125,42 @@ class Engine:
         and removed functions are picked up at the same time
         (:meth:`Topology.refresh`: a few sysfs reads per function, not a reload).
         """
-        if self._topology_lock is None:
-            self._topology_lock = asyncio.Lock()
-        async with self._topology_lock:
-            if refresh or self._topology is None:
-                self._topology = await Topology.load(self.host)
-            wanted = list(current)
-            if wanted:
-                topo = self._topology
-                self._topology = await topo.refresh(self.host, topo.neighbourhood(wanted))
-            return self._topology
+        wanted = frozenset(current)
+        return await self._current(refresh, lambda topo: topo.neighbourhood(wanted) if wanted else ())
+
+    async def _current(self, reload: bool,
+                       scope: Callable[[Topology], Iterable[PciAddress]] | None) -> Topology:
+        """The cached topology (loaded first if needed) with ``scope`` refreshed.
+
+        ``scope`` None: only load. The load holds the lock (one reader, the
+        others wait for its result); refreshes do not (:class:`SharedRefresh`).
+        """
+        while True:
+            if reload or self._topology is None:
+                if self._topology_lock is None:
+                    self._topology_lock = asyncio.Lock()
+                async with self._topology_lock:
+                    if reload or self._topology is None:
+                        self._topology = await Topology.load(self.host)
+                reload = False
+            topo = self._topology
+            wanted = frozenset(scope(topo)) if scope is not None else frozenset()
+            if not wanted:
+                return topo
+            new = await self._refresher.refresh(wanted)
+            if new is not None:
+                return new
+            # Dropped or reloaded while being refreshed: start over from the new one.
+
+    async def _plan_topology(self, owned: Sequence[PciAddress]) -> Topology:
+        """The topology with what a plan of ``owned`` reads made current
+        (:func:`qreset.topology_refresh.plan_scope`)."""
+        while True:
+            if self._topology is None:
+                await self._current(False, None)
+            new = await self._refresher.current(owned)
+            if new is not None:
+                return new
 
     async def plan(
         self,
@@ -141,7 +172,7 @@ class Engine:
         """Plan ``vm``'s resets of ``owned``, knowing every VM's functions (``vms``). No writes."""
         # Every function the plan looks at, as the host has it now (libvirt
         # rebinds managed devices between cycles; VFs and hot plug come and go).
-        topo = await self.topology(current=owned)
+        topo = await self._plan_topology(owned)
         if self.settings.bus_methods is not None:
             policy = dataclasses.replace(policy, bus_methods=self.settings.bus_methods)
         all_vms = dict(vms)

@@ -179,10 +179,13 @@ async def refresh_nodes(
                 await runtime(pf)
             changed = True
 
-    await _gather_named(host, "refresh", [
-        *((f"runtime[{a}]", runtime(a)) for a in sorted(want)),
-        *((f"read[{a}]", full(a)) for a in sorted(added)),
-    ])
+    # Run-time attributes are a few small sysfs reads each, done in line (no
+    # task per function: a VF's plan reads a handful); hot-added functions,
+    # rare, are read in full concurrently.
+    for a in sorted(want):
+        await runtime(a)
+    if added:
+        await _gather_named(host, "refresh", ((f"read[{a}]", full(a)) for a in sorted(added)))
     if not changed:
         return None
     for a in sorted(removed):
