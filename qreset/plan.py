@@ -54,8 +54,11 @@ retries PM targets whose wider reset was refused.
 
 from __future__ import annotations
 
+import functools
 import logging
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 
 from qreset.pci.address import PciAddress
 from qreset.plan_domains import candidates, merge
@@ -94,25 +97,60 @@ def owners_of(
     reset such a function; otherwise its driver decides (vfio-pci: idle, none,
     or a host driver).
     """
-    mine = set(vms.get(this_vm, ()))
-    others: dict[PciAddress, str] = {}
-    for name in sorted(vms):
-        if name == this_vm:
+    key = tuple((name, tuple(addrs)) for name, addrs in vms.items())
+    holders = _holders(key)
+    out = dict(_base_owners(topo, key))
+    for addr in dict.fromkeys(vms.get(this_vm, ())):
+        names = holders.get(addr, ())
+        if addr not in out or this_vm not in names:
             continue
-        for addr in vms[name]:
-            others.setdefault(addr, name)
+        others = [n for n in names if n != this_vm]
+        if others:
+            logger.warning("%s is listed for VM %s and VM %s: not resetting it", addr, this_vm,
+                           others[0])
+            out[addr] = Owner(OwnerKind.OTHER_VM, others[0])
+        else:
+            out[addr] = Owner(OwnerKind.THIS_VM, this_vm)
+    return out
+
+
+_VmsKey = tuple[tuple[str, tuple[PciAddress, ...]], ...]
+
+
+@functools.lru_cache(maxsize=8)
+def _holders(vms: _VmsKey) -> Mapping[PciAddress, tuple[str, ...]]:
+    """Every listed function and the VMs listing it, sorted by name: the reverse of
+    one ownership mapping, derived once per mapping's content (issue 13: rebuilt per
+    plan, it cost 256 VMs' worth of work for each guest's every cycle). Read-only."""
+    out: dict[PciAddress, list[str]] = {}
+    for name, addrs in sorted(vms):
+        for addr in addrs:
+            names = out.setdefault(addr, [])
+            if name not in names:
+                names.append(name)
+    return MappingProxyType({a: tuple(n) for a, n in out.items()})
+
+
+#: Per (immutable) topology, the owners of its functions seen from a VM listing
+#: none of them, for the last ownership mapping planned with.
+_BASE: weakref.WeakKeyDictionary[Topology, tuple[_VmsKey, dict[PciAddress, Owner]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _base_owners(topo: Topology, key: _VmsKey) -> Mapping[PciAddress, Owner]:
+    """Each function's owner for a VM that lists none: OTHER_VM naming the first VM
+    (sorted) that lists it, else its driver. :func:`owners_of` then fixes the few
+    functions its VM lists."""
+    found = _BASE.get(topo)
+    if found is not None and found[0] == key:
+        return found[1]
+    holders = _holders(key)
     out: dict[PciAddress, Owner] = {}
     for addr, node in topo.functions.items():
-        if addr in mine and addr in others:
-            logger.warning("%s is listed for VM %s and VM %s: not resetting it", addr, this_vm,
-                           others[addr])
-            out[addr] = Owner(OwnerKind.OTHER_VM, others[addr])
-        elif addr in mine:
-            out[addr] = Owner(OwnerKind.THIS_VM, this_vm)
-        elif addr in others:
-            out[addr] = Owner(OwnerKind.OTHER_VM, others[addr])
-        else:
-            out[addr] = owner_from_driver(node.info.driver)
+        names = holders.get(addr)
+        out[addr] = (Owner(OwnerKind.OTHER_VM, names[0]) if names
+                     else owner_from_driver(node.info.driver))
+    _BASE[topo] = (key, out)
     return out
 
 
