@@ -25,7 +25,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from qreset.errors import HostError, NoSuchFunction, ResetFailed
-from qreset.execute_types import DomainResult, EngineSettings, FunctionOutcome, _Saved, _wall
+from qreset.execute_types import DomainResult, EngineSettings, FunctionOutcome, _reset_wall_limit, _Saved
 from qreset.pci import regs
 from qreset.pci.address import PciAddress
 from qreset.pci.cfgspace import parse_config, u16, u32
@@ -63,7 +63,7 @@ class MethodSteps:
     async def _reset(self) -> None:
         d = self.domain
         m = d.method
-        wall_limit = _wall(self.host, self.settings.reset_timeout)
+        wall_limit = _reset_wall_limit(self.host, self.settings.reset_timeout)
         if m is Method.USER_SBR:
             await self._user_sbr()
             return

@@ -574,9 +574,9 @@ async def test_daemon_ended_mid_cycle_resumes_the_guest(mode: str, how: str) -> 
         task = asyncio.create_task(daemon.run(), name="daemon")
         try:
             await daemon.wait_event("QRESET_VM_CONNECTED", about("vm1"), timeout=10, past=True)
-            host.inject(A(NIC1), Fault.slow(500.0))  # the engine waits 5 s (wall) for the NIC
+            host.inject(A(NIC1), Fault.slow(1500.0))  # past the reset call's 10 s wall floor
             pending = asyncio.create_task(daemon.reset_vm("vm1"))
-            async with asyncio.timeout(10):  # inside the engine: the NIC went through its reset
+            async with asyncio.timeout(20):  # inside the engine: the NIC went through its reset
                 while not touching(host.reset_log, [NIC1]) and not pending.done():
                     await asyncio.sleep(0.01)
             assert not pending.done()

@@ -468,3 +468,40 @@ async def test_locks_order_and_release_on_cancel() -> None:
         with pytest.raises(asyncio.CancelledError):
             await waiter
     assert locks.held() == {}
+
+
+# -- the simulated host's reset bound has a wall-clock floor ---------------------------
+
+
+class _LaggingSim(SimHost):
+    """A reset call that returns late in wall time: a loop busy with other guests' cycles."""
+
+    lag = 0.3
+
+    async def reset_function(self, addr: PciAddress, method: str | None = None) -> None:
+        await asyncio.sleep(self.lag)  # wall seconds, not scaled: the event loop's lag
+        await super().reset_function(addr, method)
+
+
+async def test_scaled_reset_bound_has_a_floor(sim_dir: Path) -> None:
+    """time_scale 0.01 turned a 20 s bound into 0.2 s: loop lag failed the reset; now >= 10 s."""
+    host = _LaggingSim.from_toml(sim_dir / "nic-flr.toml", time_scale=SCALE)
+    nic = host.address_of("nic")
+    [res] = await run(host, fn_domain(nic), settings=EngineSettings(reset_timeout=20.0))
+    assert res.ok, res.error
+    assert [(r.method, r.target) for r in host.reset_log] == [("flr", nic)]
+
+
+def test_reset_bound_unscaled_on_a_real_host() -> None:
+    from qreset.execute_types import RESET_WALL_FLOOR, _reset_wall_limit
+
+    class Real:
+        time_scale = 1.0
+
+    class Fast:
+        time_scale = 0.01
+
+    assert _reset_wall_limit(Real(), 120.0) == 120.0  # type: ignore[arg-type]
+    assert _reset_wall_limit(Real(), 2.0) == 2.0  # type: ignore[arg-type]
+    assert _reset_wall_limit(Fast(), 120.0) == RESET_WALL_FLOOR  # type: ignore[arg-type]
+    assert _reset_wall_limit(Fast(), 5000.0) == 50.0  # type: ignore[arg-type]
