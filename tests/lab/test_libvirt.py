@@ -312,13 +312,15 @@ def test_restarts_of_libvirtd_and_qreset(roles: Roles, lv: Libvirtd, qd: QresetD
         wait_for("cycles after qreset's restart", lambda: len(cycles("lvrestart")) >= n1 + 2, 120, qd.tail)
         state = domstate("lvrestart")
         vm = served("lvrestart")
+        # Read while the domain still runs: leaving the block destroys it, and a cycle in
+        # flight at that moment rightly ends failed (its QEMU is gone).
+        done = cycles("lvrestart")
     assert state.startswith("running"), state
     assert vm is not None
     assert vm.get("status") in ("running", "paused"), vm
     # A cycle cut by qreset's own restart may end unresumed in its daemon's record; the
     # next daemon finishes it (journal recovery). Nothing may stay that way: every such
     # cycle is followed by a resumed one, and the domain ends running (above).
-    done = cycles("lvrestart")
     unresumed = [(c["cycle"], c.get("outcome"), c.get("error"), c.get("recovered")) for c in done
                  if not c.get("vm_resumed")]
     print(f"lvrestart: {len(done)} cycles; not resumed by their own cycle: {unresumed}")
