@@ -70,10 +70,9 @@ def junit_outcomes(path: Path) -> dict[str, str]:
     return out
 
 
-# The trixie stack (scripts/lab/run --stack trixie) passes the lab suite on its own
-# (scripts/lab/README.md); it joins CI here once the libvirt scenario is seen
-# passing on libvirt 11.3 too.
-STACKS = ["bookworm"]
+#: Every stack, every CI run (scripts/lab/README.md): Debian 12 (Linux 6.1, QEMU 7.2,
+#: libvirt 9.0) and Debian 13 (Linux 6.12, QEMU 10.0, libvirt 11.3).
+STACKS = ["bookworm", "trixie"]
 
 
 @pytest.mark.parametrize("stack", STACKS)
