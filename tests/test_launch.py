@@ -258,6 +258,31 @@ async def test_bad_invocations_exit_2() -> None:
         assert "device '01:00'" in err
 
 
+async def test_an_embedded_daemon_gets_run_s_preflight_checks() -> None:
+    """A configuration `qreset run` refuses is refused by launch's embedded daemon too, before QEMU."""
+    with short_tmpdir() as wd:
+        (wd / "journal-dir").mkdir()
+        cfg = wd / "qreset.toml"
+        cfg.write_text(f'[daemon]\njournal = "journal-dir"\ncontrol_socket = ""\n'
+                       f'[sim]\ntopology = "{DEMO}"\ntime_scale = 0.01\n')
+        marker = wd / "qemu-started"
+        rc, _out, err = await finish(await launch(wd, "--config", str(cfg),
+                                                  qemu_args=["touch", str(marker)]))
+        assert rc == 2, err
+        assert "daemon.journal" in err, err
+        assert "directory" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert not marker.exists()          # QEMU was never started
+        cfg.write_text(f'[daemon]\njournal = "journal.jsonl"\ncontrol_socket = ""\n'
+                       f'[sim]\ntopology = "{DEMO}"\ntime_scale = 0.01\n'
+                       '[[vm]]\nname = "other"\nqmp = "other.qmp"\n[[vm.device]]\nhost = "0000:7f:1f.7"\n')
+        rc, _out, err = await finish(await launch(wd, "--config", str(cfg),
+                                                  qemu_args=["touch", str(marker)]))
+        assert rc == 2, err
+        assert "0000:7f:1f.7" in err, err
+        assert not marker.exists()
+
+
 async def test_a_qemu_that_never_opens_its_sockets_is_stopped() -> None:
     with short_tmpdir() as wd:
         cfg = wd / "qreset.toml"

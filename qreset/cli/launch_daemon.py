@@ -151,10 +151,16 @@ async def find_coordinator(args: argparse.Namespace, cfg: Config, rundir: Path, 
         except DaemonUnreachable as exc:
             logger.info("no daemon: %s", exc)
     from qreset.daemon import Daemon
+    from qreset.preflight import check_host, check_paths
 
     control = rundir / f"{name}.control.sock"
     socket_ok(control)
     cfg = cfg.model_copy(update={"daemon": cfg.daemon.model_copy(update={"control_socket": control})})
+    # What `qreset run` checks before it creates anything (qreset.preflight): a
+    # journal path that is a directory, a device not on this host... is one line
+    # and exit 2 here too, before QEMU starts, not a failure of the embedded daemon.
+    check_paths(cfg)
+    await check_host(cfg)
     embedded = EmbeddedDaemon(Daemon(cfg), control)
     await embedded.start()
     return embedded
