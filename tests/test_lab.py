@@ -10,6 +10,7 @@ passed (a lab that silently skipped everything would not pass).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
@@ -75,6 +76,45 @@ def junit_outcomes(path: Path) -> dict[str, str]:
 STACKS = ["bookworm", "trixie"]
 
 
+#: The lab tests whose printed figures and evidence go into the CI summary.
+SUMMARIZED = ("test_stack_facts", "test_lab_resets_overlap",
+              *(name.split("::")[1] for name in EXPECTED if name.startswith("test_libvirt::")))
+
+
+def lab_summary(out: Path, stack: str) -> str:
+    """What a CI log should show of a lab run, from its pytest log (run with -rA).
+
+    The printed evidence of the libvirt scenario (stop-on-reset window figures,
+    the kernel trace of release before unbind, the refused domain, the
+    restarts), the stack's facts, the outcome of every test and the benchmark.
+    """
+    log = out / "pytest.log"
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    keep: list[str] = [f"===== lab stack {stack}: {out}"]
+    block: list[str] | None = None
+    stdout = False  # inside a test's "Captured stdout call" (not its log or stderr)
+    for line in lines:
+        m = re.fullmatch(r"_{3,} (test_\w+)(\[.*\])? _{3,}", line)
+        if m:
+            block = [] if m[1] in SUMMARIZED else None
+            stdout = False
+            if block is not None:
+                keep.append(f"--- {m[1]}")
+            continue
+        if line.startswith("-----") and "Captured" in line:
+            stdout = "Captured stdout" in line
+        elif line.startswith(("PASSED ", "FAILED ", "ERROR ", "SKIPPED ", "=====")):
+            block = None
+            keep.append(line)
+        elif block is not None and stdout and len(block) < 20:
+            block.append(line)
+            keep.append("  " + line[:240])
+    bench = out / "bench.txt"
+    if bench.exists():
+        keep += ["--- bench.txt", *bench.read_text().splitlines()[:20]]
+    return "\n".join(keep) + "\n"
+
+
 @pytest.mark.parametrize("stack", STACKS)
 def test_lab_runs_and_passes(tmp_path: Path, stack: str) -> None:
     """Each stack (scripts/lab/README.md): Debian 12 (6.1, QEMU 7.2), Debian 13 (6.12, QEMU 10.0)."""
@@ -86,6 +126,10 @@ def test_lab_runs_and_passes(tmp_path: Path, stack: str) -> None:
     failures = out / "failures.log"  # written by the lab as each failure happens
     tail = (proc.stdout[-6000:] + proc.stderr[-2000:]
             + (f"\n--- failures.log\n{failures.read_text()[-6000:]}" if failures.exists() else ""))
+    summary_dir = os.environ.get("QRESET_LAB_SUMMARY_DIR")
+    if summary_dir:  # .ci/run prints these at its end, passed or not
+        Path(summary_dir).mkdir(parents=True, exist_ok=True)
+        (Path(summary_dir) / f"lab-{stack}.txt").write_text(lab_summary(out, stack))
     assert (out / "rc").exists(), f"the lab VM reported no exit code:\n{tail}"
     outcomes = junit_outcomes(out / "junit.xml")
     bad = {k: v for k, v in outcomes.items() if v in ("failure", "error")}
