@@ -194,7 +194,9 @@ class Daemon(VmRegistry, ControlBackendMixin):
         def progress(ev: ProgressEvent) -> None:
             logger.debug("VM %s: %s", vm, ev.line())
 
-        return await self.engine.reset(vm, owned, self.ownership(), self.policy, progress)
+        monitor = self.monitors.get(vm)
+        return await self.engine.reset(vm, owned, self.ownership(), self.policy, progress,
+                                       backends=monitor.backends if monitor else None)
 
     def emit(self, name: str, data: dict[str, Any]) -> None:
         self.ring.add(name, data)

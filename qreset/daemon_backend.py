@@ -71,7 +71,7 @@ class ControlBackendMixin(DaemonCore):
 
     async def query_plan(self, vm: str) -> dict[str, Any]:
         m = self._monitor(vm)
-        plan = await self.engine.plan(vm, m.owned, self.ownership(), self.policy)
+        plan = await self.engine.plan(vm, m.owned, self.ownership(), self.policy, m.backends)
         return plan.to_json()
 
     async def query_resets(self, vm: str | None, limit: int, before: str | None = None,

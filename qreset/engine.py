@@ -43,6 +43,7 @@ from qreset.locks import DomainLocks
 from qreset.pci.address import PciAddress
 from qreset.pci.host import PciHost
 from qreset.plan import Plan, Policy, make_plan, owners_of
+from qreset.qemu_model import VfioBackend
 from qreset.topology import Topology
 from qreset.topology_refresh import SharedRefresh
 
@@ -168,8 +169,11 @@ class Engine:
         owned: Sequence[PciAddress],
         vms: Mapping[str, Sequence[PciAddress]],
         policy: Policy,
+        backends: Mapping[PciAddress, VfioBackend] | None = None,
     ) -> Plan:
-        """Plan ``vm``'s resets of ``owned``, knowing every VM's functions (``vms``). No writes."""
+        """Plan ``vm``'s resets of ``owned``, knowing every VM's functions (``vms``). No writes.
+
+        ``backends``: how its QEMU opened each function (:func:`qreset.plan.make_plan`)."""
         # Every function the plan looks at, as the host has it now (libvirt
         # rebinds managed devices between cycles; VFs and hot plug come and go).
         topo = await self._plan_topology(owned)
@@ -177,7 +181,7 @@ class Engine:
             policy = dataclasses.replace(policy, bus_methods=self.settings.bus_methods)
         all_vms = dict(vms)
         all_vms.setdefault(vm, list(owned))
-        return make_plan(vm, owned, topo, owners_of(topo, all_vms, vm), policy)
+        return make_plan(vm, owned, topo, owners_of(topo, all_vms, vm), policy, backends)
 
     async def run(self, plan: Plan, progress: Progress | None = None) -> CycleReport:
         """Execute ``plan`` (nothing at all if it was refused) and report."""
@@ -207,6 +211,7 @@ class Engine:
         vms: Mapping[str, Sequence[PciAddress]],
         policy: Policy,
         progress: Progress | None = None,
+        backends: Mapping[PciAddress, VfioBackend] | None = None,
     ) -> CycleReport:
         """:meth:`plan` then :meth:`run`."""
-        return await self.run(await self.plan(vm, owned, vms, policy), progress)
+        return await self.run(await self.plan(vm, owned, vms, policy, backends), progress)

@@ -13,7 +13,8 @@ Two sources, merged:
   whose last component is the host BDF) or else ``host`` (the BDF, printed by
   QEMU's ``PCIHostDeviceAddress`` property as ``%04x:%02x:%02x.%d``) says which
   host function it is. Both properties come from ``vfio_pci_dev_properties``
-  in QEMU's hw/vfio/pci.c.
+  in QEMU's hw/vfio/pci.c. ``qom-get`` of ``iommufd`` says how QEMU opened it
+  (:func:`backend_of`).
 * The configuration's ``[[vm.device]]`` entries, for functions QMP cannot
   show (a device assigned another way, or our test guests, which have none).
 
@@ -36,6 +37,7 @@ from qemu.qmp import ExecuteError
 
 from qreset.errors import AddressError, ProtocolError
 from qreset.pci.address import PciAddress
+from qreset.qemu_model import VfioBackend
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +83,14 @@ class AssignedDevice:
     qom_path: str | None = None
     qdev_id: str | None = None
     guest_address: str | None = None
+    #: How QEMU opened it (None: a configured device QMP did not show).
+    backend: VfioBackend | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "host": str(self.host), "source": self.source.value, "qom_path": self.qom_path,
             "qdev_id": self.qdev_id, "guest_address": self.guest_address,
+            "backend": self.backend.value if self.backend else None,
         }
 
 
@@ -154,6 +159,21 @@ def host_address_of(sysfsdev: object, host: object) -> PciAddress | None:
     return None
 
 
+def backend_of(iommufd_link: object) -> VfioBackend:
+    """How QEMU opened a vfio-pci device, from ``qom-get`` of its ``iommufd`` property.
+
+    The property is a QOM link to an ``iommufd`` backend object (hw/vfio/pci.c:
+    ``DEFINE_PROP_LINK("iommufd", VFIOPCIDevice, vbasedev.iommufd,
+    TYPE_IOMMUFD_BACKEND, ...)``, QEMU 8.2+, when built with CONFIG_IOMMUFD).
+    Reading a link gives the target's canonical path ("/objects/iommufd0"), or
+    "" when unset (qom/object.c ``object_get_link_property``): set, QEMU opened
+    the device's cdev (/dev/vfio/devices/vfioN) and bound it to that iommufd
+    (hw/vfio/iommufd.c); unset, it used the legacy group and container.
+    Anything else (no such property: an older QEMU) is the group path too.
+    """
+    return VfioBackend.IOMMUFD if isinstance(iommufd_link, str) and iommufd_link else VfioBackend.GROUP
+
+
 async def vfio_devices(qmp: Executor, vm: str) -> list[AssignedDevice]:
     """Every vfio-pci device of the VM, with its host function and guest address."""
     guest_by_id: dict[str, GuestFunction] = {}
@@ -195,11 +215,14 @@ async def vfio_devices(qmp: Executor, vm: str) -> list[AssignedDevice]:
                 logger.warning("VM %s: %s has no host PCI address (sysfsdev=%r host=%r)",
                                vm, path, sysfsdev, host)
                 continue
+            link: object = None
+            with contextlib.suppress(ExecuteError):  # no such property before QEMU 8.2
+                link = await qmp.execute("qom-get", {"path": path, "property": "iommufd"})
             qdev_id = name if container == "/machine/peripheral" else None
             guest = guest_by_id.get(qdev_id) if qdev_id else None
             found.append(AssignedDevice(
                 host=addr, source=Source.QMP, qom_path=path, qdev_id=qdev_id,
-                guest_address=guest.guest_address if guest else None,
+                guest_address=guest.guest_address if guest else None, backend=backend_of(link),
             ))
     return found
 

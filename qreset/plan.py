@@ -74,7 +74,7 @@ from qreset.plan_types import (
     Takeover,
     owner_from_driver,
 )
-from qreset.qemu_model import QemuAction, QemuPrediction, predict
+from qreset.qemu_model import QemuAction, QemuPrediction, VfioBackend, predict
 from qreset.topology import Topology
 
 __all__ = [
@@ -182,8 +182,14 @@ def make_plan(
     topo: Topology,
     owners: Mapping[PciAddress, Owner],
     policy: Policy,
+    backends: Mapping[PciAddress, VfioBackend] | None = None,
 ) -> Plan:
-    """Plan the resets of ``owned`` (see module docstring). Pure."""
+    """Plan the resets of ``owned`` (see module docstring). Pure.
+
+    ``backends``: how QEMU opened each owned function (group or iommufd, from
+    the inventory); QEMU's predicted resets are made for that backend, GROUP
+    where it is not named.
+    """
     owned_t = tuple(sorted(set(owned)))
     # Listed for this VM and another one (owners_of says OTHER_VM): never ours to
     # reset, not even as a collateral of our own domains.
@@ -193,7 +199,7 @@ def make_plan(
     elsewhere = frozenset(
         a for a, o in owners.items() if o.kind is OwnerKind.OTHER_VM and a not in owned_t
     )
-    qemu = predict(topo, owned_t, elsewhere)
+    qemu = predict(topo, owned_t, elsewhere, backends=backends)
     missing = [a for a in check.owned if a not in topo.functions]
     present = [a for a in check.owned if a in topo.functions]
     left: dict[PciAddress, str] = {}

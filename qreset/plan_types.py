@@ -171,7 +171,8 @@ class Plan:
             ],
             "refused_domains": [dom(d) for d in self.refused_domains],
             "qemu": [
-                {"function": str(q.function), "action": q.action.value, "detail": q.detail}
+                {"function": str(q.function), "action": q.action.value, "detail": q.detail,
+                 "backend": q.backend.value}
                 for q in self.qemu
             ],
             "left_to_qemu": [{"function": str(a), "why": why} for a, why in self.left_to_qemu],

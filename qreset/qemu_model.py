@@ -48,6 +48,11 @@ The hot reset's ownership check depends on how QEMU opened the device
   does) both backends refuse and allow the same resets; only the message
   differs. A QEMU with several ``-object iommufd`` is not modelled.
 
+Which backend a device uses is read per device from QEMU
+(:func:`qreset.inventory.backend_of`: the vfio-pci device's ``iommufd`` link);
+:func:`predict` takes it per function, GROUP where it is not known (a
+configured device, QEMU before 8.2).
+
 The QMP ``RESET`` event arrives after all of that (see
 /work/shared/reference/qmp-reset-flow.md), so these are predictions, not
 observations.
@@ -56,8 +61,8 @@ observations.
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, replace
 
 from qreset.pci.address import PciAddress
 from qreset.topology import FunctionNode, Topology
@@ -87,6 +92,8 @@ class QemuPrediction:
     function: PciAddress
     action: QemuAction
     detail: str
+    #: How QEMU opened the function: what the prediction assumed.
+    backend: VfioBackend = VfioBackend.GROUP
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,17 +182,24 @@ def hot_reset_refusal(
 def predict(
     topo: Topology, owned: Iterable[PciAddress], held_elsewhere: Collection[PciAddress] = (),
     backend: VfioBackend = VfioBackend.GROUP,
+    backends: Mapping[PciAddress, VfioBackend] | None = None,
 ) -> tuple[QemuPrediction, ...]:
-    """One prediction per function of ``owned``, sorted (see :func:`hot_reset_refusal`)."""
+    """One prediction per function of ``owned``, sorted (see :func:`hot_reset_refusal`).
+
+    ``backends`` names each function's backend as QEMU reported it (one QEMU
+    may open some devices through groups and others through iommufd);
+    ``backend`` is the rest's.
+    """
     owned_list = sorted(set(owned))
     elsewhere = frozenset(held_elsewhere) - set(owned_list)
     out: list[QemuPrediction] = []
     for addr in owned_list:
+        how = backends.get(addr, backend) if backends else backend
         node = topo.functions.get(addr)
         if node is None:
-            out.append(QemuPrediction(addr, QemuAction.NONE, f"{addr} is not on the host"))
+            out.append(QemuPrediction(addr, QemuAction.NONE, f"{addr} is not on the host", how))
             continue
-        out.append(predict_one(topo, node, owned_list, elsewhere, backend))
+        out.append(predict_one(topo, node, owned_list, elsewhere, how))
     return tuple(out)
 
 
@@ -197,12 +211,12 @@ def predict_one(
     if node.info.iommu_group is None:
         return QemuPrediction(
             node.address, QemuAction.NONE,
-            "no IOMMU group: vfio-pci cannot assign it to QEMU (IOMMU off or absent)",
+            "no IOMMU group: vfio-pci cannot assign it to QEMU (IOMMU off or absent)", backend,
         )
-    pred = _predict_one(topo, node, owned, held_elsewhere, backend)
+    pred = replace(_predict_one(topo, node, owned, held_elsewhere, backend), backend=backend)
     if node.info.driver != VFIO_DRIVER:
         detail = f"not bound to vfio-pci, so QEMU cannot assign it; if it were: {pred.detail}"
-        return QemuPrediction(pred.function, pred.action, detail)
+        return replace(pred, detail=detail)
     return pred
 
 

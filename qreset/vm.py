@@ -253,7 +253,9 @@ class VmMonitor(CycleDriver, ActionKeeper):
                               type(exc).__name__, exc)
             self.devices = merge([], self.configured)
         if self.owned != before:
-            self._log.info("devices: %s", ", ".join(map(str, self.owned)) or "none")
+            # Each with how QEMU opened it (group/iommufd: qreset.inventory.backend_of).
+            self._log.info("devices: %s", ", ".join(
+                str(d.host) + (f" ({d.backend.value})" if d.backend else "") for d in self.devices) or "none")
 
     async def _serve(self, client: QMPClient, listener: EventListener) -> None:
         events = asyncio.create_task(self._consume(client, listener), name=f"vm[{self.name}].events")

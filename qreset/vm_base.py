@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from qemu.qmp import EventListener, QMPClient
@@ -29,6 +30,7 @@ from qreset.errors import QResetError
 from qreset.inventory import AssignedDevice, merge
 from qreset.journal import Journal
 from qreset.pci.address import PciAddress
+from qreset.qemu_model import VfioBackend
 
 if TYPE_CHECKING:
     from qreset.vm import VmMonitor
@@ -109,6 +111,7 @@ class MonitorBase:
         self.configured = tuple(configured)
         self.ctx = ctx
         self._devices: tuple[AssignedDevice, ...] = ()
+        self._backends: Mapping[PciAddress, VfioBackend] = MappingProxyType({})
         self._owned: tuple[PciAddress, ...] = ()
         self.devices = merge([], self.configured)
         self.state = VmState.WAITING
@@ -161,11 +164,19 @@ class MonitorBase:
         # 12.6% of the daemon's samples with 256 VMs).
         self._devices = tuple(devices)
         self._owned = tuple(d.host for d in self._devices)
+        self._backends = MappingProxyType(
+            {d.host: d.backend for d in self._devices if d.backend is not None})
         self.ctx.devices_changed(self.name)
 
     @property
     def owned(self) -> tuple[PciAddress, ...]:
         return self._owned
+
+    @property
+    def backends(self) -> Mapping[PciAddress, VfioBackend]:
+        """How QEMU opened each function it showed (group or iommufd: the planner's
+        predictions of QEMU's own reset depend on it); configured-only ones are absent."""
+        return self._backends
 
     @property
     def connected(self) -> bool:

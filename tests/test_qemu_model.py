@@ -82,3 +82,27 @@ def test_both_backends_refuse_and_allow_the_same_resets() -> None:
 
 def test_default_backend_is_the_legacy_group_one() -> None:
     assert predict(host(), [GPU]) == predict(host(), [GPU], backend=VfioBackend.GROUP)
+
+
+def test_per_function_backends_from_the_inventory() -> None:
+    # One QEMU may open one device through iommufd and another through its group:
+    # each prediction is made, and labelled, for its own function's backend.
+    preds = predict(host(), [GPU, AUDIO], backends={GPU: VfioBackend.IOMMUFD})
+    by_fn = {q.function: q for q in preds}
+    assert by_fn[GPU].backend is VfioBackend.IOMMUFD
+    assert "empty group-fd array (iommufd)" in by_fn[GPU].detail
+    assert by_fn[AUDIO].backend is VfioBackend.GROUP
+    assert "group-fd" not in by_fn[AUDIO].detail
+
+
+def test_make_plan_predicts_qemu_for_the_given_backends() -> None:
+    from qreset.plan import Policy, make_plan, owners_of
+
+    topo = host()
+    owners = owners_of(topo, {"vm": [GPU]}, "vm")
+    plain = make_plan("vm", [GPU], topo, owners, Policy())
+    cdev = make_plan("vm", [GPU], topo, owners, Policy(), backends={GPU: VfioBackend.IOMMUFD})
+    assert [q.backend for q in plain.qemu] == [VfioBackend.GROUP]
+    assert [q.backend for q in cdev.qemu] == [VfioBackend.IOMMUFD]
+    assert "depends on device" in cdev.qemu[0].detail
+    assert cdev.to_json()["qemu"][0]["backend"] == "iommufd"
