@@ -91,7 +91,8 @@ def _options(topo: Topology, addr: PciAddress) -> list[ResetOption]:
     hot = None if topo.is_bridge(addr) else topo.hot_reset_scope(addr)
     if hot is not None:
         opts.append(scoped(hot, "vfio_hot_reset",
-                           "VFIO_DEVICE_PCI_HOT_RESET: every hit function must be bound to vfio-pci"))
+                           "VFIO_DEVICE_PCI_HOT_RESET: every hit function must be bound to vfio-pci "
+                           "and held by no QEMU (neither its group nor, with iommufd, its cdev)"))
     bus = topo.bus_scope(addr)
     if bus is not None:
         if topo.node(bus.target).info.has_reset_subordinate:

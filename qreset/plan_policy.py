@@ -124,7 +124,8 @@ class PolicyCheck:
 
     def _vfio_hot_reset_refusal(self, covers: tuple[PciAddress, ...]) -> str | None:
         if not self.policy.vfio_ioctl_ok:
-            return "the VFIO groups are not known to be idle (a QEMU holding one makes the ioctl EBUSY)"
+            return ("the VFIO groups are not known to be idle (a QEMU holding a group, or a device "
+                    "through its cdev with iommufd, shuts qreset out: EBUSY/EINVAL)")
         for f in covers:
             if self.topo.node(f).info.driver != VFIO_DRIVER:
                 return f"{f} is not bound to vfio-pci"

@@ -8,7 +8,16 @@ Linux 6.13. ``VFIO_DEVICE_PCI_HOT_RESET`` resets a whole slot or secondary bus
 as every affected device is bound to vfio-pci and the caller proves ownership
 by passing the affected groups' file descriptors. A companion can only do this
 for groups no QEMU holds: a VFIO group file is open in one process at a time
-(a second ``open`` gets EBUSY).
+(a second ``open`` gets EBUSY). A QEMU on iommufd holds devices through their
+cdevs (/dev/vfio/devices/vfioN) instead, and that shuts qreset out as well:
+the group's ``open`` gets EBUSY while any of its devices is bound through a
+cdev (drivers/vfio/group.c ``vfio_group_fops_open``,
+``cdev_device_open_cnt``), and a second bind of the cdev gets EINVAL (only
+the group path may open a device twice: drivers/vfio/vfio_main.c
+``vfio_df_open``). So on either backend the hot reset is only for devices no
+QEMU holds, which the group path below serves on kernels with VFIO device
+cdevs too (``CONFIG_VFIO_GROUP``); the daemon never plans it for a running
+VM's devices (``Policy.vfio_ioctl_ok``).
 
 Every number below is from ``include/uapi/linux/vfio.h``: the ioctls are plain
 ``_IO(VFIO_TYPE, VFIO_BASE + n)`` with ``VFIO_TYPE`` = ``';'`` (0x3B) and
@@ -140,7 +149,10 @@ def _open_group(dev_root: str | os.PathLike[str], group: int) -> int:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as err:
         if err.errno == errno.EBUSY:
-            raise ResetFailed(str(path), f"group {group} is held by another process (QEMU?)") from err
+            raise ResetFailed(str(path), (
+                f"group {group} is held by another process (a QEMU holding the group, or one "
+                "of its devices through the device's VFIO cdev with iommufd): VFIO hot reset "
+                "is only for devices no QEMU holds")) from err
         if err.errno == errno.ENOENT:
             raise ResetFailed(
                 str(path), f"no VFIO group {group} (is every device of the group bound to vfio-pci?)",
