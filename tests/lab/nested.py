@@ -23,10 +23,15 @@ async def nested_qemu(
     extra: Sequence[str] = (),
     paused: bool = True,
     monitors: Sequence[Path] = (),
+    iommufd: bool = False,
 ) -> AsyncIterator[QMPClient]:
     """Start ``qemu-system-x86_64`` with ``devices`` as ``vfio-pci`` (ids hostdev0..N) and connect QMP.
 
     ``monitors`` adds more QMP server sockets (e.g. one for ``qreset run``).
+    ``iommufd``: QEMU opens each device through its VFIO cdev
+    (/dev/vfio/devices/vfioN) bound to one ``-object iommufd`` (QEMU's
+    docs/devel/vfio-iommufd.rst: ``-object iommufd,id=iommufd0 -device
+    vfio-pci,host=BDF,iommufd=iommufd0``) instead of the group and container.
     The process is killed on exit whatever happened.
     """
     qmp_path = RUN / f"qreset-lab-{name}.qmp"
@@ -41,8 +46,10 @@ async def nested_qemu(
         argv += ["-qmp", f"unix:{extra_mon},server=on,wait=off"]
     if paused:
         argv.append("-S")
+    if iommufd:
+        argv += ["-object", "iommufd,id=iommufd0"]
     for i, dev in enumerate(devices):
-        argv += ["-device", f"vfio-pci,host={dev},id=hostdev{i}"]
+        argv += ["-device", f"vfio-pci,host={dev},id=hostdev{i}" + (",iommufd=iommufd0" if iommufd else "")]
     argv += list(extra)
     log = RUN / f"qreset-lab-{name}.log"
     with open(log, "wb") as logf:
