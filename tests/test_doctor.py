@@ -36,6 +36,16 @@ def test_flr_function_is_clean() -> None:
     assert (ResetKind.BUS, "user_sbr") in kinds
 
 
+def test_vfio_hot_reset_says_a_held_device_is_out_of_reach() -> None:
+    """The kernel refuses qreset's way in to a device a QEMU holds, on both backends
+    (its group: EBUSY; with iommufd, a second bind of its cdev: EINVAL): one line says so."""
+    rep = diagnose_function(sample(), A("03:00.0"))
+    hot = next(o for o in rep.options if o.method == "vfio_hot_reset")
+    assert "held by no QEMU" in hot.note
+    assert "cdev" in hot.note
+    assert "\n" not in hot.note
+
+
 def test_no_flr_sharing_bus_with_host_driver_is_blocked() -> None:
     found = codes("04:00.0")
     assert "no-flr-shared-bus" in found
