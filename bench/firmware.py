@@ -9,7 +9,7 @@ is not qreset's), and the firmware adds a reset of its own on the way up. The
 scale bench needs hundreds of guests that cost nothing while idle and reset
 exactly when told to, once per NMI.
 
-What the code does (16-bit real mode, hand-assembled below, one line per
+What the code does (16-bit real mode, hand-assembled below with bench.asm, one line per
 instruction):
 
 1. The reset vector (physical 0xFFFFFFF0 = offset 0xFFF0 of the image; QEMU
@@ -47,15 +47,11 @@ and whether an NMI sent now would be delivered.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-#: Size of the image: QEMU wants a multiple of 64 KiB (hw/i386/x86.c x86_bios_rom_init).
-IMAGE_SIZE = 0x10000
-#: Where the image appears below 1 MiB (64 KiB image: 0xF0000-0xFFFFF), as a real-mode segment.
-SEGMENT = 0xF000
-#: The reset vector's offset in the image (CS base 0xFFFF0000, IP 0xFFF0 at reset).
-RESET_VECTOR = 0xFFF0
+from bench.asm import SEGMENT, Item, d32, rel8, rom_image, w16
+from bench.asm import listing as asm_listing
+
 #: The mark written to the debug console at each start.
 BOOT_MARK = b"F"
 #: The mark written once the NMI path is armed (an NMI injected before it is dropped).
@@ -66,24 +62,6 @@ APIC_SVR = 0x0F0        # Spurious-Interrupt Vector Register (bit 8: APIC softwa
 APIC_LVT_LINT0 = 0x350
 APIC_LVT_LINT1 = 0x360
 
-Item = str | tuple[str, Callable[[dict[str, int]], bytes]]
-
-
-def _w(v: int) -> bytes:
-    return (v & 0xFFFF).to_bytes(2, "little")
-
-
-def _d(v: int) -> bytes:
-    return (v & 0xFFFFFFFF).to_bytes(4, "little")
-
-
-def _rel8(labels: dict[str, int], here_end: int, target: str) -> bytes:
-    rel = labels[target] - here_end
-    if not -128 <= rel <= 127:
-        raise ValueError(f"jump to {target} out of rel8 range ({rel})")
-    return bytes([rel & 0xFF])
-
-
 def _program() -> list[Item]:
     """The code at F000:0000, as (comment, bytes-from-labels) lines and label names."""
     # Each lambda gets the label offsets (pass 1: all zero, to measure lengths).
@@ -93,39 +71,39 @@ def _program() -> list[Item]:
         ("xor ax, ax", lambda _l: b"\x31\xC0"),
         ("mov ds, ax                 ; DS = 0: the IVT", lambda _l: b"\x8E\xD8"),
         ("mov ss, ax", lambda _l: b"\x8E\xD0"),
-        ("mov sp, 0x7C00             ; a stack for the NMI frame", lambda _l: b"\xBC" + _w(0x7C00)),
+        ("mov sp, 0x7C00             ; a stack for the NMI frame", lambda _l: b"\xBC" + w16(0x7C00)),
         ("mov al, 'F'", lambda _l: b"\xB0" + BOOT_MARK),
         ("out 0xE9, al               ; debug console: one mark per start", lambda _l: b"\xE6\xE9"),
         ("mov al, 0xFF", lambda _l: b"\xB0\xFF"),
         ("out 0x21, al               ; master 8259 OCW1: mask IRQ0-7", lambda _l: b"\xE6\x21"),
         ("out 0xA1, al               ; slave 8259 OCW1: mask IRQ8-15", lambda _l: b"\xE6\xA1"),
         ("xor bx, bx                 ; IVT entry 0", lambda _l: b"\x31\xDB"),
-        ("mov cx, 256                ; every vector", lambda _l: b"\xB9" + _w(256)),
+        ("mov cx, 256                ; every vector", lambda _l: b"\xB9" + w16(256)),
         "fill",
-        ("mov word [bx], iret_stub   ; offset", lambda lab: b"\xC7\x07" + _w(lab["iret_stub"])),
-        ("mov word [bx+2], 0xF000    ; segment", lambda _l: b"\xC7\x47\x02" + _w(SEGMENT)),
+        ("mov word [bx], iret_stub   ; offset", lambda lab: b"\xC7\x07" + w16(lab["iret_stub"])),
+        ("mov word [bx+2], 0xF000    ; segment", lambda _l: b"\xC7\x47\x02" + w16(SEGMENT)),
         ("add bx, 4", lambda _l: b"\x83\xC3\x04"),
-        ("loop fill", lambda lab: b"\xE2" + _rel8(lab, lab["fill_end"], "fill")),
+        ("loop fill", lambda lab: b"\xE2" + rel8(lab, lab["fill_end"], "fill")),
         "fill_end",
         ("mov word [0x0008], nmi     ; vector 2 (NMI) -> F000:nmi", lambda lab: b"\xC7\x06\x08\x00"
-         + _w(lab["nmi"])),
+         + w16(lab["nmi"])),
         ("lgdt cs:[gdtr]             ; 16-bit operand: 24-bit base", lambda lab: b"\x2E\x0F\x01\x16"
-         + _w(lab["gdtr"])),
+         + w16(lab["gdtr"])),
         ("mov eax, cr0", lambda _l: b"\x0F\x20\xC0"),
         ("or al, 1                   ; PE", lambda _l: b"\x0C\x01"),
         ("mov cr0, eax               ; protected mode (CS keeps its real-mode cache)",
          lambda _l: b"\x0F\x22\xC0"),
-        ("mov bx, 0x08               ; GDT entry 1: flat 4 GiB data", lambda _l: b"\xBB" + _w(0x08)),
+        ("mov bx, 0x08               ; GDT entry 1: flat 4 GiB data", lambda _l: b"\xBB" + w16(0x08)),
         ("mov ds, bx", lambda _l: b"\x8E\xDB"),
         ("and al, 0xFE", lambda _l: b"\x24\xFE"),
         ("mov cr0, eax               ; real mode again; DS keeps base 0, limit 4 GiB",
          lambda _l: b"\x0F\x22\xC0"),
         ("mov dword [0xFEE000F0], 0x1FF    ; SVR: APIC enable, spurious vector 0xFF",
-         lambda _l: b"\x66\x67\xC7\x05" + _d(APIC_BASE + APIC_SVR) + _d(0x1FF)),
+         lambda _l: b"\x66\x67\xC7\x05" + d32(APIC_BASE + APIC_SVR) + d32(0x1FF)),
         ("mov dword [0xFEE00350], 0x10700  ; LVT LINT0: ExtINT, masked",
-         lambda _l: b"\x66\x67\xC7\x05" + _d(APIC_BASE + APIC_LVT_LINT0) + _d(0x10700)),
+         lambda _l: b"\x66\x67\xC7\x05" + d32(APIC_BASE + APIC_LVT_LINT0) + d32(0x10700)),
         ("mov dword [0xFEE00360], 0x8400   ; LVT LINT1: NMI, unmasked (as SeaBIOS)",
-         lambda _l: b"\x66\x67\xC7\x05" + _d(APIC_BASE + APIC_LVT_LINT1) + _d(0x8400)),
+         lambda _l: b"\x66\x67\xC7\x05" + d32(APIC_BASE + APIC_LVT_LINT1) + d32(0x8400)),
         ("xor ax, ax", lambda _l: b"\x31\xC0"),
         ("mov ds, ax", lambda _l: b"\x8E\xD8"),
         ("mov al, 'R'", lambda _l: b"\xB0" + READY_MARK),
@@ -134,75 +112,37 @@ def _program() -> list[Item]:
         "idle",
         ("sti", lambda _l: b"\xFB"),
         ("hlt                        ; sleep until the NMI", lambda _l: b"\xF4"),
-        ("jmp idle", lambda lab: b"\xEB" + _rel8(lab, lab["idle_end"], "idle")),
+        ("jmp idle", lambda lab: b"\xEB" + rel8(lab, lab["idle_end"], "idle")),
         "idle_end",
         "iret_stub",
         ("iret                       ; any other vector: return", lambda _l: b"\xCF"),
         "nmi",
         ("mov al, 0x06               ; SYS_RST | RST_CPU", lambda _l: b"\xB0\x06"),
-        ("mov dx, 0x0CF9             ; ICH9 Reset Control", lambda _l: b"\xBA" + _w(0x0CF9)),
+        ("mov dx, 0x0CF9             ; ICH9 Reset Control", lambda _l: b"\xBA" + w16(0x0CF9)),
         ("out dx, al                 ; hard reset (guest-reset)", lambda _l: b"\xEE"),
         "halt",
         ("cli", lambda _l: b"\xFA"),
         ("hlt", lambda _l: b"\xF4"),
-        ("jmp halt", lambda lab: b"\xEB" + _rel8(lab, lab["halt_end"], "halt")),
+        ("jmp halt", lambda lab: b"\xEB" + rel8(lab, lab["halt_end"], "halt")),
         "halt_end",
         "gdt",
         ("dq 0                       ; null descriptor", lambda _l: bytes(8)),
         ("dq flat data: base 0, limit 0xFFFFF pages, present, writable, accessed (no write to ROM), G=1, D=1",
          lambda _l: b"\xFF\xFF\x00\x00\x00\x93\xCF\x00"),
         "gdtr",
-        ("dw 15                      ; GDT limit", lambda _l: _w(15)),
-        ("dd 0xF0000 + gdt           ; GDT linear base", lambda lab: _d(SEGMENT * 16 + lab["gdt"])),
+        ("dw 15                      ; GDT limit", lambda _l: w16(15)),
+        ("dd 0xF0000 + gdt           ; GDT linear base", lambda lab: d32(SEGMENT * 16 + lab["gdt"])),
     ]
-
-
-def _assemble(items: list[Item]) -> tuple[bytes, dict[str, int]]:
-    labels: dict[str, int] = {}
-    for final in (False, True):
-        code = bytearray()
-        found: dict[str, int] = {}
-        for item in items:
-            if isinstance(item, str):
-                found[item] = len(code)
-            else:
-                code += item[1](labels if final else _Zero())
-        labels = found
-    return bytes(code), labels
-
-
-class _Zero(dict[str, int]):
-    """Pass 1: every label is 0 (instruction lengths do not depend on label values)."""
-
-    def __missing__(self, key: str) -> int:
-        return 0
 
 
 def image() -> bytes:
     """The 64 KiB image: code at offset 0, ``jmp far F000:0000`` at the reset vector."""
-    code, _labels = _assemble(_program())
-    out = bytearray(IMAGE_SIZE)
-    out[: len(code)] = code
-    # jmp far F000:0000 (EA ptr16:16), then padding up to the end of the image.
-    out[RESET_VECTOR:RESET_VECTOR + 5] = b"\xEA" + _w(0) + _w(SEGMENT)
-    assert len(code) < RESET_VECTOR
-    return bytes(out)
+    return rom_image(_program())
 
 
 def listing() -> str:
     """The program as offset, bytes and instruction (for review)."""
-    lines: list[str] = []
-    _code, labels = _assemble(_program())
-    off = 0
-    for item in _program():
-        if isinstance(item, str):
-            lines.append(f"{item}:")
-            continue
-        b = item[1](labels)
-        lines.append(f"  {off:04x}  {b.hex(' '):<36} {item[0]}")
-        off += len(b)
-    lines.append(f"  {RESET_VECTOR:04x}  {'ea 00 00 00 f0':<36} jmp far F000:0000  ; reset vector")
-    return "\n".join(lines)
+    return asm_listing(_program())
 
 
 def write_image(path: Path) -> Path:

@@ -190,6 +190,35 @@ def restored(lines: list[str], addr: PciAddress) -> list[str]:
     return [line for line in lines if f" {addr}: " in line and _RESTORE_RE.search(line)]
 
 
+# pci_save_state's debug line for each of the header's 16 dwords (drivers/pci/pci.c): 6.1
+# "saving config space at offset 0xc (reading 0x41)"; 6.12 "save config 0x0c: 0x00000041".
+_SAVE_RE = re.compile(r": (?:saving config space at offset (0x[0-9a-f]+) \(reading (0x[0-9a-f]+)\)"
+                      r"|save config (0x[0-9a-f]+): (0x[0-9a-f]+))")
+
+
+def saved_dword(line: str, addr: PciAddress, offset: int) -> int | None:
+    """The value the kernel saved of ``addr``'s header dword at ``offset`` before a reset, if
+    ``line`` says so (every pci_reset_function saves the header first: pci_dev_save_and_disable)."""
+    if f" {addr}: " not in line:
+        return None
+    m = _SAVE_RE.search(line)
+    if m is None:
+        return None
+    off, value = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    return int(value, 16) if int(off, 16) == offset else None
+
+
+_COMM_RE = re.compile(r'comm="?([^"]*)"?$')
+
+
+def flr_caller(line: str) -> str | None:
+    """The task that started the FLR a ``qreset_flr`` kprobe line reports (None: not such a line)."""
+    if "qreset_flr:" not in line:
+        return None
+    m = _COMM_RE.search(line.rstrip())
+    return m.group(1) if m else ""
+
+
 def dmesg_lines() -> list[str]:
     return subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout.splitlines()
 
@@ -214,7 +243,9 @@ class KernelLog:
 
 
 _PROBES = {
-    "qreset_flr": "pcie_flr",
+    # comm: who reset (QEMU's "qemu-system-x86", qreset's "python*", libvirtd's workers);
+    # a kprobe fetch argument (Documentation/trace/kprobetrace.rst: "$comm").
+    "qreset_flr": "pcie_flr comm=$comm",
     "qreset_sbr": "pci_reset_secondary_bus",
     "qreset_pm": "pci_pm_reset",
     # A driver unbind (drivers/pci/pci-driver.c pci_device_remove(struct device *dev)):

@@ -16,7 +16,9 @@ proves what happened with three independent witnesses:
 The guests are 512-byte boot sectors (tests/guest.py): one resets the machine
 through port 0xCF9, one powers off through ACPI PM1a_CNT, one waits for the
 ACPI power button and then powers off (what ``virsh reboot --mode acpi``
-needs). Each writes one mark per boot to QEMU's debug console.
+needs). Each writes one mark per boot to QEMU's debug console. The window
+test's guest is a ``-bios`` firmware instead (tests/window_guest.py): it
+writes its device's config space with its first instructions after a reset.
 """
 
 from __future__ import annotations
@@ -25,108 +27,33 @@ import contextlib
 import json
 import re
 import shutil
-import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from qreset.pci.address import PciAddress
+from tests import window_guest
 from tests.guest import write_boot_image
-from tests.lab.labhost import QRESET, REPO, KernelLog, Roles, bind_vfio, driver, qreset, unbind
-from tests.lab.libvirtlab import Libvirtd, domain_xml, domstate, libvirtd, virsh
+from tests.lab.labhost import PCI, KernelLog, Roles, bind_vfio, driver, flr_caller, saved_dword, unbind
+from tests.lab.libvirtlab import (
+    WORK,
+    Libvirtd,
+    QresetDaemon,
+    cycles,
+    domain_xml,
+    domstate,
+    favour_vcpus,
+    libvirtd,
+    marks,
+    served,
+    virsh,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
-
-WORK = Path("/run/qreset-lab-libvirt")
-SOCKET = Path("/run/qreset/qreset.sock")  # the hook's fixed default (libvirt passes no environment)
-JOURNAL = WORK / "journal.jsonl"
-TERMINAL = ("resumed", "stopped", "failed", "poweroff")
-
-
-def wait_for(what: str, pred: Callable[[], bool], timeout: float, why: Callable[[], str] = str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{why()}")
-        time.sleep(0.25)
-
-
-def journal(kind: str | None = None) -> list[dict[str, Any]]:
-    out = []
-    if JOURNAL.exists():
-        for line in JOURNAL.read_text(errors="replace").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                rec = json.loads(line)
-                if isinstance(rec, dict) and (kind is None or rec.get("phase") == kind):
-                    out.append(rec)
-    return out
-
-
-def cycles(vm: str) -> list[dict[str, Any]]:
-    return [r for r in journal() if r.get("vm") == vm and r.get("phase") in TERMINAL
-            and not str(r.get("cycle", "")).startswith("reg-")]
-
-
-def status() -> dict[str, Any]:
-    proc = qreset("status", "--json", "--socket", str(SOCKET))
-    assert proc.returncode == 0, proc.stderr
-    data = json.loads(proc.stdout)
-    assert isinstance(data, dict)
-    return data
-
-
-def served(vm: str) -> dict[str, Any] | None:
-    for v in status().get("vms", []):
-        if v.get("name") == vm:
-            return dict(v)
-    return None
-
-
-def marks(debug: Path, mark: bytes) -> int:
-    try:
-        return debug.read_bytes().count(mark)
-    except FileNotFoundError:
-        return 0
-
-
-class QresetDaemon:
-    """``qreset run`` as libvirt's companion (stop-on-reset, the default control socket)."""
-
-    def __init__(self) -> None:
-        self.config = WORK / "qreset.toml"
-        self.config.write_text(
-            f'[daemon]\ncontrol_socket = "{SOCKET}"\njournal = "{JOURNAL}"\n\n'
-            '[policy]\nmode = "stop-on-reset"\ntakeover = "all"\n'
-        )
-        self.log = WORK / "qreset.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        SOCKET.unlink(missing_ok=True)
-        with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen([*QRESET, "run", "--config", str(self.config), "-v"], cwd=REPO,
-                                         stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
-        t0 = time.monotonic()
-        # Python's start over the lab's 9p root under nested TCG: seconds when the host is
-        # idle, up to a minute or more on a loaded one.
-        wait_for("qreset's control socket", SOCKET.exists, 240, self.tail)
-        print(f"qreset run: control socket up after {time.monotonic() - t0:.1f} s")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
 
 
 @pytest.fixture(scope="module")
@@ -150,16 +77,22 @@ def qd(lv: Libvirtd) -> Iterator[QresetDaemon]:
 
 
 @contextlib.contextmanager
-def domain(name: str, hostdevs: list[PciAddress], program: str, **kw: Any) -> Iterator[Path]:
-    """Define and start a domain; destroy and undefine it afterwards. Yields its debug-console log."""
-    image = write_boot_image(WORK / f"{name}.img", program)
+def domain(name: str, hostdevs: list[PciAddress], program: str | None, *, paused: bool = False,
+           **kw: Any) -> Iterator[Path]:
+    """Define and start a domain; destroy and undefine it afterwards. Yields its debug-console log.
+
+    ``program``: the boot sector to boot (tests/guest.py), or None for a domain
+    given its own firmware (``bios=``). ``paused``: start it with its vCPUs
+    stopped (``virsh start --paused``; the test resumes it).
+    """
+    image = None if program is None else write_boot_image(WORK / f"{name}.img", program)
     debug = WORK / f"{name}.debug"
     debug.unlink(missing_ok=True)
     xml = WORK / f"{name}.xml"
     xml.write_text(domain_xml(name, hostdevs, image, debug, qmp=Path(f"/run/qreset/{name}.qmp"), **kw))
     virsh("define", str(xml))
     try:
-        virsh("start", name)
+        virsh("start", name, *(["--paused"] if paused else []))
         yield debug
     finally:
         virsh("destroy", name, check=False)
@@ -206,6 +139,95 @@ def test_guest_reboots_are_coordinated_under_libvirt(roles: Roles, lv: Libvirtd,
     assert not stale, stale[0]
     assert len([ln for ln in log.lines() if "qreset_flr:" in ln]) >= 3
     wait_for("remove-vm at stop", lambda: served("lvreboot") is None, 60, qd.tail)
+
+
+#: Where the window test's guest finds its function (00:05.0, on pcie.0), and how often it boots.
+WINDOW_SLOT = 5
+WINDOW_BOOTS = 6
+
+
+def resets_seen(lines: list[str], addr: PciAddress) -> list[tuple[str, int]]:
+    """Each FLR in ``lines`` as (who started it, ``addr``'s Cache Line Size the kernel saved first).
+
+    pci_reset_function saves the header (pci_dev_save_and_disable) right before
+    the FLR and writes it back after (pci_dev_restore), so the saved value is
+    what the device held when the reset came.
+    """
+    out, value = [], None
+    for line in lines:
+        v = saved_dword(line, addr, window_guest.REGISTER)
+        if v is not None:
+            value = v & 0xFF
+        who = flr_caller(line)
+        if who is not None and value is not None:
+            out.append((who, value))
+            value = None
+    return out
+
+
+def test_guest_config_writes_in_the_window_survive_the_cycle(roles: Roles, lv: Libvirtd,
+                                                            qd: QresetDaemon) -> None:
+    """Issue 9: what the guest writes to its device between QEMU's reset and qreset's stop stays.
+
+    The guest's firmware (tests/window_guest.py) writes a new Cache Line Size to
+    its nvme with its first instructions after every reset, then resets again
+    1-2 s later; after WINDOW_BOOTS boots it halts. Every FLR clears the
+    register on the device (QEMU's pci_do_device_reset) and the kernel's reset
+    path writes back what it saved just before, so a value survives a cycle only
+    if qreset compares with a snapshot taken after the stop too: one from before
+    the guest's write makes the rescan see "Cache Line Size changed" and restore
+    the old value. Witnesses: the kernel (what the device held at each FLR, and
+    whose FLR it was), the host's config space after the last cycle (sysfs), and
+    qreset's cycle reports.
+    """
+    dev = roles["nvme1"]
+    fw = window_guest.write_image(WORK / "lvwindow.bin", WINDOW_SLOT, WINDOW_BOOTS, delay=2)
+    want = [window_guest.expected(n) for n in range(1, WINDOW_BOOTS + 1)]
+    # Paused until qreset is connected: the first reset must not come before qreset can stop it.
+    with domain("lvwindow", [dev], None, paused=True, bios=fw, guest_slot=WINDOW_SLOT) as debug:
+        wait_for("qreset connected to lvwindow", lambda: bool((served("lvwindow") or {}).get("connected")),
+                 120, lambda: qd.tail() + lv.log()[-2000:])
+        vcpus = favour_vcpus("lvwindow")
+        log = KernelLog("libvirt window")
+        virsh("resume", "lvwindow")
+        wait_for(f"{WINDOW_BOOTS} boots and the halt", lambda: debug.exists() and debug.read_bytes()
+                 .endswith(window_guest.HALT_MARK), 300,
+                 lambda: f"console {debug.read_bytes() if debug.exists() else b''!r}\n"
+                 + lv.qemu_log("lvwindow")[-2000:] + qd.tail())
+        wait_for(f"{WINDOW_BOOTS - 1} cycles ended", lambda: len(cycles("lvwindow")) >= WINDOW_BOOTS - 1,
+                 120, qd.tail)
+        host = (PCI / str(dev) / "config").read_bytes()[window_guest.REGISTER]
+        done = cycles("lvwindow")
+        state = domstate("lvwindow")
+        console = debug.read_bytes()
+        lines = log.lines()
+    resets = resets_seen(lines, dev)
+    by_qemu = [v for who, v in resets if who.startswith("qemu")]
+    by_qreset = [v for who, v in resets if not who.startswith("qemu")]
+    # Reset j ends boot j; in its window boot j+1 writes want[j]. qreset's FLR of cycle j
+    # found want[j] if that write came before the stop (in the window), want[j-1] if after.
+    landed = [j for j, v in enumerate(by_qreset, start=1) if j < len(want) and v == want[j]]
+    print(f"lvwindow (vCPUs favoured: {vcpus}): guest wrote/read back "
+          f"{[(hex(w), hex(r)) for w, r in window_guest.writes(console)]}")
+    print(f"  kernel: {[(who, hex(v)) for who, v in resets]}")
+    print(f"  writes inside the window (before qreset's stop) in cycles {landed} of {len(by_qreset)}; "
+          f"host {dev} Cache Line Size after the last cycle: {host:#x}")
+    for c in done:
+        names = [r["name"] for d in c["report"]["domains"] for f in d["functions"] if f["diff"]
+                 for r in f["diff"]["registers"]]
+        print("  ", c["outcome"], f"window {c['durations'].get('event_to_stop_ms')} ms, diff {names}")
+        assert "Cache Line Size" not in names, c
+    assert window_guest.writes(console) == [(v, v) for v in want], console  # each reached the device
+    assert len(done) == WINDOW_BOOTS - 1, done
+    assert all(c["outcome"] == "resumed" and c["vm_resumed"] for c in done), done
+    assert state.startswith("running"), state
+    assert len(by_qemu) == len(by_qreset) == WINDOW_BOOTS - 1, resets
+    # What each boot wrote was still on the device at the next reset: no cycle undid it.
+    assert by_qemu == want[:-1], f"device at QEMU's resets {[hex(v) for v in by_qemu]}, guest wrote {want}"
+    assert landed, ("no guest write came inside the window (every one after qreset's stop): this run "
+                    f"proves nothing about it; qreset's FLRs found {[hex(v) for v in by_qreset]}")
+    assert host == want[-1], (f"the device holds {host:#x} after the last cycle, not the {want[-1]:#x} "
+                              "the guest wrote last")
 
 
 def test_on_poweroff_restart_still_restarts(roles: Roles, lv: Libvirtd, qd: QresetDaemon) -> None:
