@@ -42,6 +42,7 @@ EXPECTED = (
     "test_sysfs::test_lab_resets_overlap",
     "test_sysfs::test_lab_config_writes_and_errors",
     "test_libvirt::test_guest_reboots_are_coordinated_under_libvirt",
+    "test_libvirt::test_guest_config_writes_in_the_window_survive_the_cycle",
     "test_libvirt::test_on_poweroff_restart_still_restarts",
     "test_libvirt::test_virsh_reboot_acpi_with_qreset",
     "test_libvirt::test_destroy_releases_before_libvirt_unbinds",
