@@ -27,6 +27,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from bench.firmware import write_image
+from qreset import qmp_events
 from tests.qemu_helpers import die_with_parent, qemu_command
 
 #: VFs per PF in the generated host (an 82599/X710-class NIC exposes 63-64).
@@ -212,7 +213,8 @@ class Fleet:
                 err = (self.plan.workdir / f"{g.name}.stderr").read_text().strip()
                 raise RuntimeError(f"QEMU {g.name} exited ({g.proc.returncode}): {err}")
             if g.ctl_path.exists() and g.qmp.exists():
-                client = QMPClient(f"bench-{g.name}")
+                # The bench reads no events on this monitor: keep none (qreset.qmp_events).
+                client = qmp_events.client(f"bench-{g.name}")
                 try:
                     await client.connect(str(g.ctl_path))
                     g.ctl = client

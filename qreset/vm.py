@@ -41,6 +41,7 @@ from qemu.qmp import ConnectError, EventListener, QMPClient, QMPError
 from qemu.qmp.protocol import Runstate
 from qemu.qmp.qmp_client import NegotiationError
 
+from qreset import qmp_events
 from qreset.backoff import backoff_delay
 from qreset.config import Mode
 from qreset.cycle import RESET_SETTLE_TIMEOUT
@@ -178,7 +179,9 @@ class VmMonitor(CycleDriver, ActionKeeper):
 
     async def _session(self) -> bool:
         """One connection. Returns True if it got as far as serving events."""
-        client = QMPClient(self.name)
+        # No default listener, no event history: see qreset.qmp_events (one connection
+        # lives as long as its QEMU, and qemu.qmp would keep every event it heard).
+        client = qmp_events.client(self.name)
         try:
             # A hung QEMU accepts but never greets: bound it, or shutdown would hang too.
             async with asyncio.timeout(CONNECT_TIMEOUT):
@@ -191,7 +194,7 @@ class VmMonitor(CycleDriver, ActionKeeper):
             # qmp_capabilities (qemu.qmp 0.0.6 then fails the negotiation): retry soon.
             self._retry_soon = isinstance(exc, ConnectError) and isinstance(exc.exc, NegotiationError)
             return False
-        listener = EventListener(EVENTS)
+        listener = qmp_events.Listener(EVENTS)
         client.register_listener(listener)
         self._client = client
         self._qemu_id, self._qemu_argv = peer.identity, peer.cmdline()

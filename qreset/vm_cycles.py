@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
+from qreset import qmp_events
 from qreset.config import Mode
 from qreset.cycle import (
     RESET_SETTLE_TIMEOUT,
@@ -88,7 +89,7 @@ class CycleDriver(MonitorBase):
             self.state = VmState.CYCLE
             # stop-on-reset: watch the run state while the cycle holds the guest (see
             # Reply.events and _run_engine): another manager may resume it behind us.
-            watch = EventListener(("STOP", "RESUME")) if self.mode is Mode.STOP_ON_RESET else None
+            watch = qmp_events.Listener(("STOP", "RESUME")) if self.mode is Mode.STOP_ON_RESET else None
             self._runstate = watch
             if watch is not None:
                 client.register_listener(watch)
