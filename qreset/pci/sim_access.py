@@ -20,12 +20,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from qreset.errors import HostError, NoSuchFunction, ResetFailed
-from qreset.pci import regs
+from qreset.pci import regs, sim_fault
 from qreset.pci.address import PciAddress
 from qreset.pci.host import PciHost
 from qreset.pci.sim_config import get
 from qreset.pci.sim_enum import Enumeration, SimFunction
-from qreset.pci.sim_fault import ConfigWrite, Fault, ResetRecord
+from qreset.pci.sim_fault import ConfigWrite, Fault, RecentLog, ResetRecord
 from qreset.pci.sim_model import TopologySpec
 from qreset.pci.sim_resources import resources_of
 
@@ -41,10 +41,10 @@ class SimConfigSpace(PciHost):
         self.time_scale = time_scale
         self.topology = top
         self.iommu = top.host.iommu
-        self.config_writes: list[ConfigWrite] = []
+        self.config_writes: RecentLog[ConfigWrite] = RecentLog(sim_fault.CONFIG_WRITES_MAX)
         #: IOMMU groups another process (QEMU) has open: opening them gives EBUSY.
         self.vfio_held: set[int] = set()  # see qreset.pci.sim_vfio
-        self.reset_log: list[ResetRecord] = []
+        self.reset_log: RecentLog[ResetRecord] = RecentLog(sim_fault.RESET_LOG_MAX)
         boot = Enumeration(top, name)
         self._enum = boot
         self._fns = boot.functions

@@ -11,11 +11,24 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from qreset.pci.address import PciAddress
 
-__all__ = ["ConfigWrite", "Fault", "ResetRecord"]
+__all__ = ["CONFIG_WRITES_MAX", "RESET_LOG_MAX", "ConfigWrite", "Fault", "RecentLog", "ResetRecord"]
+
+T = TypeVar("T")
+
+#: Resets :attr:`SimHost.reset_log` keeps. A daemon on a simulated host (``[sim]``:
+#: the demo, bench.scale) runs for hours at tens of resets a second: unbounded, the
+#: log was one ResetRecord (~0.3 KB with its frozenset) per cycle forever
+#: (bench.memgrowth). 4096 is far more than any test reads back (the longest runs
+#: hundreds of resets) and ~1.3 MB at most.
+RESET_LOG_MAX = 4096
+#: Config writes :attr:`SimHost.config_writes` keeps: a restore of a 4 KiB
+#: extended config space is up to 1024 dword writes (PCIe r6.0 sec 7.2.2), and a
+#: test compares one restore's writes with the log, so 16 restores' worth (~2 MB).
+CONFIG_WRITES_MAX = 16384
 
 
 
@@ -62,6 +75,24 @@ class Fault:
     @classmethod
     def slow(cls, seconds: float, *, persistent: bool = False) -> Fault:
         return cls("slow", seconds=seconds, persistent=persistent)
+
+
+class RecentLog(list[T]):
+    """
+    A list that keeps only its newest ``limit`` items (``append`` drops the
+    oldest beyond it): the simulated host's logs, which tests index, compare
+    with ``[]`` and ``clear()`` like the lists they were, without growing
+    with every reset of a long-running daemon.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def append(self, item: T) -> None:
+        super().append(item)
+        if len(self) > self.limit:
+            del self[0]  # a memmove of `limit` pointers: microseconds, once per reset
 
 
 @dataclass(frozen=True, slots=True)
