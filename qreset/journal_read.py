@@ -47,7 +47,8 @@ from qreset.journal_segments import (
     ACTIONS,
     BLOCK,
     CHECKPOINT,
-    CLOSED_REMEMBERED,
+    CLOSED_PER_VM,
+    CLOSED_VMS,
     INFO_PHASES,
     MAX_LINE,
     REGISTRY_PHASES,
@@ -64,7 +65,8 @@ from qreset.journal_segments import (
 )
 
 __all__ = [
-    "ACTIONS", "BLOCK", "CHECKPOINT", "CLOSED_REMEMBERED", "INFO_PHASES", "MAX_LINE",
+    "ACTIONS", "BLOCK", "CHECKPOINT", "CLOSED_PER_VM", "CLOSED_VMS", "INFO_PHASES",
+    "MAX_LINE",
     "REGISTRY_PHASES", "SINCE_SLACK_S", "TERMINAL_PHASES", "JournalError", "RecoveryState",
     "check_regular", "finished_cycles", "iter_history", "load_recovery", "open_regular",
     "parse_line", "raw_lines", "read_lines_backwards", "read_records", "registered_vms",

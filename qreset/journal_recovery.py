@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +18,8 @@ from typing import Any
 from qreset.journal_segments import (
     ACTIONS,
     CHECKPOINT,
-    CLOSED_REMEMBERED,
+    CLOSED_PER_VM,
+    CLOSED_VMS,
     INFO_PHASES,
     REGISTRY_PHASES,
     TERMINAL_PHASES,
@@ -61,7 +62,8 @@ class RecoveryState:
     registry: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: VM name → its last ``actions`` record (QEMU run-state actions set and found: qreset.actions).
     actions_by_vm: dict[str, dict[str, Any]] = field(default_factory=dict)
-    _closed: OrderedDict[tuple[str, str], None] = field(default_factory=OrderedDict)
+    #: VM name → its last closed cycle ids (:data:`CLOSED_PER_VM`), least recently closed VM first.
+    _closed: OrderedDict[str, deque[str]] = field(default_factory=OrderedDict)
 
     def feed(self, rec: dict[str, Any]) -> None:
         phase = rec.get("phase")
@@ -78,7 +80,7 @@ class RecoveryState:
     def _cycle(self, rec: dict[str, Any]) -> None:
         vm, cid = rec["vm"], rec["cycle"]
         current = self.open.get(vm)
-        if (vm, cid) in self._closed:
+        if cid in self._closed.get(vm, ()):
             return  # a late record of a finished cycle
         if current is not None and current[0] == cid:
             current[1].append(rec)
@@ -91,9 +93,17 @@ class RecoveryState:
             self._close(vm, cid)
 
     def _close(self, vm: str, cid: str) -> None:
-        self._closed[vm, cid] = None
-        if len(self._closed) > CLOSED_REMEMBERED:
+        ids = self._closed.pop(vm, None)
+        if ids is None:
+            ids = deque(maxlen=CLOSED_PER_VM)
+        ids.append(cid)
+        self._closed[vm] = ids  # now the most recently closed
+        if len(self._closed) > CLOSED_VMS:
             self._closed.popitem(last=False)
+
+    def closed_remembered(self) -> int:
+        """How many closed cycle ids the fold keeps (bounded: see :data:`CLOSED_PER_VM`)."""
+        return sum(len(ids) for ids in self._closed.values())
 
     def _register(self, rec: dict[str, Any]) -> None:
         vm = rec["vm"]

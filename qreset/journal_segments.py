@@ -42,9 +42,17 @@ ACTIONS = "actions"
 BLOCK = 64 * 1024
 #: A line longer than this is damage, not a record (a checkpoint of 256 VMs is ~0.5 MB).
 MAX_LINE = 64 * 1024 * 1024
-#: Closed cycle ids remembered while folding, so a late record of a finished
-#: cycle does not reopen it; bounded so a months-long run stays flat.
-CLOSED_REMEMBERED = 65536
+#: Closed cycle ids remembered per VM while folding, so a late record of a
+#: finished cycle does not reopen it. A VM runs one cycle at a time (its
+#: monitor's cycle lock), so a late record is of one of its last cycles. Per VM,
+#: not per cycle: one set of the last 65 536 ids of all VMs grew by an entry
+#: per cycle for 65 536 cycles (~13 MB; still growing 36 min into a run at
+#: bench.scale's 30 cycles/s: bench.memgrowth).
+CLOSED_PER_VM = 4
+#: VMs whose closed cycle ids are remembered (the least recently closed is
+#: forgotten first): VM names come and go (``qreset launch`` names a VM after
+#: QEMU's pid), so this set is bounded too.
+CLOSED_VMS = 4096
 #: Clock slack when stopping a ``since`` scan early (records are appended in
 #: time order, but the wall clock may step back a little under NTP).
 SINCE_SLACK_S = 300.0
