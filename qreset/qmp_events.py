@@ -15,7 +15,7 @@ and qemu.qmp keeps every event it ever received on such a connection, twice
 
 Measured with :mod:`bench.memgrowth` (8 guests, a simulated host): 8
 ``Message`` objects, ~6.6 KB of the daemon's ~8.6 KB of traced growth per
-reset cycle, came from these two. :func:`client` makes the default
+reset cycle, came from these two. :func:`quiet` makes the default
 listener accept nothing and :class:`Listener` queues without a history; what a consumer has
 read is then garbage as soon as it is done with it.
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.message import Message
 
-__all__ = ["Listener", "client"]
+__all__ = ["Listener", "client", "quiet"]
 
 
 class Listener(EventListener):
@@ -42,12 +42,17 @@ class Listener(EventListener):
 
 
 def client(name: str) -> QMPClient:
+    """A new :class:`~qemu.qmp.QMPClient` made :func:`quiet`."""
+    return quiet(QMPClient(name))
+
+
+def quiet(qmp: QMPClient) -> QMPClient:
     """
-    A :class:`~qemu.qmp.QMPClient` whose default all-events listener
-    (``client.events``) takes no event, for connections that register their own
-    :class:`Listener`: unread, the default one queues every event forever.
+    Make ``qmp``'s default all-events listener (``qmp.events``) take no event,
+    for connections that register their own :class:`Listener` (or want none):
+    unread, the default one queues every event forever, and read, it still
+    keeps each in its history.
     """
-    qmp = QMPClient(name)
     # qemu.qmp refuses to remove its default listener (remove_listener raises
     # ListenerError), but its filter is public and runtime-configurable: accepting
     # nothing, it neither queues nor records.

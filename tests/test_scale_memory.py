@@ -15,16 +15,23 @@ import asyncio
 import gc
 import os
 import pickle
+from pathlib import Path
 from typing import Any
 
 import pytest
 from qemu.qmp.message import Message
 
+from qreset import qmp_events
+from qreset.cli import client as cli_client
+from qreset.control import ControlServer
 from qreset.journal_read import RecoveryState
 from qreset.pci import sim_fault
 from qreset.pci.sim import SimHost
+from tests.control_helpers import FakeBackend, sockdir
 from tests.daemon_helpers import DEMO, NIC1, A, make_config, running, wait_cycles
 from tests.qemu_helpers import guests, have_qemu, short_tmpdir
+
+__all__ = ["sockdir"]  # a fixture (tests/control_helpers.py)
 
 
 def live(kind: type) -> int:
@@ -109,3 +116,19 @@ def test_the_journal_fold_remembers_a_bounded_number_of_closed_cycles() -> None:
     # does not reopen it.
     big.feed({"vm": "vm0", "cycle": "vm0-19998", "phase": "parked"})
     assert big.unfinished() == {}
+
+
+async def test_qreset_events_keeps_no_event_it_printed(sockdir: Path) -> None:
+    """``qreset events`` may run for days next to a busy daemon (tens of events a second)."""
+    async with ControlServer(sockdir / "c.sock", FakeBackend()) as srv:
+        listener = qmp_events.Listener()
+        qmp = await cli_client.connect(str(srv.path), listener)
+        try:
+            for n in range(200):
+                srv.emit("QRESET_RESET_DONE", {"vm": "vm1", "cycle": f"c{n}"})
+            got = [await asyncio.wait_for(listener.get(), 10) for _ in range(200)]
+            assert got[-1]["data"] == {"vm": "vm1", "cycle": "c199"}
+            assert (len(qmp.events.history), len(listener.history)) == (0, 0)
+            assert qmp.events.empty()
+        finally:
+            await cli_client.disconnect(qmp)

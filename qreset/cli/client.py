@@ -33,8 +33,9 @@ import sys
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
-from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, Runstate
+from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient, Runstate
 
+from qreset import qmp_events
 from qreset.cli import stdout_closed
 from qreset.cli.common import add_json_argument, fail, print_json
 from qreset.cli.render import format_event, humanize, status_cell, table
@@ -114,9 +115,16 @@ async def disconnect(qmp: QMPClient) -> None:
 # ---------------------------------------------------------------- connection
 
 
-async def connect(path: str) -> QMPClient:
-    """A negotiated QMPClient, or :class:`_ClientError` saying why not, in one line."""
+async def connect(path: str, listener: EventListener | None = None) -> QMPClient:
+    """
+    A negotiated QMPClient, or :class:`_ClientError` saying why not, in one line.
+    With ``listener``, the events go there (registered before connecting, so none
+    is missed) and nowhere else (:mod:`qreset.qmp_events`: qemu.qmp's default
+    listener would keep every event of a long ``qreset events`` forever).
+    """
     qmp = QMPClient("qreset-cli", readbuflen=READ_BUFFER)
+    if listener is not None:
+        qmp_events.quiet(qmp).register_listener(listener)
     try:
         await asyncio.wait_for(qmp.connect(path), CONNECT_TIMEOUT)
     except TimeoutError:
@@ -217,14 +225,15 @@ async def _status(path: str, as_json: bool) -> int:
 
 async def _events(path: str, as_json: bool) -> int:
     """Print events until SIGINT/SIGTERM (exit 0) or the daemon hangs up (exit 1)."""
-    qmp = await connect(path)
+    events = qmp_events.Listener()
+    qmp = await connect(path, events)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
     async def printer() -> None:
-        async for event in qmp.events:
+        async for event in events:
             if as_json:
                 sys.stdout.write(json.dumps(dict(event), default=str) + "\n")
             else:
