@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -132,3 +133,21 @@ async def test_qreset_events_keeps_no_event_it_printed(sockdir: Path) -> None:
             assert qmp.events.empty()
         finally:
             await cli_client.disconnect(qmp)
+
+
+async def test_control_connections_leave_no_logger_behind(sockdir: Path) -> None:
+    """Each connection (a ``qreset status``, a hook call) must cost nothing once it is gone."""
+    async with ControlServer(sockdir / "c.sock", FakeBackend()) as srv:
+
+        async def once() -> None:
+            qmp = await cli_client.connect(str(srv.path))
+            try:
+                await qmp.execute("query-status")
+            finally:
+                await cli_client.disconnect(qmp)
+
+        await once()
+        loggers = live(logging.Logger)
+        for _ in range(30):
+            await once()
+        assert live(logging.Logger) == loggers
