@@ -44,7 +44,7 @@ from collections import Counter, deque
 from pathlib import Path
 
 from bench.scale_fleet import Fleet, Guest, make_plan
-from qreset import daemon_stats
+from qreset import daemon_stats, qmp_events
 from qreset.config import load_config
 from qreset.daemon import Daemon
 from qreset.pci import sim_fault
@@ -67,8 +67,13 @@ def type_counts() -> Counter[str]:
 class Driver:
     """Resets guests on demand and counts the daemon's finished cycles per VM."""
 
-    def __init__(self, daemon: Daemon, guests: list[Guest]) -> None:
+    def __init__(self, daemon: Daemon, guests: list[Guest], control: Path | None = None,
+                 status_every: int = 0) -> None:
         self.daemon, self.guests = daemon, guests
+        #: Every ``status_every`` cycles, ``query-status`` + ``query-vms`` on a new
+        #: control connection (what ``qreset status`` does), if ``control`` is set.
+        self.control, self.status_every = control, status_every
+        self.statuses = 0
         #: Per guest, the cycle count its last injected NMI is to reach.
         self.sent = {g.name: 0 for g in guests}
 
@@ -79,8 +84,12 @@ class Driver:
         """At least ``n`` more cycles: inject into each guest whose firmware re-armed."""
         target = sum(self.done(g) for g in self.guests) + n
         sent = self.sent
+        next_status = sum(self.done(g) for g in self.guests) + self.status_every
         async with asyncio.timeout(timeout):
-            while sum(self.done(g) for g in self.guests) < target:
+            while (total := sum(self.done(g) for g in self.guests)) < target:
+                if self.control is not None and self.status_every and total >= next_status:
+                    next_status = total + self.status_every
+                    await self.status()
                 for g in self.guests:
                     # Re-armed (one more start than cycles) and its last NMI answered.
                     if g.starts() >= 1 + self.done(g) and sent[g.name] <= self.done(g) \
@@ -88,6 +97,17 @@ class Driver:
                         sent[g.name] = self.done(g) + 1
                         await g.ctl.execute("inject-nmi")
                 await asyncio.sleep(0.005)
+
+    async def status(self) -> None:
+        assert self.control is not None
+        qmp = qmp_events.client("memgrowth-status")
+        await qmp.connect(str(self.control))
+        try:
+            await qmp.execute("query-status")
+            await qmp.execute("query-vms")
+        finally:
+            await qmp.disconnect()
+        self.statuses += 1
 
     async def quiesce(self, timeout: float = 120.0) -> None:
         """No cycle in flight: a snapshot blocks the loop for seconds, which must not land
@@ -150,13 +170,13 @@ async def run(args: argparse.Namespace) -> int:
     tracemalloc.start(FRAMES)
     try:
         await fleet.start()
-        daemon = Daemon(load_config(plan.config), control=False)
+        daemon = Daemon(load_config(plan.config), control=args.status_every > 0)
         task = asyncio.create_task(daemon.run(), name="daemon")
         async with asyncio.timeout(60):
             await daemon.started.wait()
             while sum(m.connected for m in daemon.monitors.values()) < args.vms:
                 await asyncio.sleep(0.05)
-        drive = Driver(daemon, fleet.guests)
+        drive = Driver(daemon, fleet.guests, plan.control, args.status_every)
         t0 = time.monotonic()
         await drive.cycles(args.warm)
         await drive.quiesce()
@@ -174,7 +194,8 @@ async def run(args: argparse.Namespace) -> int:
         diff = snap1.compare_to(snap0, "traceback")
         grown = sum(s.size_diff for s in diff)
         print(f"{args.vms} VMs, {c0} warm-up cycles, then {per} measured "
-              f"({time.monotonic() - t0:.0f} s in all); rings bounded at {args.rings}")
+              f"({time.monotonic() - t0:.0f} s in all); rings bounded at {args.rings}; "
+              f"{drive.statuses} status queries")
         print(f"traced memory: {grown / per:+.1f} B/cycle over the measured cycles; "
               f"open fds {fds[0]} -> {fds[1]}; failures {daemon.stats.counters['failures']}")
         print("top allocation sites by growth:")
@@ -208,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="bound of the daemon's history, latencies and event ring (64)")
     ap.add_argument("--time-scale", type=float, default=0.01, help="sim time scale (0.01)")
     ap.add_argument("--top", type=int, default=15, help="allocation sites shown (15)")
+    ap.add_argument("--status-every", type=int, default=0,
+                    help="serve the control socket and query it (status, VMs) every N cycles (0: no socket)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
