@@ -71,9 +71,12 @@ class SimResets(SimConfigSpace):
         if rebar is not None:  # pci_restore_rebar_state() resizes before the BARs are written
             f.cfg[rebar + regs.REBAR_CTRL + 1] = saved[rebar + regs.REBAR_CTRL + 1] & 0x3F
             self._apply_rebar(f, clear=False)
-        for o in range(min(len(saved), f.img.size)):
-            wm = f.img.wmask[o]
-            f.cfg[o] = (f.cfg[o] & ~wm) | (saved[o] & wm)
+        # Per byte: (cfg & ~wmask) | (saved & wmask), done on whole-space integers: a
+        # Python loop over 4 KiB was 9.5% of the daemon's CPU in bench.scale's profile.
+        n = min(len(saved), f.img.size)
+        wm = int.from_bytes(f.img.wmask[:n], "little")
+        now = int.from_bytes(f.cfg[:n], "little")
+        f.cfg[:n] = ((now & ~wm) | (int.from_bytes(saved[:n], "little") & wm)).to_bytes(n, "little")
 
     def _probe_now(self, f: SimFunction) -> tuple[str, ...]:
         """The methods that probe OK now (what ``default`` gives)."""
