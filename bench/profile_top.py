@@ -27,7 +27,7 @@ PARTS = (
     ("engine: refresh/topology", re.compile(r"\(.*qreset/topology")),
     ("engine: execute (sim host)", re.compile(r"\(.*qreset/(execute|pci/sim)")),
     ("engine: other", re.compile(r"\(.*qreset/(engine|locks|restore|diff)")),
-    ("QMP transport (qemu.qmp)", re.compile(r"\(.*qemu/qmp/")),
+    ("QMP transport (qemu.qmp)", re.compile(r"\((.*/)?qmp/")),
     ("cycle machine and monitor", re.compile(r"\(.*qreset/(cycle|vm)")),
     ("control socket / status", re.compile(r"\(.*qreset/(control|daemon_backend)")),
     ("asyncio event loop", re.compile(r"\(.*asyncio/")),

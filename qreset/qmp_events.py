@@ -23,7 +23,7 @@ read is then garbage as soon as it is done with it.
 qemu.qmp also pretty-prints every message it sends or receives
 (``AsyncProtocol._cb_outbound``/``_cb_inbound``: ``logger.debug("--> %s",
 str(msg))``, where ``str`` is ``json.dumps(indent=2)``, the pure-Python
-encoder) whether or not DEBUG is on: 14% of the daemon's CPU in a py-spy
+encoder) whether or not DEBUG is on: 16% of the daemon's CPU in a py-spy
 profile of ``bench.scale`` (256 guests, 64 at once). :class:`QuietClient`
 overrides those two hooks (documented for subclasses to override) to format
 only when the line would be logged.

@@ -23,7 +23,7 @@ async def test_a_daemon_client_formats_messages_only_to_log_them(
         sockdir: Path, debug: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """
     qemu.qmp pretty-prints (json.dumps indent=2, pure Python) every message it
-    sends or receives for a debug line, logged or not: 14% of the daemon's CPU.
+    sends or receives for a debug line, logged or not: 16% of the daemon's CPU.
     """
     formatted: list[Message] = []
     plain = Message.__str__
