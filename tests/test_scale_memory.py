@@ -16,6 +16,7 @@ import gc
 import logging
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +152,41 @@ async def test_control_connections_leave_no_logger_behind(sockdir: Path) -> None
         for _ in range(30):
             await once()
         assert live(logging.Logger) == loggers
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(not have_qemu(), reason="qemu-system-x86_64 not installed")
+async def test_vms_coming_and_going_and_qemu_restarts_leave_no_fd_behind() -> None:
+    """What a libvirt host does all day: VMs added and removed, QEMUs restarted."""
+    from tests.hook_helpers import daemon_on
+
+    async def until(pred: Callable[[], bool]) -> None:
+        async with asyncio.timeout(20):
+            while not pred():
+                await asyncio.sleep(0.02)
+
+    with short_tmpdir() as wd, guests(wd, "vm1", paused=True) as (g,):
+        async with daemon_on(wd, SimHost.from_toml(DEMO, time_scale=0.01)) as daemon:
+
+            async def add_remove() -> None:
+                await daemon.add_vm("vm1", str(g.qmp_path), [NIC1], None)
+                await until(lambda: daemon.monitors["vm1"].connected)
+                await daemon.remove_vm("vm1", release=False)
+
+            await add_remove()  # warm: first-use allocations (loggers, the journal's fd)
+            fds = open_fds()
+            for _ in range(5):
+                await add_remove()
+            after_add_remove = open_fds()
+            await daemon.add_vm("vm1", str(g.qmp_path), [NIC1], None)
+            await until(lambda: daemon.monitors["vm1"].connected)
+            monitor = daemon.monitors["vm1"]
+            for _ in range(3):  # QEMU dies and comes back: the monitor reconnects
+                connects = monitor.connects
+                g.kill()
+                g.start()
+                await g.await_sockets()
+                await until(lambda: monitor.connects > connects and monitor.connected)  # noqa: B023
+            await daemon.remove_vm("vm1", release=False)
+            after_restarts = open_fds()
+    assert (after_add_remove, after_restarts) == (fds, fds)
