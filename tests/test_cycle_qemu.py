@@ -359,15 +359,25 @@ async def test_stop_on_reset_stops_again_a_guest_its_manager_resumes_mid_cycle()
                 await manager.execute("system_reset")
                 await started
                 await manager.execute("cont")               # libvirt's qemuProcessStartCPUs
-                await asyncio.sleep(0.3)                    # the engine is still running
+                # While the engine still runs (about 4 s), the guest must be stopped
+                # again: polled, not slept for (a loaded host delays the RESUME event).
                 during = await status(manager)
+                while during != "paused" and not done.done():
+                    await asyncio.sleep(0.05)
+                    during = await status(manager)
+                engine_running = not done.done()
                 summary = await done
-                await asyncio.sleep(0.2)
                 after = await status(manager)
+                for _ in range(100):                        # qreset's own cont, after the engine
+                    if after == "running":
+                        break
+                    await asyncio.sleep(0.05)
+                    after = await status(manager)
             finally:
                 await manager.disconnect()
         records = read_journal(wd / "journal.jsonl")
     assert during == "paused", "the guest ran while its devices were being reset"
+    assert engine_running, "the guest was stopped again only after the engine had finished"
     assert after == "running"
     assert summary["vm_resumed"] is True
     notes = [r["note"] for r in records if r["phase"] == "note"]
