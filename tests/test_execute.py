@@ -213,7 +213,10 @@ async def test_crs_forever_is_reported_in_bounded_time(sim_dir: Path) -> None:
 
 
 async def test_crs_for_a_while_is_polled_with_backoff_then_restored(sim_dir: Path) -> None:
-    host = sim(sim_dir, "gpu-audio")
+    # time_scale 0.25, not the module's 0.01: the 0.5 s of CRS must outlast the event
+    # loop's lag on a loaded host (at 0.01 it was 5 ms of wall time, and a late first
+    # poll found the device already ready: one poll, a flake).
+    host = sim(sim_dir, "gpu-audio", scale=0.25)
     rp, gpu, audio = (host.address_of(n) for n in ("rp1", "gpu", "gpu-audio"))
     host.inject(gpu, Fault.crs(0.5))
     [res] = await run(host, bus_domain(rp, [gpu, audio]))
