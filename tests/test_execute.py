@@ -321,7 +321,9 @@ async def test_identity_change_in_bar_size_after_kernel_flr(sim_dir: Path) -> No
 
 
 async def test_slow_device_is_waited_for(sim_dir: Path) -> None:
-    host = sim(sim_dir, "gpu-audio")
+    # time_scale 0.1: 3 s of "not ready" is 300 ms of wall time, longer than a loaded
+    # event loop's lag (at 0.01 it was 30 ms, and one late poll could see it ready).
+    host = sim(sim_dir, "gpu-audio", scale=0.1)
     rp, gpu, audio = (host.address_of(n) for n in ("rp1", "gpu", "gpu-audio"))
     host.inject(gpu, Fault.slow(3.0))
     [res] = await run(host, bus_domain(rp, [gpu, audio]))
