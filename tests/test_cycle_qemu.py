@@ -165,8 +165,13 @@ async def test_stop_on_reset_intent_is_journaled_before_stop_and_a_killed_daemon
                 try:
                     await ctl.execute("cont")   # it resets itself: RESET -> the daemon stops it
                     await asyncio.to_thread(procs[0].wait, 10)
-                    async with asyncio.timeout(5):       # QEMU got the stop
-                        while (held := await status(ctl)) != "paused":
+                    # QEMU got the stop. "prelaunch" is that stop too: when it lands while
+                    # the guest's next reset request is pending (this guest reboots in a
+                    # tight loop), QEMU stops, serves the reset, and a guest not running
+                    # after a reset is set to prelaunch (softmmu/runstate.c
+                    # main_loop_should_exit). Seen once in a full CI-like run.
+                    async with asyncio.timeout(5):
+                        while (held := await status(ctl)) not in ("paused", "prelaunch"):
                             await asyncio.sleep(0.01)
                     procs.append(subprocess.Popen(argv,  # noqa: ASYNC220  # noqa: ASYNC220 - killed from a sync callback stdout=subprocess.DEVNULL,
                                                   stderr=(wd / "d2.log").open("wb"), cwd=ROOT, env=env))
@@ -190,13 +195,13 @@ async def test_stop_on_reset_intent_is_journaled_before_stop_and_a_killed_daemon
     assert seen_at_stop, "the daemon never sent stop"
     intent = [r for r in seen_at_stop[0] if r.get("phase") == "cycle-start"]
     assert intent, seen_at_stop[0]
-    assert held == "paused"
+    assert held in ("paused", "prelaunch")
     assert st == "running"
     cid = intent[0]["cycle"]
     closed = [r for r in records if r["cycle"] == cid and r.get("recovered")]
     assert closed
     assert closed[0]["vm_resumed"] is True
-    assert closed[0]["status_found"] == "paused"
+    assert closed[0]["status_found"] == held
     assert f"cycle {cid} was left open by a previous daemon" in log2
 
 
