@@ -12,6 +12,10 @@ names (matched on ``execute`` and, if the rule gives them, exactly its ``argumen
   gone as far as the daemon can tell; the guest stays in whatever state it is);
 * ``Tap(fn)``: call ``fn(msg)`` when the command arrives, then forward it (a
   test looks at the world at that exact moment, or kills the client there).
+  A tapped command reaches QEMU even if its client dies right then: the
+  proxy keeps QEMU's side open until QEMU answered it (QEMU drops the
+  commands it has queued but not yet run when a monitor's connection closes:
+  monitor/qmp.c ``monitor_qmp_cleanup_queue_and_resume``).
 
 QEMU's greeting, events and every other reply are QEMU's own.
 """
@@ -96,10 +100,25 @@ class QmpProxy:
             self._conns.discard(task)
             return
 
+        tapped: set[Any] = set()        # ids of tapped commands QEMU has not answered yet
+        answered = asyncio.Event()
+        client_gone = False
+
         async def down() -> None:  # QEMU -> client, unchanged
+            nonlocal client_gone
             while line := await qreader.readline():
-                cwriter.write(line)
-                await cwriter.drain()
+                if tapped:
+                    with contextlib.suppress(ValueError):
+                        tapped.discard(json.loads(line).get("id"))
+                    if not tapped:
+                        answered.set()
+                if client_gone:
+                    continue
+                try:
+                    cwriter.write(line)
+                    await cwriter.drain()
+                except ConnectionError:
+                    client_gone = True
 
         async def messages() -> AsyncIterator[tuple[bytes, dict[str, Any]]]:
             # qemu.qmp sends bare JSON objects with no newline: decode as a stream.
@@ -128,6 +147,8 @@ class QmpProxy:
                 if isinstance(rule.action, Cut):
                     return
                 if isinstance(rule.action, Tap):
+                    tapped.add(msg.get("id"))
+                    answered.clear()
                     rule.action.fn(msg)
                     qwriter.write(line)
                     await qwriter.drain()
@@ -143,6 +164,9 @@ class QmpProxy:
         pumps = [asyncio.create_task(down()), asyncio.create_task(up())]
         try:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            if tapped and not pumps[0].done():   # let QEMU answer what was tapped
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(answered.wait(), 10)
         finally:
             for p in pumps:
                 p.cancel()
