@@ -13,10 +13,10 @@ from pathlib import Path
 
 from qreset.engine import Engine
 from qreset.pci.address import PciAddress
-from qreset.pci.host import FunctionInfo, RuntimeState
 from qreset.pci.sim import SimHost
 from qreset.pci.sysfs import SysfsHost
 from qreset.plan import Plan, Policy
+from tests.counting_host import CountingSimHost
 
 
 def _not_bound(plan: Plan, addr: PciAddress) -> bool:
@@ -80,24 +80,9 @@ async def test_plan_drops_a_hot_removed_function(sim_dir: Path) -> None:
     assert vf3 not in {b.function for b in plan.refusals}
 
 
-class _Counting(SimHost):
-    """Counts what a plan costs in host reads."""
-
-    infos = 0
-    runtimes = 0
-
-    async def info(self, addr: PciAddress) -> FunctionInfo:
-        self.infos += 1
-        return await super().info(addr)
-
-    async def runtime(self, addr: PciAddress) -> RuntimeState:
-        self.runtimes += 1
-        return await super().runtime(addr)
-
-
 async def test_refresh_reads_only_the_neighbourhood(sim_dir: Path) -> None:
-    host = _Counting.from_toml(sim_dir / "switch.toml", time_scale=0.01)
-    assert isinstance(host, _Counting)
+    host = CountingSimHost.from_toml(sim_dir / "switch.toml", time_scale=0.01)
+    assert isinstance(host, CountingSimHost)
     engine = Engine(host)
     topo = await engine.topology()
     target = sorted(topo.functions)[-1]

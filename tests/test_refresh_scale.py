@@ -15,35 +15,15 @@ from pathlib import Path
 from bench.scale_fleet import topology_toml
 from qreset.engine import Engine
 from qreset.pci.address import PciAddress
-from qreset.pci.host import FunctionInfo, RuntimeState
-from qreset.pci.sim import SimHost
+from qreset.pci.host import RuntimeState
 from qreset.plan import Policy
+from tests.counting_host import CountingSimHost
 
 
-class _Counting(SimHost):
-    """Counts host reads: listings, full reads, run-time reads."""
-
-    listings = 0
-    infos = 0
-    runtimes = 0
-
-    async def functions(self) -> list[PciAddress]:
-        self.listings += 1
-        return await super().functions()
-
-    async def info(self, addr: PciAddress) -> FunctionInfo:
-        self.infos += 1
-        return await super().info(addr)
-
-    async def runtime(self, addr: PciAddress) -> RuntimeState:
-        self.runtimes += 1
-        return await super().runtime(addr)
-
-
-def _fleet(tmp_path: Path, n_vf: int = 128) -> tuple[_Counting, list[PciAddress]]:
+def _fleet(tmp_path: Path, n_vf: int = 128) -> tuple[CountingSimHost, list[PciAddress]]:
     (tmp_path / "fleet.toml").write_text(topology_toml(n_vf, 0))
-    host = _Counting.from_toml(tmp_path / "fleet.toml", time_scale=0.01)
-    assert isinstance(host, _Counting)
+    host = CountingSimHost.from_toml(tmp_path / "fleet.toml", time_scale=0.01)
+    assert isinstance(host, CountingSimHost)
     vfs = [host.address_of(f"pf{p}.vf{i}") for p in range(n_vf // 64) for i in range(64)]
     return host, vfs
 
